@@ -379,6 +379,29 @@ def write_failed(paths: SweepPaths, cell_id: str, error: str, traceback_text: st
     )
 
 
+# caps.jsonl stays: the ledger is append-only across attempts.
+OUTPUT_NAMES = ("telemetry", "requests", "DONE.json", "FAILED.json")
+
+
+def move_aside_outputs(paths: SweepPaths, cell_id: str) -> Path | None:
+    """Move an earlier attempt's outputs into ``attempts/<n>/`` so a rerun starts
+    clean and nothing is lost. Returns the folder used, or None if nothing to move."""
+    cdir = paths.cell_dir(cell_id)
+    present = [cdir / n for n in OUTPUT_NAMES if (cdir / n).exists()]
+    if not present:
+        return None
+    adir = paths.attempts_dir(cell_id)
+    adir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while (adir / str(n)).exists():
+        n += 1
+    target = adir / str(n)
+    target.mkdir()
+    for src in present:
+        os.replace(src, target / src.name)
+    return target
+
+
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)

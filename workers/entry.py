@@ -1,0 +1,247 @@
+"""One rank of one cell: dist → cap → model → load → generate with telemetry → restore.
+
+Every rank of a cell calls ``run_cell`` (submitit starts one process per GPU).
+Rank ``r`` writes ``telemetry/rank-<r>.parquet``; rank 0 writes the requests
+file and, after a barrier, ``DONE.json``. Any rank that fails writes
+``FAILED.json`` with its traceback; the cap is restored in every case.
+"""
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from orchestrator.contracts import (
+    REQUESTS_SCHEMA,
+    CellParams,
+    CellTask,
+    RunOptions,
+    SweepPaths,
+    move_aside_outputs,
+    slurm_context,
+    write_done,
+    write_failed,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellResult:
+    cell_id: str
+    rank: int
+    telemetry_rows: int
+    n_responses: int
+    duration_s: float
+
+
+def run_cell(task: CellTask) -> dict[str, Any]:
+    """Run ``task`` on this rank. Returns a small summary; raises on failure
+    (after writing FAILED.json) so the scheduler sees a failed job."""
+    from workers import dist
+
+    paths = SweepPaths.of(task.sweep_dir)
+    rank = 0
+    try:
+        info = dist.init_distributed(task.params.shards)
+        rank = info.rank
+        result = _run_rank(task, paths, info)
+        return dataclasses.asdict(result)
+    except BaseException as exc:  # SystemExit from a signal handler included
+        write_failed(
+            paths,
+            task.cell_id,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback_text=traceback.format_exc(),
+            extra={"rank": rank, "attempt": task.attempt},
+        )
+        raise
+    finally:
+        dist.shutdown()
+
+
+def _run_rank(task: CellTask, paths: SweepPaths, info: Any) -> CellResult:
+    from workers import dist
+    from workers.gpu import gpu_index_for_rank, select_backend
+    from workers.gpu.caps import CapSession
+    from workers.telemetry import Sampler
+
+    p, opt = task.params, task.options
+    if info.rank == 0:
+        move_aside_outputs(paths, task.cell_id)  # a requeued or rerun cell starts clean
+    dist.barrier()
+
+    backend = select_backend(opt, local_rank=info.local_rank)
+    try:
+        gpu_index = gpu_index_for_rank(backend, info.local_rank)
+        gpu = next(d for d in backend.devices() if d.index == gpu_index)
+        ledgers = [paths.caps_ledger(task.cell_id)] + ([Path(opt.site_ledger)] if opt.site_ledger else [])
+        slurm = slurm_context()
+        with CapSession(
+            backend, [gpu_index], p.power_cap_w, cell_id=task.cell_id, options=opt, ledger_paths=ledgers, slurm=slurm
+        ) as caps:
+            sampler = Sampler(
+                backend,
+                gpu_index,
+                cell_id=task.cell_id,
+                host=info.hostname,
+                rank=info.rank,
+                gpu_uuid=gpu.uuid,
+                hz=opt.telemetry_hz,
+                energy_hz=opt.energy_hz,
+            )
+            sampler.start()
+            try:
+                measured = _measure(task, info, sampler)
+            finally:
+                sampler.stop()
+            meta = {
+                "slurm": slurm,
+                "gpu_name": gpu.name,
+                "caps": [dataclasses.asdict(c) for c in caps],
+                "weights": "random" if p.weights == "random" else "checkpoint",
+                "attempt": task.attempt,
+            }
+            rows = sampler.write(paths.telemetry_file(task.cell_id, info.rank), meta)
+    finally:
+        backend.close()
+
+    hosts = _gather_hosts(info.hostname)
+    if info.rank == 0:
+        _write_requests(paths, task.cell_id, measured["requests"])
+    dist.barrier()  # every rank's telemetry is on disk before DONE.json
+    if info.rank == 0:
+        _write_done(task, paths, info, gpu.name, backend.source, hosts, slurm, [dataclasses.asdict(c) for c in caps])
+    dist.barrier()
+    return CellResult(task.cell_id, info.rank, rows, len(measured["requests"]), measured["duration_s"])
+
+
+def _decode_load(batch_size: int) -> float:
+    """Relative load of a decode step for the simulated power model: memory-bound
+    at small batches, approaching full load as the batch grows."""
+    return min(1.0, 0.35 + 0.65 * batch_size / (batch_size + 16))
+
+
+def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
+    """Load the model and prompts, warm up, then generate every batch inside the
+    measured window. Returns the per-response rows (rank 0 keeps them)."""
+    from workers import dist
+    from workers.load import count_words, get_tokenizer, load_prompts, make_batches
+    from workers.model import Generator, ModelArgs, build_model
+
+    p, opt = task.params, task.options
+    sampler.mark("load", load=0.1)
+    args = ModelArgs.from_dict(p.model_args)
+    tokenizer = get_tokenizer(p.tokenizer_path, vocab_size=args.vocab_size)
+    prompts = load_prompts(p.dataset, p.dataset_path, p.n_prompts, p.seed)
+    batches = make_batches(prompts, tokenizer, p.batch_size, p.max_prompt_tokens, p.sort_by_length)
+    max_seq_len = p.max_prompt_tokens + p.max_new_tokens
+    model = build_model(
+        args, weights=p.weights, dtype=p.dtype, device=info.device, seed=p.seed,
+        max_batch_size=p.batch_size, max_seq_len=max_seq_len,
+    )
+    gen = Generator(model, max_batch_size=p.batch_size, max_seq_len=max_seq_len, device=info.device, cuda_graph=opt.cuda_graph)
+    if opt.fail_on_purpose == "raise":
+        raise RuntimeError("worker raised on purpose (fail_on_purpose=raise)")
+    # Random weights never emit a meaningful EOS: generate exactly max_new_tokens.
+    eos_id = None if p.weights == "random" else tokenizer.eos_id
+    decode_load = _decode_load(p.batch_size)
+
+    def on_phase(phase: str) -> None:
+        sampler.mark(phase, load=1.0 if phase == "prefill" else decode_load)
+
+    sampler.mark("warmup", load=decode_load)
+    for batch in batches[: max(0, opt.warmup_batches)]:
+        gen.generate([list(t) for t in batch.tokens], max_new_tokens=p.max_new_tokens, eos_id=eos_id)
+    dist.barrier()
+    _sync(info.device)
+    sampler.window_start()
+    t0 = time.perf_counter()
+    requests: list[dict[str, Any]] = []
+    pause_s = opt.sleep_s / max(1, len(batches))
+    for batch in batches:
+        start_ns = time.time_ns()
+        outs = gen.generate([list(t) for t in batch.tokens], max_new_tokens=p.max_new_tokens, eos_id=eos_id, on_phase=on_phase)
+        end_ns = time.time_ns()
+        if info.rank == 0:
+            for pid, toks, out in zip(batch.prompt_ids, batch.tokens, outs):
+                requests.append(
+                    {
+                        "cell_id": task.cell_id,
+                        "prompt_id": pid,
+                        "batch_index": batch.index,
+                        "input_tokens": len(toks),
+                        "output_tokens": len(out),
+                        "output_words": count_words(tokenizer.decode(list(out))),
+                        "start_ns": start_ns,
+                        "end_ns": end_ns,
+                    }
+                )
+        if pause_s:
+            time.sleep(pause_s)  # tests: keeps a cell running long enough to be cancelled
+    _sync(info.device)
+    dist.barrier()
+    sampler.window_end()
+    duration_s = time.perf_counter() - t0
+    sampler.mark("idle", load=0.0)
+    return {"requests": requests, "duration_s": duration_s}
+
+
+def _gather_hosts(hostname: str) -> list[str]:
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        return [hostname]
+    out: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(out, hostname)
+    return [str(h) for h in out]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _write_requests(paths: SweepPaths, cell_id: str, rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.contracts import atomic_write_bytes
+
+    table = pa.Table.from_pylist(rows, schema=REQUESTS_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(paths.requests_file(cell_id), sink.getvalue().to_pybytes())
+
+
+def _write_done(task: CellTask, paths: SweepPaths, info: Any, gpu_name: str, source: str,
+                hosts: list[str], slurm: dict[str, Any], caps: list[dict[str, Any]]) -> None:
+    import pyarrow.parquet as pq
+
+    cdir = paths.cell_dir(task.cell_id)
+    files: dict[str, int] = {}
+    for r in range(info.world_size):
+        f = paths.telemetry_file(task.cell_id, r)
+        files[str(f.relative_to(cdir))] = pq.read_metadata(f).num_rows
+    req = paths.requests_file(task.cell_id)
+    files[str(req.relative_to(cdir))] = pq.read_metadata(req).num_rows
+    write_done(
+        paths,
+        task.cell_id,
+        files,
+        {
+            "world_size": info.world_size,
+            "nodes": len(set(hosts)),
+            "hosts": hosts,
+            "gpu_name": gpu_name,
+            "telemetry_source": source,
+            "weights": "random" if task.params.weights == "random" else task.params.weights,
+            "slurm": slurm,
+            "caps": caps,
+            "attempt": task.attempt,
+            "submit_host": socket.gethostname(),
+        },
+    )
