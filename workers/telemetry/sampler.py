@@ -95,7 +95,11 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         with self._lock:
-            self._take_row(with_energy=True)
+            if self._error is None:
+                try:
+                    self._take_row(with_energy=True)
+                except Exception as e:  # noqa: BLE001 - stop() runs in finally blocks: never raise
+                    self._error = f"{type(e).__name__}: {e}"
             self._close_phase(time.time_ns())
 
     # -- worker-side marks -------------------------------------------------

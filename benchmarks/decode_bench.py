@@ -1,0 +1,169 @@
+"""Decode speed and energy of the worker's generator on one GPU.
+
+For each model shape and batch size: tokens/s, J/token (NVML energy counter
+over the timed window), mean W, and the fraction of the weight-streaming
+roofline (bytes of weights read per decode step over the card's copy bandwidth,
+measured in the same run). CUDA graph on vs off, and the 10 Hz instant-power
+sampler on vs off, in the same run. Warm-up is excluded; every window starts
+and ends on a device synchronise.
+
+    python benchmarks/decode_bench.py --models llama-7b --batch-sizes 1,8,64 --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.nvml_probe import Nvml, PowerSampler  # noqa: E402
+from workers.dist import init_distributed, shutdown  # noqa: E402
+from workers.model import PRESETS, Generator, build_model  # noqa: E402
+
+
+def copy_bandwidth_bytes_s(device: torch.device, n_bytes: int = 2 << 30, reps: int = 20) -> float:
+    """Device-to-device copy, bytes read plus bytes written per second (median of reps)."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n_bytes / statistics.median(times[3:])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps: int, nvml: Nvml,
+                device: torch.device, sampler_hz: float | None) -> dict:
+    """``reps`` generate calls as one window; decode time summed from the phase marks."""
+    marks: list[tuple[str, float]] = []
+    on_phase = lambda phase: marks.append((phase, time.perf_counter()))  # noqa: E731
+    sampler = PowerSampler(nvml, sampler_hz) if sampler_hz else None
+    if sampler:
+        sampler.__enter__()
+    _sync(device)
+    e0, t0 = nvml.energy_j(), time.perf_counter()
+    tokens = 0
+    for _ in range(reps):
+        out = gen.generate(prompts, max_new_tokens=new_tokens, eos_id=None, on_phase=on_phase)
+        marks.append(("end", time.perf_counter()))  # generate returns after a synchronise
+        tokens += sum(len(o) for o in out)
+    t1, e1 = time.perf_counter(), nvml.energy_j()
+    if sampler:
+        sampler.__exit__()
+    decode_s = sum(marks[i + 1][1] - marks[i][1] for i in range(len(marks) - 1) if marks[i][0] == "decode")
+    wall = t1 - t0
+    energy = None if e0 is None else e1 - e0
+    res = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+           "decode_s": decode_s, "decode_steps": reps * (new_tokens - 1),
+           "decode_step_ms": 1e3 * decode_s / (reps * (new_tokens - 1)),
+           "energy_j": energy, "j_per_token": None if energy is None else energy / tokens,
+           "mean_w": None if energy is None else energy / wall}
+    if sampler:
+        res["sampler_samples"] = len(sampler.samples)
+        res["sampler_mean_w"] = sampler.mean_w()
+    return res
+
+
+def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, device: torch.device,
+                nvml: Nvml, bw: float) -> list[dict]:
+    shape = PRESETS[name]
+    seq_len = args.prompt_tokens + args.new_tokens
+    t = time.perf_counter()
+    model = build_model(shape, weights="random", dtype=args.dtype, device=str(device), seed=0,
+                        max_batch_size=max(batch_sizes), max_seq_len=seq_len)
+    _sync(device)
+    build_s = time.perf_counter() - t
+    weight_bytes = model.weight_bytes(streamed_only=True)
+    roofline_step_s = weight_bytes / bw
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for b in batch_sizes:
+        prompts = torch.randint(3, shape.vocab_size, (b, args.prompt_tokens), generator=g).tolist()
+        for graph in ([True, False] if args.compare_graph else [True]):
+            gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=graph)
+            t = time.perf_counter()
+            gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up + graph capture
+            warm_s = time.perf_counter() - t
+            variants = [("off", None), ("on", args.sampler_hz)] if (graph and args.compare_sampler) else [("off", None)]
+            rounds = args.rounds if graph else 1
+            results: dict[str, list[dict]] = {v: [] for v, _ in variants}
+            for _ in range(rounds):  # interleave sampler off/on so drift hits both alike
+                for v, hz in variants:
+                    results[v].append(time_window(gen, prompts, args.new_tokens, args.reps, nvml, device, hz))
+            for v, runs in results.items():
+                best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # median window
+                rows.append({
+                    "model": name, "batch_size": b, "cuda_graph": graph, "sampler": v, "dtype": args.dtype,
+                    "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "reps": args.reps,
+                    "warmup_s": warm_s, "build_s": build_s, "weight_bytes": weight_bytes,
+                    "roofline_step_ms": 1e3 * roofline_step_s,
+                    "roofline_fraction_decode": roofline_step_s / (best["decode_step_ms"] / 1e3),
+                    "tokens_per_s_all_windows": [r["tokens_per_s"] for r in runs], **best})
+                print(json.dumps({k: rows[-1][k] for k in ("model", "batch_size", "cuda_graph", "sampler",
+                                                            "tokens_per_s", "decode_step_ms", "roofline_fraction_decode",
+                                                            "j_per_token", "mean_w")}), flush=True)
+            del gen
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def write_report(out: str, nvml: Nvml, bw: float, rows: list[dict]) -> None:
+    report = {"card": nvml.name, "power_limit_w": nvml.power_limit_w(), "copy_bandwidth_bytes_s": bw,
+              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "host": platform.node(), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    Path(out).write_text(json.dumps(report, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="llama-7b", help=f"comma list of {sorted(PRESETS)}")
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--reps", type=int, default=2, help="generate calls per timed window")
+    p.add_argument("--rounds", type=int, default=3, help="timed windows per variant (median reported)")
+    p.add_argument("--sampler-hz", type=float, default=10.0)
+    p.add_argument("--no-compare-graph", dest="compare_graph", action="store_false")
+    p.add_argument("--no-compare-sampler", dest="compare_sampler", action="store_false")
+    p.add_argument("--out", default="decode_bench.json")
+    args = p.parse_args(argv)
+
+    info = init_distributed(1)
+    device = torch.device(info.device)
+    nvml = Nvml.open(device.index or 0) if device.type == "cuda" else Nvml()
+    bw = copy_bandwidth_bytes_s(device)
+    print(f"card {nvml.name}, copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    rows: list[dict] = []
+    for name in args.models.split(","):
+        rows += bench_model(name, [int(b) for b in args.batch_sizes.split(",")], args, device, nvml, bw)
+        write_report(args.out, nvml, bw, rows)  # after each model: a cut-short run keeps what it measured
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Checks of a resolved cell config, each failing with one line that says what
+is wrong and what is valid. Hydra's own type checks come first (compose.py);
+these are the rules a type cannot express."""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from orchestrator.contracts import GPU_PROFILES
+
+DTYPES = ("bfloat16", "float16", "float32")
+DATASETS = ("synthetic", "alpaca", "gsm8k")
+GPU_BACKENDS = ("auto", "nvml", "nvidia-smi", "capctl", "simulated")
+GPU_FAILS = ("permission", "range", "mismatch", "lost")
+POSITIVE_INTS = ("shards", "batch_size", "n_prompts", "max_new_tokens", "max_prompt_tokens")
+MODEL_POSITIVE_INTS = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
+
+
+class ConfigError(ValueError):
+    """A bad sweep config; the message is one line naming the valid choices."""
+
+
+def _one_of(key: str, value: Any, valid: tuple[str, ...] | list[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value}: unknown; valid: {', '.join(valid)}")
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value}: must be a whole number >= 1")
+
+
+def validate_cell_config(cfg: Mapping[str, Any], cwd: Path) -> None:
+    """Raise ConfigError for the first rule the resolved config breaks."""
+    for key in POSITIVE_INTS:
+        _positive_int(key, cfg[key])
+    cap = cfg["power_cap_w"]
+    if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
+        raise ConfigError(f"power_cap_w={cap}: must be a number of watts > 0, or null to leave the card as it is")
+    _one_of("dtype", cfg["dtype"], DTYPES)
+    if cfg["warmup_batches"] < 0:
+        raise ConfigError(f"warmup_batches={cfg['warmup_batches']}: must be >= 0")
+    for key in ("telemetry_hz", "energy_hz"):
+        if not cfg[key] > 0:
+            raise ConfigError(f"{key}={cfg[key]}: must be > 0 samples per second")
+    _validate_model(cfg["model"])
+    _validate_gpu(cfg["gpu"])
+    _validate_dataset(cfg["dataset"], cwd)
+    _validate_paths(cfg, cwd)
+    launcher = cfg["launcher"]
+    if "max_parallel" in launcher:
+        _positive_int("launcher.max_parallel", launcher["max_parallel"])
+
+
+def _validate_model(model: Mapping[str, Any]) -> None:
+    for key in MODEL_POSITIVE_INTS:
+        _positive_int(f"model.{key}", model[key])
+    if model["n_kv_heads"] is not None:
+        _positive_int("model.n_kv_heads", model["n_kv_heads"])
+        if model["n_heads"] % model["n_kv_heads"]:
+            raise ConfigError(
+                f"model.n_kv_heads={model['n_kv_heads']}: must divide model.n_heads={model['n_heads']}"
+            )
+    if model["dim"] % model["n_heads"]:
+        raise ConfigError(f"model.dim={model['dim']}: must be a multiple of model.n_heads={model['n_heads']}")
+
+
+def _validate_gpu(gpu: Mapping[str, Any]) -> None:
+    _one_of("gpu.backend", gpu["backend"], GPU_BACKENDS)
+    _one_of("gpu.profile", gpu["profile"], sorted(GPU_PROFILES))
+    if gpu["fail"] is not None:
+        _one_of("gpu.fail", gpu["fail"], GPU_FAILS)
+    if gpu["cap_tolerance_w"] < 0:
+        raise ConfigError(f"gpu.cap_tolerance_w={gpu['cap_tolerance_w']}: must be >= 0 watts")
+
+
+def resolve_path(path: str, cwd: Path) -> Path:
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else (cwd / p)
+
+
+def _validate_dataset(dataset: Mapping[str, Any], cwd: Path) -> None:
+    name, path = dataset["name"], dataset["path"]
+    _one_of("dataset", name, DATASETS)
+    if name == "synthetic":
+        return
+    if not path:
+        raise ConfigError(f"dataset={name} needs dataset.path (a {_FORMATS[name]} file)")
+    problem = _dataset_problem(str(resolve_path(path, cwd)), name)
+    if problem:
+        raise ConfigError(f"dataset.path={path}: {problem}")
+
+
+_FORMATS = {"alpaca": "JSON list of {instruction, input, output}", "gsm8k": "JSON lines of {question, answer}"}
+
+
+@lru_cache(maxsize=64)
+def _dataset_problem(path: str, name: str) -> str | None:
+    """Why the file cannot be a dataset, or None. Cached: every cell of a sweep asks."""
+    p = Path(path)
+    if not p.exists():
+        return f"no such file (resolved to {p}); give an existing {_FORMATS[name]} file"
+    if not p.is_file():
+        return f"not a file (resolved to {p}); give a {_FORMATS[name]} file"
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(4096)
+    if not head.strip():
+        return f"empty file; give a non-empty {_FORMATS[name]} file"
+    if size <= 4096 and name == "alpaca":
+        # A small JSON file may still hold no records ("[]").
+        try:
+            records = json.loads(head)
+        except ValueError:
+            return f"not valid JSON; give a {_FORMATS[name]} file"
+        if not records:
+            return f"holds no records; give a non-empty {_FORMATS[name]} file"
+    return None
+
+
+def _validate_paths(cfg: Mapping[str, Any], cwd: Path) -> None:
+    weights = cfg["weights"]
+    if weights != "random" and not resolve_path(weights, cwd).is_dir():
+        raise ConfigError(f"weights={weights}: no such folder; valid: random, or a Meta checkpoint folder")
+    tok = cfg["tokenizer"]
+    if tok is not None and not resolve_path(tok, cwd).is_file():
+        raise ConfigError(f"tokenizer={tok}: no such file; valid: null (byte-level) or a sentencepiece .model file")

@@ -1,0 +1,42 @@
+"""`wattsweep reduce SWEEP_DIR`: validate, summarise, print the table."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """Validate every done cell of a sweep and write results/summary.parquet,
+results/summary.csv (one row per valid cell), results/invalid.csv (cells whose
+outputs failed validation, with the reason) and results/telemetry/ (telemetry
+compacted, one partition per cell). Column definitions: docs/metrics.md."""
+
+EPILOG = """examples:
+  wattsweep reduce sweeps/2026-11-26-a
+  wattsweep reduce sweeps/2026-11-26-a --columns cell_id,shards,tokens_per_s,energy_per_token_j"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder")
+    parser.add_argument("--columns", help="comma-separated columns to print (default: the main ones)")
+    parser.add_argument("--quiet", action="store_true", help="write the files, print only the counts")
+    parser.add_argument("--progress", action="store_true", help="print progress on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.reduce import ReduceError, format_table, read_invalid, reduce_sweep
+
+    try:
+        table = reduce_sweep(args.sweep_dir, progress=args.progress)
+    except ReduceError as e:
+        print(f"wattsweep reduce: {e}", file=sys.stderr)
+        return 2
+    invalid = read_invalid(args.sweep_dir)
+    if not args.quiet and table.num_rows:
+        cols = args.columns.split(",") if args.columns else None
+        print(format_table(table, cols))
+    for cid, reason in invalid:
+        print(f"invalid cell {cid}: {reason}", file=sys.stderr)
+    print(f"{table.num_rows} cells reduced, {len(invalid)} invalid -> {args.sweep_dir}/results/summary.parquet")
+    if table.num_rows == 0:
+        print("wattsweep reduce: no done cells with valid outputs; see `wattsweep status`", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,328 @@
+"""Is a cell's output complete and trustworthy? Only valid cells are reduced.
+
+Checks, in order (the first failure is the reason): DONE.json present and
+parseable; every listed file exists; its sha256 matches; valid Parquet footer;
+the expected schema (no extra, missing or retyped column); every row's cell_id
+is this cell (and every telemetry row's rank is the file's rank); the requests
+file has rows; a telemetry file for every rank 0..shards-1.
+
+Checksums are the slow part of a large sweep, so a verdict is cached in
+``results/.validation-cache.json`` keyed on the (size, mtime_ns) of DONE.json
+and of every file it lists: an unchanged cell is not hashed again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.contracts import REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths, atomic_write_json
+from orchestrator.reduce.parallel import ordered_map
+from orchestrator.reduce.plan_io import read_plan_cells
+from orchestrator.reduce.pqread import SmallParquet
+
+CACHE_NAME = ".validation-cache.json"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CellValidation:
+    ok: bool
+    reason: str | None = None
+
+
+class InvalidCell(Exception):
+    """Raised inside the checks; its message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class CellFile:
+    """One checked output file: which rank, what kind, and its bytes (kept for reading)."""
+
+    rel: str
+    kind: str  # "telemetry" | "requests"
+    rank: int
+    pf: SmallParquet | None  # open on the checked bytes (keep_data=True), for the reducer
+    meta: dict[str, Any]  # telemetry metadata ({} for requests)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def validate_cell(paths: SweepPaths, cell_id: str) -> CellValidation:
+    return validate_cells(paths, [cell_id])[cell_id]
+
+
+def validate_cells(paths: SweepPaths, cell_ids: Iterable[str]) -> dict[str, CellValidation]:
+    """Validate many cells with one read and one write of the cache."""
+    ids = list(cell_ids)
+    cache = _load_cache(paths)
+    shards_by_cell = _plan_shards(paths)
+    out: dict[str, CellValidation] = {}
+    todo: list[tuple[str, list[Any] | None]] = []
+    for cid in ids:
+        key = _stat_key(paths, cid)
+        hit = cache.get(cid)
+        if key is not None and isinstance(hit, dict) and hit.get("key") == key:
+            out[cid] = CellValidation(bool(hit.get("ok")), hit.get("reason"))
+        else:
+            todo.append((cid, key))
+    jobs = [(cid, shards_by_cell.get(cid)) for cid, _ in todo]
+    verdicts = list(ordered_map(_verdict_job, jobs, init=_init_job, initargs=(paths,)))
+    for (cid, key), v in zip(todo, verdicts):
+        out[cid] = v
+        if key is not None:
+            cache[cid] = {"key": key, "ok": v.ok, "reason": v.reason}
+    if todo:
+        _save_cache(paths, cache)
+    return {cid: out[cid] for cid in ids}
+
+
+_JOB: dict[str, Any] = {}
+
+
+def _init_job(paths: SweepPaths) -> None:
+    _JOB["paths"] = paths
+
+
+def _verdict_job(job: tuple[str, int | None]) -> CellValidation:
+    return _verdict(_JOB["paths"], job[0], job[1])
+
+
+def _verdict(paths: SweepPaths, cell_id: str, plan_shards: int | None) -> CellValidation:
+    try:
+        check_cell(paths, cell_id, plan_shards, keep_data=False)
+    except InvalidCell as e:
+        return CellValidation(False, str(e))
+    return CellValidation(True, None)
+
+
+def check_cell(paths: SweepPaths, cell_id: str, plan_shards: int | None, *, keep_data: bool) -> tuple[dict[str, Any], list[CellFile]]:
+    """All checks; returns (DONE.json, files). Raises InvalidCell with the reason."""
+    done = read_done(paths, cell_id)
+    listed = done.get("files")
+    if not isinstance(listed, dict) or not listed:
+        raise InvalidCell("DONE.json lists no files")
+    files = [_check_file(paths, cell_id, rel, entry, keep_data) for rel, entry in sorted(listed.items())]
+    _check_complete(done, files, plan_shards)
+    return done, files
+
+
+def read_done(paths: SweepPaths, cell_id: str) -> dict[str, Any]:
+    marker = paths.done_marker(cell_id)
+    try:
+        done = json.loads(marker.read_bytes())
+    except FileNotFoundError:
+        raise InvalidCell("DONE.json missing") from None
+    except (OSError, ValueError) as e:
+        raise InvalidCell(f"DONE.json unreadable: {type(e).__name__}") from None
+    if not isinstance(done, dict):
+        raise InvalidCell("DONE.json is not a JSON object")
+    if done.get("cell_id") not in (None, cell_id):
+        raise InvalidCell(f"DONE.json belongs to cell {done.get('cell_id')}")
+    return done
+
+
+# ---------------------------------------------------------------------------
+# One file
+# ---------------------------------------------------------------------------
+
+
+def _check_file(paths: SweepPaths, cell_id: str, rel: str, entry: Any, keep_data: bool) -> CellFile:
+    kind, rank = _kind_and_rank(rel)
+    path = paths.cell_dir(cell_id) / rel
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidCell(f"missing file {rel}") from None
+    except OSError as e:
+        raise InvalidCell(f"unreadable file {rel}: {e.strerror}") from None
+    want = entry.get("sha256") if isinstance(entry, dict) else None
+    if hashlib.sha256(data).hexdigest() != want:
+        raise InvalidCell(f"checksum mismatch in {rel}")
+    pf = _open_parquet(rel, data)
+    schema = pf.schema_arrow
+    expected = TELEMETRY_SCHEMA if kind == "telemetry" else REQUESTS_SCHEMA
+    if not schema.equals(expected, check_metadata=False):
+        _check_schema(rel, schema, expected)
+    md = pf.metadata
+    if isinstance(entry, dict) and "rows" in entry and int(entry["rows"]) != md.num_rows:
+        raise InvalidCell(f"row count of {rel} is {md.num_rows}, DONE.json says {entry['rows']}")
+    if kind == "requests" and md.num_rows == 0:
+        raise InvalidCell(f"empty requests file {rel}")
+    _check_constant(pf, md, rel, "cell_id", expected.get_field_index("cell_id"), cell_id)
+    meta: dict[str, Any] = {}
+    if kind == "telemetry":
+        _check_constant(pf, md, rel, "rank", expected.get_field_index("rank"), rank)
+        meta = telemetry_meta(schema)
+        _check_window(rel, meta)
+    return CellFile(rel, kind, rank, pf if keep_data else None, meta)
+
+
+def _kind_and_rank(rel: str) -> tuple[str, int]:
+    parts = Path(rel).parts
+    if len(parts) == 2 and parts[0] in ("telemetry", "requests") and parts[1].startswith("rank-") and parts[1].endswith(".parquet"):
+        try:
+            return parts[0], int(parts[1][5:-8])
+        except ValueError:
+            pass
+    raise InvalidCell(f"unexpected file {rel} in DONE.json")
+
+
+def _open_parquet(rel: str, data: bytes) -> SmallParquet:
+    try:
+        return SmallParquet(data)
+    except Exception as e:  # noqa: BLE001 - any footer error is the same verdict
+        raise InvalidCell(f"not a valid Parquet file {rel} ({type(e).__name__})") from None
+
+
+def _check_schema(rel: str, got: pa.Schema, expected: pa.Schema) -> None:
+    extra = [n for n in got.names if n not in expected.names]
+    if extra:
+        raise InvalidCell(f"unexpected column {extra[0]} in {rel}")
+    for f in expected:
+        idx = got.get_field_index(f.name)
+        if idx < 0:
+            raise InvalidCell(f"missing column {f.name} in {rel}")
+        if not got.field(idx).type.equals(f.type):
+            raise InvalidCell(f"column {f.name} in {rel} is {got.field(idx).type}, expected {f.type}")
+
+
+def telemetry_meta(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(TELEMETRY_META_KEY)
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        meta = None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_window(rel: str, meta: dict[str, Any]) -> None:
+    ws, we = meta.get("window_start_ns"), meta.get("window_end_ns")
+    if not isinstance(ws, int) or not isinstance(we, int):
+        raise InvalidCell(f"no measured window in {rel}")
+    if we <= ws:
+        raise InvalidCell(f"empty measured window in {rel}")
+
+
+def _check_constant(pf: SmallParquet, md: pq.FileMetaData, rel: str, column: str, col_idx: int, want: Any) -> None:
+    """Every row of ``column`` equals ``want``: from footer statistics when the
+    writer kept them (no data read), else from the column itself."""
+    if md.num_rows == 0:
+        return
+    verdict = _constant_from_stats(md, col_idx, want)
+    if verdict is None:
+        try:
+            values = pf.read([col_idx]).column(0).unique().to_pylist()
+        except Exception as e:  # noqa: BLE001 - corrupt pages
+            raise InvalidCell(f"unreadable column {column} in {rel} ({type(e).__name__})") from None
+        verdict = values == [want]
+    if not verdict:
+        what = "cell" if column == "cell_id" else column
+        raise InvalidCell(f"{rel} holds rows of another {what}")
+
+
+def _constant_from_stats(md: pq.FileMetaData, col_idx: int, want: Any) -> bool | None:
+    """True/False when the statistics decide, None when they cannot."""
+    for rg in range(md.num_row_groups):
+        st = md.row_group(rg).column(col_idx).statistics
+        if st is None or not st.has_min_max or st.null_count is None:
+            return None
+        if st.null_count or st.min != want or st.max != want:
+            return False
+    return True
+
+
+def constant_from_stats(md: pq.FileMetaData, col_idx: int) -> Any | None:
+    """The column's single value when the statistics prove it has one, else None."""
+    value = None
+    for rg in range(md.num_row_groups):
+        st = md.row_group(rg).column(col_idx).statistics
+        if st is None or not st.has_min_max or st.null_count != 0 or st.min != st.max:
+            return None
+        if value is not None and st.min != value:
+            return None
+        value = st.min
+    return value
+
+
+# ---------------------------------------------------------------------------
+# The cell as a whole
+# ---------------------------------------------------------------------------
+
+
+def _check_complete(done: dict[str, Any], files: list[CellFile], plan_shards: int | None) -> None:
+    if not any(f.kind == "requests" for f in files):
+        raise InvalidCell("no requests file")
+    shards = done.get("world_size", plan_shards)
+    if shards is None:
+        raise InvalidCell("shard count unknown: no world_size in DONE.json and the cell is not in plan.jsonl")
+    ranks = {f.rank for f in files if f.kind == "telemetry"}
+    missing = [r for r in range(int(shards)) if r not in ranks]
+    if missing:
+        raise InvalidCell(f"missing telemetry for rank {missing[0]} of {shards}")
+
+
+def _plan_shards(paths: SweepPaths) -> dict[str, int]:
+    return {cid: int(c.params.get("shards", 1)) for cid, c in read_plan_cells(paths).items()}
+
+
+# ---------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------
+
+
+def _stat_key(paths: SweepPaths, cell_id: str) -> list[Any] | None:
+    """(size, mtime_ns) of DONE.json and of every file it lists; None if any is missing."""
+    cdir = paths.cell_dir(cell_id)
+    try:
+        done_raw = paths.done_marker(cell_id).read_bytes()
+        st = os.stat(paths.done_marker(cell_id))
+        rels = sorted(json.loads(done_raw).get("files", {}))
+        key: list[Any] = [[st.st_size, st.st_mtime_ns]]
+        for rel in rels:
+            s = os.stat(cdir / rel)
+            key.append([rel, s.st_size, s.st_mtime_ns])
+        return key
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _cache_path(paths: SweepPaths) -> Path:
+    return paths.results_dir / CACHE_NAME
+
+
+def _load_cache(paths: SweepPaths) -> dict[str, Any]:
+    try:
+        raw = json.loads(_cache_path(paths).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict) or raw.get("version") != CACHE_VERSION:
+        return {}
+    cells = raw.get("cells")
+    return dict(cells) if isinstance(cells, dict) else {}
+
+
+def _save_cache(paths: SweepPaths, cells: dict[str, Any]) -> None:
+    try:
+        atomic_write_json(_cache_path(paths), {"version": CACHE_VERSION, "cells": cells})
+    except OSError:
+        pass  # a read-only sweep folder still validates, only slower next time
+
+
+def record_verdicts(paths: SweepPaths, verdicts: dict[str, CellValidation]) -> None:
+    """Store verdicts found by the reducer so that `status` need not hash again."""
+    cache = _load_cache(paths)
+    for cid, v in verdicts.items():
+        key = _stat_key(paths, cid)
+        if key is not None:
+            cache[cid] = {"key": key, "ok": v.ok, "reason": v.reason}
+    _save_cache(paths, cache)

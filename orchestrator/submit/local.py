@@ -1,0 +1,286 @@
+"""The local launcher: cells run on this machine through submitit's local executor.
+
+``submit`` returns at once. It pickles each cell's ``CellTask`` into the cell's
+``launch/`` folder, writes a queue file and starts a detached runner process
+(``python -m orchestrator.submit.local QUEUE``, its own session, so it outlives
+the command and a closed terminal). The runner starts the cells in order,
+``max_parallel`` at a time; each cell is one submitit local job with one task
+per shard (``tasks_per_node=shards``), whose ranks find each other through
+submitit's job environment. On a machine with NVIDIA GPUs each job gets
+``shards`` free GPUs of its own.
+
+The queue file (``SWEEP_DIR/local/queue-<n>.json``) is the local launcher's
+"queue": per cell its state (pending, running, ended), submitit job id and exit.
+``local_queue_states`` reads it for ``status``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+from orchestrator.contracts import SweepPaths, atomic_write_json, read_json, write_failed
+from orchestrator.plan.planned import PlannedCell
+from orchestrator.submit.base import (
+    LaunchError,
+    SubmissionRecord,
+    append_submissions,
+    make_task,
+    next_attempt,
+    prepare_cell_dir,
+)
+
+POLL_S = 0.2
+
+
+def queue_dir(paths: SweepPaths) -> Path:
+    return paths.root / "local"
+
+
+class LocalLauncher:
+    name = "local"
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.max_parallel = int(cfg.get("max_parallel", 1))
+        self.timeout_min = float(cfg.get("timeout_min", 720.0))
+        self._runners: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- submit ------------------------------------------------------------
+    def submit(self, paths: SweepPaths, cells: list[PlannedCell], *, dry_run: bool = False) -> list[SubmissionRecord]:
+        todo = [c for c in cells if c.feasible]
+        if dry_run:
+            for c in todo:
+                print(f"would run cell {c.cell_id} here as {c.params.shards} local process(es)")
+            print(f"{len(todo)} cell(s), {self.max_parallel} at a time, in a background runner")
+            return []
+        if not todo:
+            return []
+        entries = [self._stage(paths, c) for c in todo]
+        qdir = queue_dir(paths)
+        qdir.mkdir(parents=True, exist_ok=True)
+        queue_path = qdir / f"queue-{time.time_ns()}.json"
+        atomic_write_json(queue_path, {
+            "sweep_dir": str(paths.root.resolve()),
+            "max_parallel": self.max_parallel,
+            "timeout_min": self.timeout_min,
+            "runner_pid": None,
+            "cells": entries,
+        })
+        proc = self._start_runner(queue_path)
+        record = SubmissionRecord(
+            cell_ids=tuple(e["cell_id"] for e in entries),
+            launcher=self.name,
+            job_ids=tuple(f"{proc.pid}_{i}" for i in range(len(entries))),
+            array=False,
+            submitted_unix_s=time.time(),
+            attempt=max(e["attempt"] for e in entries),
+            extra={"runner_pid": proc.pid, "queue": str(queue_path)},
+        )
+        append_submissions(paths, [record])
+        return [record]
+
+    def _stage(self, paths: SweepPaths, cell: PlannedCell) -> dict[str, Any]:
+        import cloudpickle  # submitit's own pickler: tasks defined anywhere travel
+
+        prepare_cell_dir(paths, cell.cell_id)
+        attempt = next_attempt(paths, cell.cell_id)
+        task = make_task(paths, cell, attempt)
+        task_path = paths.launch_dir(cell.cell_id) / "task.pkl"
+        with open(task_path, "wb") as f:
+            cloudpickle.dump(task, f)
+        return {"cell_id": cell.cell_id, "shards": cell.params.shards, "attempt": attempt,
+                "task": str(task_path), "state": "pending", "job_id": None, "exit": None}
+
+    def _start_runner(self, queue_path: Path) -> subprocess.Popen[bytes]:
+        log = open(queue_path.with_suffix(".log"), "ab")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.submit.local", str(queue_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # survives the command's exit and Ctrl-C
+                cwd=os.getcwd(),
+            )
+        except OSError as e:
+            raise LaunchError(f"could not start the local runner for {queue_path}: {e}") from None
+        finally:
+            log.close()
+        self._runners[proc.pid] = proc
+        return proc
+
+    # -- wait --------------------------------------------------------------
+    def wait(self, paths: SweepPaths, records: list[SubmissionRecord]) -> None:
+        for rec in records:
+            pid = int((rec.extra or {}).get("runner_pid", 0))
+            if pid in self._runners:
+                self._runners.pop(pid).wait()
+                continue
+            queue = Path((rec.extra or {}).get("queue", ""))
+            while queue.is_file() and not _queue_finished(queue, pid):
+                time.sleep(POLL_S)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def _queue_finished(queue: Path, runner_pid: int | None = None) -> bool:
+    q = read_json(queue)
+    if all(e["state"] == "ended" for e in q["cells"]):
+        return True
+    pid = q.get("runner_pid") or runner_pid
+    return pid is not None and not _pid_alive(pid)
+
+
+def local_queue_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
+    """cell id -> its latest local queue entry, with "state" one of pending,
+    running, ended, lost (the runner died before the cell ended)."""
+    out: dict[str, dict[str, Any]] = {}
+    qdir = queue_dir(paths)
+    if not qdir.is_dir():
+        return out
+    for queue in sorted(qdir.glob("queue-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        try:
+            q = read_json(queue)
+        except (OSError, ValueError):
+            continue
+        runner_alive = _pid_alive(q.get("runner_pid"))
+        for e in q["cells"]:
+            entry = dict(e, queue=str(queue))
+            if e["state"] != "ended" and q.get("runner_pid") is not None and not runner_alive:
+                entry["state"] = "lost"
+            out[e["cell_id"]] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The runner (a detached process)
+# ---------------------------------------------------------------------------
+
+
+def _gpu_count() -> int:
+    """NVIDIA GPUs on this machine (0 without a driver); never imports torch."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no library, no driver, no card
+        return 0
+
+
+class _Runner:
+    def __init__(self, queue_path: Path) -> None:
+        self.queue_path = queue_path
+        self.q = read_json(queue_path)
+        self.paths = SweepPaths.of(self.q["sweep_dir"])
+        self.free_gpus = list(range(_gpu_count()))
+        self.running: list[tuple[dict[str, Any], Any, list[int]]] = []
+
+    def save(self) -> None:
+        atomic_write_json(self.queue_path, self.q)
+
+    def run(self) -> None:
+        self.q["runner_pid"] = os.getpid()
+        self.save()
+        pending = [e for e in self.q["cells"] if e["state"] == "pending"]
+        while pending or self.running:
+            while pending and len(self.running) < self.q["max_parallel"] and self._can_start(pending[0]):
+                self._start(pending.pop(0))
+            self._reap()
+            time.sleep(POLL_S)
+
+    def _can_start(self, entry: dict[str, Any]) -> bool:
+        total = len(self.free_gpus) + sum(len(g) for _, _, g in self.running)
+        return total == 0 or entry["shards"] > total or len(self.free_gpus) >= entry["shards"]
+
+    def _start(self, entry: dict[str, Any]) -> None:
+        import cloudpickle
+        import submitit
+
+        cell_id, shards = entry["cell_id"], entry["shards"]
+        total = len(self.free_gpus) + sum(len(g) for _, _, g in self.running)
+        if total and shards > total:
+            self._fail(entry, f"cell needs {shards} GPUs; this machine has {total}; use launcher=slurm or fewer shards")
+            return
+        gpus = self.free_gpus[:shards] if total else []
+        self.free_gpus = self.free_gpus[len(gpus):]
+        try:
+            with open(entry["task"], "rb") as f:
+                task = cloudpickle.load(f)
+            executor = submitit.LocalExecutor(folder=self.paths.launch_dir(cell_id))
+            params: dict[str, Any] = {"tasks_per_node": shards, "nodes": 1, "timeout_min": self.q["timeout_min"]}
+            if gpus:
+                params.update(gpus_per_node=len(gpus), visible_gpus=gpus)
+            executor.update_parameters(**params)
+            job = executor.submit(task)
+        except Exception as e:  # a broken task must not stop the other cells
+            self.free_gpus.extend(gpus)
+            self._fail(entry, f"could not start: {e}", traceback.format_exc())
+            return
+        entry.update(state="running", job_id=job.job_id, started_unix_s=time.time())
+        self.save()
+        self.running.append((entry, job, gpus))
+
+    def _reap(self) -> None:
+        for item in list(self.running):
+            entry, job, gpus = item
+            if not job.done():
+                continue
+            self.running.remove(item)
+            self.free_gpus.extend(gpus)
+            code = job._process.poll() if getattr(job, "_process", None) is not None else None
+            entry.update(state="ended", exit=code, ended_unix_s=time.time())
+            self._mark_if_silent(entry, job)
+            self.save()
+
+    def _mark_if_silent(self, entry: dict[str, Any], job: Any) -> None:
+        """A worker normally writes DONE.json or FAILED.json itself; if it died
+        without either (killed, crashed interpreter), say so in FAILED.json."""
+        cid = entry["cell_id"]
+        if self.paths.done_marker(cid).exists() or self.paths.failed_marker(cid).exists():
+            return
+        try:
+            job.result()
+            detail = "the job ended without writing DONE.json or FAILED.json"
+        except Exception as e:  # submitit re-raises the task's error with its traceback
+            detail = str(e)
+        write_failed(self.paths, cid, f"local job {entry['job_id']} ended (exit {entry['exit']}) without a marker",
+                     detail, {"launcher": "local", "job_id": entry["job_id"]})
+
+    def _fail(self, entry: dict[str, Any], error: str, tb: str = "") -> None:
+        write_failed(self.paths, entry["cell_id"], error, tb, {"launcher": "local"})
+        entry.update(state="ended", exit=None, ended_unix_s=time.time())
+        self.save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m orchestrator.submit.local QUEUE_FILE", file=sys.stderr)
+        return 2
+    _Runner(Path(argv[0])).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

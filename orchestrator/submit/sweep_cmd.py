@@ -1,0 +1,143 @@
+"""``wattsweep sweep``: compose → plan → write the sweep folder → submit → print.
+
+Returns as soon as the cells are queued; ``--wait`` waits for them and reduces.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DESCRIPTION = """Plan a sweep from Hydra overrides and launch its feasible cells.
+
+Each combination of the swept values is one cell, identified by a hash of its
+parameters. Cells that cannot run (shards not dividing the heads, not fitting
+the GPUs' memory, a cap outside the card's range) stay in the plan with a
+reason and are not launched. The command prints the sweep folder and a table
+of cells, and returns once they are queued."""
+
+EPILOG = """override grammar (Hydra):
+  key=value                 set a value            shards=2  power_cap_w=null  model.n_layers=4
+  group=option              choose a config        model=llama-7b  dataset=alpaca  launcher=slurm
+  key=a,b,c                 sweep a list (-m)      batch_size=1,8,64  power_cap_w=null,250,175,150
+  key=range(start,stop[,step])  sweep a range (-m) shards=range(1,9)  (stop excluded)
+  key=choice(a,b)           same as a,b (-m)
+  +experiment=NAME          add a preset (-m)      +experiment=paper_throughput
+  +key=value / ++key=value  add / force a key (must still be a known key)
+
+config groups and choices:
+{groups}
+
+examples:
+  wattsweep sweep                                        one cell of the default config
+  wattsweep sweep -m shards=1,2 batch_size=1,4 --wait    four tiny cells, then the summary
+  wattsweep sweep -m +experiment=smoke --wait            the same, as a preset
+  wattsweep sweep -m model=llama-7b shards=1,2,4 power_cap_w=null,250,175,150 launcher=slurm launcher.partition=gpu
+  wattsweep sweep -m +experiment=paper_powercap launcher=slurm --dry-run
+  wattsweep sweep dataset=alpaca dataset.path=/data/alpaca_data.json gpu.profile=a100
+
+top-level keys: shards batch_size power_cap_w max_new_tokens max_prompt_tokens n_prompts seed
+  weights dtype tokenizer sort_by_length sweep_dir telemetry_hz energy_hz warmup_batches
+  cuda_graph fail_on_purpose sleep_s (and model.*, dataset.*, gpu.*, launcher.*)"""
+
+
+def _groups_text() -> str:
+    from pathlib import Path
+
+    import hydra_conf
+
+    root = Path(hydra_conf.__file__).parent
+    lines = []
+    for group in ("model", "dataset", "launcher", "gpu", "experiment"):
+        names = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        lines.append(f"  {group + ':':<12}{', '.join(names)}")
+    return "\n".join(lines)
+
+
+try:
+    EPILOG = EPILOG.format(groups=_groups_text())
+except Exception:  # the package data is missing: the help still works
+    EPILOG = EPILOG.format(groups="  (hydra_conf/ not found)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--multirun", action="store_true", help="expand swept values (a,b / range() / +experiment=) into a grid")
+    parser.add_argument("--wait", action="store_true", help="wait until every cell has ended, then reduce and print the summary")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (and what each launcher would submit); write and submit nothing")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. model=llama-7b shards=1,2")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError, compose_cells
+    from orchestrator.contracts import SweepPaths
+    from orchestrator.plan import plan_cells, write_plan, write_sweep_yaml
+    from orchestrator.plan.feasibility import PolicyError
+    from orchestrator.submit.base import LaunchError, get_launcher
+
+    try:
+        composed = compose_cells(list(args.overrides), args.multirun)
+        cells = plan_cells(composed)
+        launcher = get_launcher(composed.launcher_name, cells[0].launcher if cells else {})
+    except (ConfigError, PolicyError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = SweepPaths.of(composed.sweep_dir)
+    feasible = [c for c in cells if c.feasible]
+    if args.dry_run:
+        print(f"dry run: sweep folder would be {paths.root}")
+        print(format_cells(cells, {}))
+        launcher.submit(paths, cells, dry_run=True)
+        return 0
+    if paths.plan_jsonl.exists():
+        print(f"error: {paths.root} already holds a sweep; choose another sweep_dir=..., or use `wattsweep resubmit {paths.root}`", file=sys.stderr)
+        return 2
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_sweep_yaml(paths, composed, len(cells), len(feasible))
+    write_plan(paths, cells)
+    try:
+        records = launcher.submit(paths, feasible)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    jobs = {cid: jid for r in records for cid, jid in zip(r.cell_ids, r.job_ids)}
+    print(f"sweep folder: {paths.root}")
+    print(format_cells(cells, jobs))
+    print(f"{len(feasible)} cell(s) launched ({composed.launcher_name}), {len(cells) - len(feasible)} infeasible")
+    if not args.wait:
+        print(f"follow with: wattsweep status {paths.root}")
+        return 0
+    launcher.wait(paths, records)
+    return _reduce_and_print(paths.root)
+
+
+def _reduce_and_print(sweep_dir: Any) -> int:
+    try:
+        from orchestrator.reduce import format_table, reduce_sweep
+    except ImportError as e:
+        print(f"error: cannot reduce ({e}); run `wattsweep reduce {sweep_dir}` once available", file=sys.stderr)
+        return 1
+    try:
+        table = reduce_sweep(sweep_dir)
+    except Exception as e:  # the reducer names what is wrong; keep it to one line here
+        print(f"error: reduce failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+    print(format_table(table))
+    return 0
+
+
+def format_cells(cells: list[Any], jobs: dict[str, str]) -> str:
+    """One line per cell: id, model, shards, batch, cap, dataset, GPU, state or reason."""
+    header = ("cell", "model", "shards", "nodes", "batch", "cap_w", "dataset", "gpu", "state")
+    rows = [header]
+    for c in cells:
+        p = c.params
+        if not c.feasible:
+            state = f"infeasible: {c.reason}"
+        elif c.cell_id in jobs:
+            state = f"queued (job {jobs[c.cell_id]})"
+        else:
+            state = "planned"
+        cap = "-" if p.power_cap_w is None else f"{p.power_cap_w:g}"
+        rows.append((c.cell_id, p.model, str(p.shards), str(c.nodes), str(p.batch_size), cap, p.dataset, p.gpu_kind, state))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in rows)

@@ -1,0 +1,123 @@
+"""Feasibility: heads and widths divisible by shards, memory fit, cap range, policy."""
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import replace
+
+import pytest
+
+from orchestrator.config import compose_cells
+from orchestrator.contracts import GPU_PROFILES
+from orchestrator.plan import plan_cells
+from orchestrator.plan.feasibility import PolicyError, infeasible_reason, memory_needed_bytes, nodes_for, parameter_count
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def one(overrides):
+    return compose_cells(overrides, multirun=False).cells[0].params
+
+
+@pytest.mark.parametrize("model,billions", [("llama-7b", 6.74), ("llama-13b", 13.02), ("llama-33b", 32.53),
+                                            ("llama-65b", 65.29), ("llama2-70b", 68.98)])
+def test_parameter_counts_match_the_published_models(in_tmp, model, billions):
+    assert parameter_count(one([f"model={model}"]).model_args) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_shards_must_divide_heads(in_tmp):
+    reason = infeasible_reason(one(["shards=3"]), GPU_PROFILES["v100"])
+    assert reason.startswith("shards=3 does not divide n_heads=4 of llama-tiny")
+    assert "valid shard counts: 1, 2, 4" in reason
+
+
+def test_kv_heads_limit_shards(in_tmp):
+    reason = infeasible_reason(one(["model=llama2-70b", "shards=16", "batch_size=1"]), GPU_PROFILES["h100"])
+    assert "n_kv_heads=8" in reason
+
+
+def test_memory_fit(in_tmp):
+    # 65B in fp16 is ~122 GiB of weights alone: never on one 32 GiB card, fine on eight.
+    p1 = one(["model=llama-65b", "shards=1", "batch_size=1"])
+    assert "needs" in infeasible_reason(p1, GPU_PROFILES["v100"]) and "use more shards (>= 5)" in infeasible_reason(p1, GPU_PROFILES["v100"])
+    assert infeasible_reason(replace(p1, shards=8, batch_size=64), GPU_PROFILES["v100"]) is None
+    # The KV cache counts: 7B on one V100 fits at batch 64 x 512 tokens, not at batch 128.
+    p7 = one(["model=llama-7b", "batch_size=64"])
+    assert infeasible_reason(p7, GPU_PROFILES["v100"]) is None
+    assert "needs" in infeasible_reason(replace(p7, batch_size=128), GPU_PROFILES["v100"])
+    assert memory_needed_bytes(replace(p7, dtype="float32")) > memory_needed_bytes(p7)
+
+
+def test_cap_outside_card_range(in_tmp):
+    reason = infeasible_reason(one(["power_cap_w=50"]), GPU_PROFILES["v100"])
+    assert reason == "power_cap_w=50 outside v100's range 100-300 W"
+    assert infeasible_reason(one(["power_cap_w=150"]), GPU_PROFILES["v100"]) is None
+    assert "outside h100's range" in infeasible_reason(one(["power_cap_w=150", "gpu.profile=h100"]), GPU_PROFILES["h100"])
+
+
+def test_sequence_longer_than_model_allows(in_tmp):
+    reason = infeasible_reason(one(["max_prompt_tokens=1000", "max_new_tokens=100"]), GPU_PROFILES["v100"])
+    assert "exceeds llama-tiny's max_seq_len=1024" in reason
+
+
+def test_plan_keeps_infeasible_cells_with_reasons_and_collapses_duplicates(in_tmp):
+    sweep = compose_cells(["shards=1,3,1", "power_cap_w=150,50"], multirun=True)
+    cells = plan_cells(sweep)
+    assert len(sweep.cells) == 6 and len(cells) == 4
+    feasible = {(c.params.shards, c.params.power_cap_w) for c in cells if c.feasible}
+    assert feasible == {(1, 150.0)}
+    assert all(c.reason for c in cells if not c.feasible)
+
+
+def test_nodes_span_for_slurm(in_tmp):
+    assert nodes_for(2, {"name": "slurm", "gpus_per_node": 1}) == 2
+    assert nodes_for(32, {"name": "slurm", "gpus_per_node": 8}) == 4
+    assert nodes_for(4, {"name": "local", "max_parallel": 1}) == 1
+    cells = plan_cells(compose_cells(["launcher=slurm", "launcher.gpus_per_node=1", "shards=2"], multirun=False))
+    assert cells[0].nodes == 2
+
+
+@pytest.fixture()
+def fake_policy(monkeypatch):
+    """A policy module that allows only caps of 150-250 W on partition "gpu"."""
+    seen = []
+
+    class Policy:
+        def check(self, *, gpu_name, partition, power_cap_w, user, account):
+            seen.append(dict(gpu_name=gpu_name, partition=partition, power_cap_w=power_cap_w, user=user, account=account))
+            if power_cap_w is not None and not 150 <= power_cap_w <= 250:
+                return f"{power_cap_w:g} W is not allowed (150-250 W)"
+            return None
+
+    module = types.ModuleType("workers.gpu.policy")
+    module.load_policy = lambda path: Policy()
+    monkeypatch.setitem(sys.modules, "workers.gpu.policy", module)
+    return seen
+
+
+def test_policy_breach_is_a_plan_error(in_tmp, fake_policy):
+    (in_tmp / "policy.yaml").write_text("rules: []\n")
+    sweep = compose_cells(["power_cap_w=175,120", "gpu.policy=policy.yaml", "launcher=slurm",
+                           "launcher.partition=gpu", "launcher.account=lab"], multirun=True)
+    with pytest.raises(PolicyError, match="120 W is not allowed"):
+        plan_cells(sweep)
+    assert fake_policy[0]["partition"] == "gpu" and fake_policy[0]["account"] == "lab"
+    assert "V100" in fake_policy[0]["gpu_name"]
+
+
+def test_policy_allows(in_tmp, fake_policy):
+    sweep = compose_cells(["power_cap_w=175,null", "gpu.policy=policy.yaml"], multirun=True)
+    assert all(c.feasible for c in plan_cells(sweep))
+    assert len(fake_policy) == 2
+
+
+def test_cli_policy_breach_submits_nothing(in_tmp, fake_policy, capsys):
+    from orchestrator.cli import main
+
+    assert main(["sweep", "sweep_dir=out", "power_cap_w=120", "gpu.policy=p.yaml"]) == 2
+    assert "breaks the site policy" in capsys.readouterr().err
+    assert not (in_tmp / "out").exists()

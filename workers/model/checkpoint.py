@@ -1,0 +1,169 @@
+"""Building the model: random weights of the exact shapes, or a Meta checkpoint
+folder (``params.json`` + ``consolidated.NN.pth``) resharded to this run's
+model-parallel size.
+
+Resharding works tensor by tensor: each file is opened with ``mmap`` and only
+the slices that belong to this rank are read and copied to the device, so a rank
+never holds more than its own shard plus one tensor slice in host memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from fairscale.nn.model_parallel import initialize as mp
+
+from .args import ModelArgs
+from .transformer import Transformer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+INIT_STD = 0.02  # random weights: the usual GPT/LLaMA init scale; norms start at 1
+
+# How Meta splits each tensor over model-parallel files: the dimension, or None (replicated).
+_SPLIT_DIM = [
+    (re.compile(r"tok_embeddings\.weight$"), 1),
+    (re.compile(r"\.(wq|wk|wv|w1|w3)\.weight$|^output\.weight$"), 0),
+    (re.compile(r"\.(wo|w2)\.weight$"), 1),
+    (re.compile(r"norm\.weight$"), None),
+]
+_IGNORED_KEYS = re.compile(r"rope\.freqs$|^freqs$")
+
+
+def split_dim(name: str) -> int | None:
+    for pattern, dim in _SPLIT_DIM:
+        if pattern.search(name):
+            return dim
+    raise KeyError(f"no sharding rule for checkpoint tensor {name!r}")
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _mp_rank_world() -> tuple[int, int]:
+    if mp.model_parallel_is_initialized():
+        return mp.get_model_parallel_rank(), mp.get_model_parallel_world_size()
+    raise RuntimeError("model parallel is not initialised: call workers.dist.init_distributed first")
+
+
+def build_model(args: ModelArgs, *, weights: str, dtype: str, device: str, seed: int,
+                max_batch_size: int, max_seq_len: int) -> Transformer:
+    """The model for this rank, weights filled, in inference mode (no grads)."""
+    rank, world = _mp_rank_world()
+    if weights != "random":
+        args = _checkpoint_args(Path(weights), args)
+    args.check_shards(world)
+    model = Transformer(args, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                        device=device, dtype=torch_dtype(dtype))
+    with torch.no_grad():
+        if weights == "random":
+            _fill_random(model, seed=seed, mp_rank=rank)
+        else:
+            load_checkpoint(model, weights)
+    return model.eval().requires_grad_(False)
+
+
+def _fill_random(model: Transformer, *, seed: int, mp_rank: int) -> None:
+    """Seeded normal init on the device itself (no host copy of the weights).
+    Each rank draws its own shard, so the full model depends on the shard count."""
+    gen = torch.Generator(device=model.device)
+    for i, (name, p) in enumerate(model.named_parameters()):
+        gen.manual_seed(seed * 1_000_003 + mp_rank * 10_007 + i)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, INIT_STD, generator=gen)
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist; "
+                                "weights must be 'random' or a folder with params.json and consolidated.NN.pth")
+    files = sorted(folder.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no consolidated.NN.pth files in {folder}")
+    return files
+
+
+def _checkpoint_args(folder: Path, args: ModelArgs) -> ModelArgs:
+    """The folder's params.json wins for the shape; a disagreement on the main shape is an error."""
+    params_file = folder / "params.json"
+    if not params_file.exists():
+        return args
+    params = json.loads(params_file.read_text())
+    for key in ("dim", "n_layers", "n_heads"):
+        if key in params and params[key] != getattr(args, key):
+            raise ValueError(f"{params_file}: {key}={params[key]} but the model config says {getattr(args, key)}")
+    merged = {**args.to_dict(), **{k: v for k, v in params.items() if k in args.to_dict()}}
+    if merged.get("vocab_size", -1) <= 0:  # LLaMA-1 writes -1: read it from the embedding table
+        first = torch.load(_checkpoint_files(folder)[0], mmap=True, map_location="cpu", weights_only=True)
+        merged["vocab_size"] = int(first["tok_embeddings.weight"].shape[0])
+    return ModelArgs.from_dict(merged)
+
+
+def load_checkpoint(model: Transformer, folder: str | os.PathLike[str]) -> None:
+    """Copy this rank's slice of every tensor from the checkpoint files into ``model``."""
+    files = _checkpoint_files(Path(folder))
+    rank, world = _mp_rank_world()
+    opened: dict[int, dict[str, torch.Tensor]] = {}
+
+    def file(i: int) -> dict[str, torch.Tensor]:
+        if i not in opened:
+            opened[i] = torch.load(files[i], mmap=True, map_location="cpu", weights_only=True)
+        return opened[i]
+
+    params = dict(model.named_parameters())
+    missing = set(params) - set(file(0))
+    if missing:
+        raise KeyError(f"{files[0]} lacks {sorted(missing)[:3]} (and {max(0, len(missing) - 3)} more)")
+    for name, p in params.items():
+        p.copy_(_slice_for_rank(name, tuple(p.shape), file, len(files), rank, world, files[0]))
+    opened.clear()
+
+
+def _slice_for_rank(name: str, shape: tuple[int, ...], file, n_files: int, rank: int, world: int,
+                    first: Path) -> torch.Tensor:
+    dim = split_dim(name)
+    if dim is None:
+        return file(0)[name]
+    part = file(0)[name].shape[dim]
+    if part * n_files != shape[dim] * world:
+        raise ValueError(f"{first.parent}: {name} has {part} x {n_files} files along dim {dim}, "
+                         f"but the model needs {shape[dim]} x {world} shards")
+    lo, hi = rank * shape[dim], (rank + 1) * shape[dim]
+    pieces = []
+    for f in range(lo // part, (hi - 1) // part + 1):
+        a, b = max(lo, f * part) - f * part, min(hi, (f + 1) * part) - f * part
+        pieces.append(file(f)[name].narrow(dim, a, b - a))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def save_checkpoint(model: Transformer, folder: str | os.PathLike[str], n_files: int) -> None:
+    """Write ``model`` in Meta's layout with ``n_files`` consolidated files.
+
+    From a single-shard model any ``n_files`` dividing the split widths; from a
+    sharded model, ``n_files`` equal to the shard count (each rank writes its own)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _mp_rank_world()
+    if world != 1 and n_files != world:
+        raise ValueError(f"a model on {world} shards can be saved as {world} files, not {n_files}")
+    if rank == 0:
+        (out / "params.json").write_text(json.dumps(model.args.to_dict(), indent=2))
+    state = {name: p.detach().cpu() for name, p in model.named_parameters()}
+    own = [rank] if world > 1 else range(n_files)
+    for i in own:
+        shard = {}
+        for name, t in state.items():
+            dim = split_dim(name)
+            if dim is not None and world == 1:
+                if t.shape[dim] % n_files:
+                    raise ValueError(f"{name}: {t.shape[dim]} along dim {dim} does not split into {n_files} files")
+                t = t.chunk(n_files, dim=dim)[i]
+            shard[name] = t.clone()  # clone: a view would save the whole storage
+        torch.save(shard, out / f"consolidated.{i:02d}.pth")
