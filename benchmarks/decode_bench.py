@@ -84,6 +84,17 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
     return res
 
 
+def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.device, out: Path) -> None:
+    """Kernel table of eager decode steps (same kernels the graph replays), to see where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=seq_len, device=str(device), cuda_graph=False)
+    gen.generate(prompts, max_new_tokens=4, eos_id=None)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen.generate(prompts, max_new_tokens=9, eos_id=None)  # 1 prefill + 8 decode steps
+    out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
 def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, device: torch.device,
                 nvml: Nvml, bw: float) -> list[dict]:
     shape = PRESETS[name]
@@ -99,8 +110,11 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
     rows = []
     for b in batch_sizes:
         prompts = torch.randint(3, shape.vocab_size, (b, args.prompt_tokens), generator=g).tolist()
+        if args.profile_dir and device.type == "cuda":
+            profile_step(model, prompts, seq_len, device, Path(args.profile_dir) / f"profile_{name}_b{b}.txt")
         for graph in ([True, False] if args.compare_graph else [True]):
-            gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=graph)
+            gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=graph,
+                            kv_bucket=args.kv_bucket)
             t = time.perf_counter()
             gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up + graph capture
             warm_s = time.perf_counter() - t
@@ -150,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compare-graph", dest="compare_graph", action="store_false")
     p.add_argument("--no-compare-sampler", dest="compare_sampler", action="store_false")
     p.add_argument("--out", default="decode_bench.json")
+    p.add_argument("--profile-dir", default=None, help="write a kernel table per batch size here")
+    p.add_argument("--kv-bucket", type=int, default=32, help="attention reads keys in multiples of this")
     args = p.parse_args(argv)
 
     info = init_distributed(1)

@@ -6,8 +6,9 @@ Generates the sweep (not timed) unless DIR already holds one of that shape,
 then times, each in a fresh process so that peak RSS is the step's own:
   1. validate_cells over every cell, cold (no validation cache);
   2. validate_cells again (cache hits: what `wattsweep status` pays);
-  3. reduce_sweep (validate + summarise + compact telemetry);
-  4. reduce_sweep again (must give the same bytes).
+  3. reduce_sweep from scratch (validate + summarise + compact telemetry);
+  4. reduce_sweep again: nothing changed, so rows and partitions are reused
+     (must give the same bytes).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -44,9 +46,10 @@ def _step(root: Path, step: str) -> dict:
     from orchestrator.reduce.plan_io import read_plan_cells
 
     paths = SweepPaths.of(root)
-    if step == "validate-cold":
-        (paths.results_dir / ".validation-cache.json").unlink(missing_ok=True)
+    if step in ("validate-cold", "reduce"):
+        shutil.rmtree(paths.results_dir, ignore_errors=True)  # cold: no cache, no earlier results
     t0 = time.perf_counter()
+    c0 = _cpu_s()
     if step.startswith("validate"):
         ids = sorted(read_plan_cells(paths))
         verdicts = validate_cells(paths, ids)
@@ -54,8 +57,19 @@ def _step(root: Path, step: str) -> dict:
     else:
         n_ok = reduce_sweep(root).num_rows
     dt = time.perf_counter() - t0
+    cpu = _cpu_s() - c0
+    # Peak resident memory of this process and of the largest worker process.
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step": step, "seconds": round(dt, 3), "valid_cells": n_ok, "peak_rss_mib": round(rss_mib, 1)}
+    child_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"step": step, "seconds": round(dt, 3), "cpu_s": round(cpu, 3), "valid_cells": n_ok, "peak_rss_mib": round(rss_mib, 1),
+            "peak_worker_rss_mib": round(child_mib, 1)}
+
+
+def _cpu_s() -> float:
+    """User + system CPU of this process and its finished workers: a shared,
+    busy machine stretches wall time, much less the CPU a step needs."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _digest(root: Path) -> str:

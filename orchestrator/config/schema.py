@@ -53,13 +53,14 @@ class SlurmLauncherConf:
     gpus_per_node: int = 8
     cpus_per_gpu: int = 4
     mem_per_gpu_gb: Optional[int] = None
-    gres: Optional[str] = None  # e.g. "gpu:v100:8"; None: gpu:<gpus_per_node>
+    gres: Optional[str] = None  # e.g. "gpu:v100:8"; None: gpu:<GPUs per node of the cell>; "": no GPU request
     constraint: Optional[str] = None
     exclude: Optional[str] = None
     sbatch_extra: List[str] = field(default_factory=list)  # extra "#SBATCH ..." lines
     array_parallelism: int = 64  # at most this many array tasks run at once
     max_requeues: int = 3  # timeouts/preemptions requeued through submitit's checkpointing
     setup: List[str] = field(default_factory=list)  # shell lines run before the workers
+    signal_delay_s: int = 90  # USR2 this long before the time limit: restore caps, requeue
 
 
 @dataclass

@@ -73,14 +73,85 @@ def max_gap_s(ts_ns: np.ndarray, ws_ns: int, we_ns: int) -> float:
 
 
 def _rank_energies(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray) -> list[RankEnergy]:
+    fast = _fast_integrals(cell, ts, power)
     out = []
     for i, meta in enumerate(cell.metas):
         a, b = cell.offsets[i], cell.offsets[i + 1]
         ws, we = int(meta["window_start_ns"]), int(meta["window_end_ns"])
         es, ee = meta.get("energy_start_j"), meta.get("energy_end_j")
         counter = float(ee) - float(es) if es is not None and ee is not None else None
-        out.append(RankEnergy(counter, integrate_power_j(ts[a:b], power[a:b], ws, we), max_gap_s(ts[a:b], ws, we)))
+        if fast is not None:
+            integrated, gap = fast[0][i], fast[1][i]
+        else:
+            integrated, gap = integrate_power_j(ts[a:b], power[a:b], ws, we), max_gap_s(ts[a:b], ws, we)
+        out.append(RankEnergy(counter, integrated, gap))
     return out
+
+
+def _fast_integrals(cell: CellTelemetry, ts: np.ndarray, p: np.ndarray) -> tuple[list[float], list[float]] | None:
+    """integrate_power_j and max_gap_s of every rank at once (same results).
+
+    The per-rank versions spend their time in numpy call overhead on a few
+    hundred rows; here the inner sums run once over the whole cell and only
+    the window edges are handled per rank. Returns None (use the per-rank
+    versions) for the unusual inputs: null power, unsorted time, a rank with
+    fewer than two rows.
+    """
+    off = np.asarray(cell.offsets)
+    counts = np.diff(off)
+    if ts.size < 2 or np.any(counts < 2) or np.isnan(p).any():
+        return None
+    d = np.diff(ts)
+    same = np.ones(ts.size - 1, bool)
+    same[off[1:-1] - 1] = False  # pairs that straddle two ranks
+    if np.any(d[same] < 0):
+        return None
+    ws = np.array([int(m["window_start_ns"]) for m in cell.metas], np.int64)
+    we = np.array([int(m["window_end_ns"]) for m in cell.metas], np.int64)
+    ws_row, we_row = np.repeat(ws, counts), np.repeat(we, counts)
+    inside = (ts > ws_row) & (ts < we_row)
+    pair = same & inside[:-1] & inside[1:]
+    seg = np.repeat(np.arange(len(counts)), counts)[:-1]
+    body = np.bincount(seg[pair], weights=((p[:-1] + p[1:]) * d)[pair], minlength=len(counts)) * 0.5e-9
+    incl = (ts >= ws_row) & (ts <= we_row)
+    gaps_in = np.where(same & incl[:-1] & incl[1:], d, 0)
+    inner_gap = np.maximum.reduceat(gaps_in, off[:-1])
+    energies, gaps = [], []
+    for i in range(len(counts)):
+        a, b = int(off[i]), int(off[i + 1])
+        t, pw = ts[a:b], p[a:b]
+        w0, w1 = int(ws[i]), int(we[i])
+        if w1 <= w0:
+            energies.append(0.0)
+        else:
+            j = int(np.searchsorted(t, w0, "right"))
+            k = int(np.searchsorted(t, w1, "left"))
+            p0, p1 = _interp_at(t, pw, w0, j), _interp_at(t, pw, w1, k)
+            if j < k:
+                edge = (p0 + pw[j]) * (t[j] - w0) + (pw[k - 1] + p1) * (w1 - t[k - 1])
+            else:
+                edge = (p0 + p1) * (w1 - w0)
+            energies.append(float(body[i] + edge * 0.5e-9))
+        lo = int(np.searchsorted(t, w0, "left"))
+        hi = int(np.searchsorted(t, w1, "right"))
+        if lo < hi:
+            g = max(int(inner_gap[i]), int(t[lo]) - w0, w1 - int(t[hi - 1]))
+        else:
+            g = w1 - w0
+        gaps.append(g * 1e-9)
+    return energies, gaps
+
+
+def _interp_at(t: np.ndarray, p: np.ndarray, x: int, j: int) -> float:
+    """Power at time x, where t[j] is the first sample after x (np.interp's clamping)."""
+    if j <= 0:
+        return float(p[0])
+    if j >= t.size:
+        return float(p[-1])
+    t0, t1 = int(t[j - 1]), int(t[j])
+    if t1 == t0:
+        return float(p[j])
+    return float(p[j - 1] + (p[j] - p[j - 1]) * ((x - t0) / (t1 - t0)))
 
 
 def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ the same bytes.
 from __future__ import annotations
 
 import csv
-import functools
+import hashlib
 import io
 import json
 import os
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -28,7 +27,7 @@ from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPa
 from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import PlanCell, read_plan_cells
-from orchestrator.reduce.validate import CellValidation, InvalidCell, check_cell, constant_from_stats, record_verdicts
+from orchestrator.reduce.validate import CellValidation, InvalidCell, check_cell, load_cache, record_verdicts, stat_key
 
 S, I, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 SUMMARY_SCHEMA = pa.schema(
@@ -46,11 +45,14 @@ SUMMARY_SCHEMA = pa.schema(
     ]
 )
 INVALID_CSV = "invalid.csv"
+# Bump when a summary value's definition changes: cached rows of an older
+# reducer are then recomputed rather than reused.
+REDUCE_VERSION = "1:" + hashlib.sha256(",".join(SUMMARY_SCHEMA.names).encode()).hexdigest()[:8]
 # Dictionary-encode only the repeated strings and keep statistics only where a
 # reader filters (rank, time, phase): half the encode time of the defaults.
 COMPACT_OPTIONS: dict[str, Any] = {
     "compression": "snappy",
-    "use_dictionary": ["host", "gpu_uuid", "phase", "source"],  # dictionary inputs: no hashing
+    "use_dictionary": ["host", "gpu_uuid", "phase", "source"],
     "write_statistics": ["rank", "timestamp_ns", "phase"],
 }
 TELEMETRY_DIR = "telemetry"
@@ -84,11 +86,32 @@ def reduce_sweep(sweep_dir: str | Path, *, progress: bool = False) -> pa.Table:
     done_ids = sorted(cid for cid in _cell_ids(paths, plan) if paths.done_marker(cid).exists())
     tdir = paths.results_dir / TELEMETRY_DIR
     tdir.mkdir(parents=True, exist_ok=True)
-    outcomes = _reduce_cells(paths, plan, done_ids, tdir, progress)
+    keys = {cid: stat_key(paths, cid) for cid in done_ids}
+    reused = _reusable(load_cache(paths), keys, tdir)
+    todo = [cid for cid in done_ids if cid not in reused]
+    fresh = {o.cell_id: o for o in _reduce_cells(paths, plan, todo, tdir, progress)}
+    outcomes = [reused.get(cid) or fresh[cid] for cid in done_ids]
     table = _summary_table([o.row for o in outcomes if o.row is not None])
     _write_outputs(paths, table, [o for o in outcomes if not o.verdict.ok], tdir)
-    record_verdicts(paths, {o.cell_id: o.verdict for o in outcomes})
+    record_verdicts(paths, {cid: {"key": keys[cid], "ok": o.verdict.ok, "reason": o.verdict.reason,
+                                  "reduced": REDUCE_VERSION, "row": o.row} for cid, o in fresh.items()})
     return table
+
+
+def _reusable(cache: dict[str, Any], keys: dict[str, Any], tdir: Path) -> dict[str, CellOutcome]:
+    """Cells whose files are unchanged since the last reduce (same size and
+    mtime of DONE.json and every file it lists, same reducer version): their
+    row, verdict and compacted partition are reused instead of recomputed."""
+    out: dict[str, CellOutcome] = {}
+    for cid, key in keys.items():
+        hit = cache.get(cid)
+        if key is None or not isinstance(hit, dict) or hit.get("key") != key or hit.get("reduced") != REDUCE_VERSION:
+            continue
+        if not hit.get("ok"):
+            out[cid] = CellOutcome(cid, CellValidation(False, hit.get("reason")), None)
+        elif isinstance(hit.get("row"), dict) and (tdir / f"cell_id={cid}" / "part-0.parquet").exists():
+            out[cid] = CellOutcome(cid, CellValidation(True, None), hit["row"])
+    return out
 
 
 def open_telemetry(sweep_dir: str | Path):
@@ -162,53 +185,13 @@ def _read_tables(files) -> tuple[CellTelemetry, pa.Table]:
     return CellTelemetry.of(tables, [f.rank for f in tel], [f.meta for f in tel]), requests
 
 
-# Columns a sampler writes with one value per file. When the footer statistics
-# say so they are rebuilt from the statistics instead of decoded: decoding a
-# column costs about as much as the arithmetic of the whole cell.
-_CONSTANT_COLUMNS = ("host", "rank", "gpu_index", "gpu_uuid", "source")
-_DICT_COLUMNS = ("host", "gpu_uuid", "source")
-COMPACT_SCHEMA = pa.schema(
-    [pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if f.name in _DICT_COLUMNS else f
-     for f in TELEMETRY_SCHEMA if f.name != "cell_id"]
-)
+# cell_id is not decoded: validation proved every row holds this cell, and in
+# the compacted files it is the partition key.
+_TELEMETRY_COLUMNS = [i for i, f in enumerate(TELEMETRY_SCHEMA) if f.name != "cell_id"]
 
 
 def _read_telemetry(f) -> pa.Table:
-    md = f.pf.metadata
-    n = md.num_rows
-    consts = {}
-    for name in _CONSTANT_COLUMNS:
-        v = constant_from_stats(md, TELEMETRY_SCHEMA.get_field_index(name))
-        if v is not None:
-            consts[name] = v
-    wanted = [i for i, fld in enumerate(TELEMETRY_SCHEMA) if fld.name != "cell_id" and fld.name not in consts]
-    t = _read(f, wanted)
-    cols = []
-    for fld in COMPACT_SCHEMA:
-        if fld.name in consts:
-            cols.append(_repeat(consts[fld.name], fld.type, n))
-        elif fld.name in _DICT_COLUMNS:
-            cols.append(t.column(fld.name).dictionary_encode().cast(fld.type))
-        else:
-            cols.append(t.column(fld.name))
-    return pa.Table.from_arrays(cols, schema=COMPACT_SCHEMA)
-
-
-def _repeat(value: Any, typ: pa.DataType, n: int) -> pa.Array:
-    if pa.types.is_dictionary(typ):
-        return pa.DictionaryArray.from_arrays(_zeros_int32(n), pa.array([value], typ.value_type))
-    return _full(value, typ, n)
-
-
-@functools.lru_cache(maxsize=64)
-def _zeros_int32(n: int) -> pa.Array:
-    return pa.array(np.zeros(n, np.int32))
-
-
-@functools.lru_cache(maxsize=256)
-def _full(value: Any, typ: pa.DataType, n: int) -> pa.Array:
-    # Arrow arrays are immutable: one per (value, length) serves every rank.
-    return pa.array(np.full(n, value), typ)
+    return _read(f, _TELEMETRY_COLUMNS)
 
 
 def _read(f, columns: list[int] | None) -> pa.Table:

@@ -25,6 +25,13 @@ from orchestrator.contracts import (
 )
 
 SOURCE = "synthetic"
+# The sampler's writer options (workers/telemetry/writer.py PARQUET_OPTIONS; a
+# test keeps the two equal), so the benchmark reads files like real ones.
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "snappy",
+    "write_statistics": True,
+    "use_dictionary": ["cell_id", "host", "gpu_uuid", "phase", "source"],
+}
 T0_NS = 1_790_000_000_000_000_000  # a fixed epoch so files are byte-stable
 
 
@@ -148,5 +155,5 @@ def write_synthetic_sweep(root: str | Path, n_cells: int, *, shards: int = 8, sp
 
 def _write(path: Path, table: pa.Table) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="snappy")
+    pq.write_table(table, buf, **PARQUET_OPTIONS)
     atomic_write_bytes(path, buf.getvalue())

@@ -111,7 +111,8 @@ def check_cell(paths: SweepPaths, cell_id: str, plan_shards: int | None, *, keep
     listed = done.get("files")
     if not isinstance(listed, dict) or not listed:
         raise InvalidCell("DONE.json lists no files")
-    files = [_check_file(paths, cell_id, rel, entry, keep_data) for rel, entry in sorted(listed.items())]
+    cdir = str(paths.cell_dir(cell_id))  # plain strings: pathlib costs more than hashing a file here
+    files = [_check_file(cdir, cell_id, rel, entry, keep_data) for rel, entry in sorted(listed.items())]
     _check_complete(done, files, plan_shards)
     return done, files
 
@@ -136,11 +137,11 @@ def read_done(paths: SweepPaths, cell_id: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def _check_file(paths: SweepPaths, cell_id: str, rel: str, entry: Any, keep_data: bool) -> CellFile:
+def _check_file(cdir: str, cell_id: str, rel: str, entry: Any, keep_data: bool) -> CellFile:
     kind, rank = _kind_and_rank(rel)
-    path = paths.cell_dir(cell_id) / rel
     try:
-        data = path.read_bytes()
+        with open(os.path.join(cdir, rel), "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         raise InvalidCell(f"missing file {rel}") from None
     except OSError as e:
@@ -168,7 +169,7 @@ def _check_file(paths: SweepPaths, cell_id: str, rel: str, entry: Any, keep_data
 
 
 def _kind_and_rank(rel: str) -> tuple[str, int]:
-    parts = Path(rel).parts
+    parts = rel.split("/")
     if len(parts) == 2 and parts[0] in ("telemetry", "requests") and parts[1].startswith("rank-") and parts[1].endswith(".parquet"):
         try:
             return parts[0], int(parts[1][5:-8])
@@ -199,8 +200,8 @@ def _check_schema(rel: str, got: pa.Schema, expected: pa.Schema) -> None:
 def telemetry_meta(schema: pa.Schema) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(TELEMETRY_META_KEY)
     try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError:
+        meta = json.loads(raw.decode()) if raw else {}
+    except (ValueError, UnicodeDecodeError):
         meta = None
     return meta if isinstance(meta, dict) else {}
 
@@ -239,19 +240,6 @@ def _constant_from_stats(md: pq.FileMetaData, col_idx: int, want: Any) -> bool |
         if st.null_count or st.min != want or st.max != want:
             return False
     return True
-
-
-def constant_from_stats(md: pq.FileMetaData, col_idx: int) -> Any | None:
-    """The column's single value when the statistics prove it has one, else None."""
-    value = None
-    for rg in range(md.num_row_groups):
-        st = md.row_group(rg).column(col_idx).statistics
-        if st is None or not st.has_min_max or st.null_count != 0 or st.min != st.max:
-            return None
-        if value is not None and st.min != value:
-            return None
-        value = st.min
-    return value
 
 
 # ---------------------------------------------------------------------------
@@ -318,11 +306,13 @@ def _save_cache(paths: SweepPaths, cells: dict[str, Any]) -> None:
         pass  # a read-only sweep folder still validates, only slower next time
 
 
-def record_verdicts(paths: SweepPaths, verdicts: dict[str, CellValidation]) -> None:
-    """Store verdicts found by the reducer so that `status` need not hash again."""
+def record_verdicts(paths: SweepPaths, entries: dict[str, dict[str, Any]]) -> None:
+    """Store what the reducer found (``{"key", "ok", "reason", ...}`` per cell) so
+    that `status` need not hash again and the next reduce can reuse the row."""
     cache = _load_cache(paths)
-    for cid, v in verdicts.items():
-        key = _stat_key(paths, cid)
-        if key is not None:
-            cache[cid] = {"key": key, "ok": v.ok, "reason": v.reason}
+    cache.update({cid: e for cid, e in entries.items() if e.get("key") is not None})
     _save_cache(paths, cache)
+
+
+load_cache = _load_cache
+stat_key = _stat_key

@@ -84,10 +84,14 @@ def series(rows: Sequence[Row], x: str, y: str, by: Sequence[str], *, label: Cal
             continue
         k = tuple(r.get(b) for b in by)
         groups.setdefault(k, {}).setdefault(r[x], []).append(float(r[y]))
+    keys = sorted(groups, key=lambda t: tuple(sort_key(v) for v in t))
+    # Label lines only by what differs between them; the title says the rest.
+    varying = [i for i in range(len(by)) if len({k[i] for k in keys}) > 1] or [0]
     out = []
-    for k in sorted(groups, key=lambda t: tuple(sort_key(v) for v in t)):
+    for k in keys:
         pts = tuple((xv, statistics.fmean(vals)) for xv, vals in sorted(groups[k].items(), key=lambda kv: sort_key(kv[0])))
-        out.append(Series(label(k) if label else series_label(by, k), k, pts))
+        text = label(k) if label else series_label([by[i] for i in varying], tuple(k[i] for i in varying))
+        out.append(Series(text, k, pts))
     return out
 
 

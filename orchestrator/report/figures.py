@@ -53,13 +53,13 @@ def _plot(out_dir: Path, key: str, title: str, x: str, panels: Sequence[tuple[st
         if xlog:
             ax.set_xscale("log", base=2)
         ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 3), 1, 0.95))
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     name = f"{key}.png"
-    fig.savefig(out_dir / name, dpi=110, metadata={"Software": None})
+    fig.savefig(out_dir / name, dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return name
 

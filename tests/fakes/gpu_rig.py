@@ -3,7 +3,7 @@ folder, seen through each backend the machine can run.
 
 - simulated: in process;
 - nvidia-smi: the fake ``tests/fakes/nvidia-smi`` on PATH, backed by the same state;
-- capctl: the helper run directly (``python -m workers.gpu.capctl``, no sudo),
+- capctl: the real helper run directly (``tests/fakes/wattsweep-capctl``, no sudo),
   configured to drive the same simulated node;
 - nvml: only when a real GPU answers, and then only read or observe.
 """
@@ -27,8 +27,10 @@ def isolate(monkeypatch, tmp: Path) -> Path:
     state = tmp / "state"
     monkeypatch.setenv("WATTSWEEP_STATE_DIR", str(state))
     monkeypatch.setenv("WATTSWEEP_SITE_LEDGER", str(tmp / "site.jsonl"))
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("WATTSWEEP_CAPCTL_COMMAND", f"{sys.executable} -m workers.gpu.capctl")
+    # The fakes first; then this interpreter's folder, so their `python3` is not a slow version-manager shim.
+    path = os.pathsep.join([str(FAKES), os.path.dirname(sys.executable), os.environ["PATH"]])
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setenv("WATTSWEEP_CAPCTL_COMMAND", f"{sys.executable} {FAKES / 'wattsweep-capctl'}")
     cfg = tmp / "capctl.yaml"
     cfg.write_text(f"backend: simulated\nstate_dir: {state}\nsite_ledger: {tmp / 'site.jsonl'}\n")
     monkeypatch.setenv("WATTSWEEP_CAPCTL_CONFIG", str(cfg))

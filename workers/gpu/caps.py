@@ -67,7 +67,8 @@ def restore_from_save(backend: Any, ndir: Path, index: int, ledger: LedgerWriter
         return None
     rec = dict(index=index, uuid=save.uuid, name=save.name, previous_w=save.previous_w,
                requested_w=save.requested_w, cell_id=cell_id or save.cell_id, backend=backend.name,
-               slurm=slurm or {"job_id": save.job_id, "array_task_id": save.array_task_id})
+               slurm=slurm or {"job_id": save.job_id, "array_task_id": save.array_task_id},
+               host=save.host, node=Path(ndir).name)  # the GPU's node, wherever the repair runs
     try:
         if abs(backend.get_power_limit_w(index) - save.previous_w) > tolerance_w:
             backend.set_power_limit_w(index, save.previous_w)
@@ -107,6 +108,7 @@ class CapSession:
         self.ledger = LedgerWriter(self._ledger_paths(ledger_paths))
         self.records: list[CapRecord] = []
         self._pending: list[GpuInfo] = []  # GPUs whose limit may differ from their save file
+        self._previous: dict[int, float] = {}  # capctl: the value to set back (the helper holds the save file)
         self._lock = threading.RLock()
         self._old_handlers: dict[int, Any] = {}
         if hasattr(backend, "set_context"):  # capctl: the helper's records name the cell, job and ledgers
@@ -165,6 +167,7 @@ class CapSession:
                              cell_id=self.cell_id, slurm=self.slurm, ledgers=tuple(map(str, self.ledger.paths)))
             write_save(self.ndir, save)
         with self._lock:
+            self._previous[info.index] = previous
             self._pending.append(info)
         self.ledger.check_writable()  # no change to a card without a ledger to record it
         try:
@@ -231,14 +234,10 @@ class CapSession:
             restore_from_save(self.backend, self.ndir, info.index, self.ledger, action="restore",
                               cell_id=self.cell_id, slurm=self.slurm, tolerance_w=tol)
             return
-        previous = next(r.previous_w for r in self.records if r.index == info.index) if any(
-            r.index == info.index for r in self.records) else None
+        previous = self._previous[info.index]
         rec = self._rec(info, previous)
         try:
-            if previous is None:  # failed before its record: the helper's save file knows the value
-                self.backend.repair(info.index)
-            else:
-                self.backend.set_power_limit_w(info.index, previous)
+            self.backend.set_power_limit_w(info.index, previous)  # the helper sees its saved value: a restore
             enforced = self.backend.get_power_limit_w(info.index)
         except GpuError as exc:
             self.ledger.append(make_record(action="restore", result="failed", enforced_w=None, error=str(exc), **rec),

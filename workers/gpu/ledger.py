@@ -48,7 +48,9 @@ def site_ledger_path(configured: str | os.PathLike[str] | None = None) -> Path |
 def make_record(*, action: str, result: str, index: int, uuid: str, name: str, previous_w: float | None,
                 requested_w: float | None, enforced_w: float | None, cell_id: str | None = None,
                 slurm: Mapping[str, Any] | None = None, error: str | None = None, backend: str | None = None,
-                user: str | None = None) -> dict[str, Any]:
+                user: str | None = None, host: str | None = None, node: str | None = None) -> dict[str, Any]:
+    """One ledger record. host/node default to this process's; a repair made
+    from elsewhere passes the GPU's own, so the audit matches it to the apply."""
     if action not in ACTIONS or result not in RESULTS:
         raise ValueError(f"ledger action {action!r}/result {result!r}; valid: {ACTIONS} / {RESULTS}")
     slurm = dict(slurm or {})
@@ -57,8 +59,8 @@ def make_record(*, action: str, result: str, index: int, uuid: str, name: str, p
         "time": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="milliseconds"),
         "time_unix_s": now,
         "user": user or slurm.get("user") or current_user(),
-        "host": socket.gethostname(),
-        "node": node_name(),
+        "host": host or socket.gethostname(),
+        "node": node or node_name(),
         "slurm_job_id": slurm.get("job_id"),
         "slurm_array_task_id": slurm.get("array_task_id"),
         "partition": slurm.get("partition"),

@@ -35,13 +35,19 @@ def left_pad(batch_tokens: list[list[int]], rows: int, pad_id: int = 0) -> tuple
     return tokens, pads
 
 
-def prefill_mask(pads: torch.Tensor, width: int) -> torch.Tensor:
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask to the additive form attention uses, once per step rather than
+    once per layer (attention would convert a boolean mask in every layer)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def prefill_mask(pads: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, L, L): causal, padding hidden; a padding query sees itself (no empty rows)."""
     idx = torch.arange(width, device=pads.device)
     causal = idx[None, :] <= idx[:, None]
     real_key = idx[None, None, :] >= pads[:, None, None]
     own = (idx[None, :] == idx[:, None])[None]
-    return ((causal[None] & real_key) | own).unsqueeze(1)
+    return additive(((causal[None] & real_key) | own).unsqueeze(1), dtype)
 
 
 def forward_full(model: Transformer, tokens: torch.Tensor, pads: torch.Tensor | None = None,
@@ -54,12 +60,13 @@ def forward_full(model: Transformer, tokens: torch.Tensor, pads: torch.Tensor | 
     pads = torch.zeros(b, dtype=torch.long, device=dev) if pads is None else pads.to(dev)
     slots = torch.arange(width, device=dev)
     positions = (slots[None, :] - pads[:, None]).clamp(min=0)
-    return model(tokens, positions, slots, prefill_mask(pads, width), width, last_only=last_only)
+    mask = prefill_mask(pads, width, model.norm.weight.dtype)
+    return model(tokens, positions, slots, mask, width, last_only=last_only)
 
 
 class Generator:
     def __init__(self, model: Transformer, *, max_batch_size: int, max_seq_len: int, device: str,
-                 cuda_graph: bool = True, kv_bucket: int = 128, eos_check_every: int = 16) -> None:
+                 cuda_graph: bool = True, kv_bucket: int = 32, eos_check_every: int = 16) -> None:
         if max_batch_size > model.max_batch_size or max_seq_len > model.max_seq_len:
             raise ValueError(f"generator wants batch {max_batch_size} x {max_seq_len} tokens but the model's "
                              f"cache holds {model.max_batch_size} x {model.max_seq_len}")
@@ -127,7 +134,8 @@ class Generator:
         rows = s["tok"].shape[0]
         positions = (s["pos"] - s["pads"]).clamp(min=0).view(rows, 1)
         keys = self._key_idx[:kv_len]
-        mask = ((keys[None, :] >= s["pads"][:, None]) & (keys[None, :] <= s["pos"])).view(rows, 1, 1, kv_len)
+        allowed = (keys[None, :] >= s["pads"][:, None]) & (keys[None, :] <= s["pos"])
+        mask = additive(allowed.view(rows, 1, 1, kv_len), self.model.norm.weight.dtype)
         logits = self.model(s["tok"], positions, s["pos"], mask, kv_len)
         nxt = logits[:, -1].argmax(dim=-1)
         s["out"].index_copy_(1, s["step"], nxt.view(rows, 1))

@@ -200,7 +200,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 mask: torch.Tensor, kv_len: int, last_only: bool = False) -> torch.Tensor:
-        """tokens, positions: (B, T); slots: (T,) cache indices; mask: (B, 1, T, kv_len) bool.
+        """tokens, positions: (B, T); slots: (T,) cache indices; mask: (B, 1, T, kv_len) additive (0 / -inf).
         Returns float32 logits (B, T, vocab), or (B, 1, vocab) with ``last_only``."""
         h = self.tok_embeddings(tokens)
         freqs = self.rope[positions].unsqueeze(2)

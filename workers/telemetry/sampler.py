@@ -100,7 +100,9 @@ class Sampler:
                     self._take_row(with_energy=True)
                 except Exception as e:  # noqa: BLE001 - stop() runs in finally blocks: never raise
                     self._error = f"{type(e).__name__}: {e}"
-            self._close_phase(time.time_ns())
+            # The backend's clock (the rows' clock) closes the last phase.
+            ts = self._rows.timestamp_ns
+            self._close_phase(ts[-1] if ts else time.time_ns())
 
     # -- worker-side marks -------------------------------------------------
 

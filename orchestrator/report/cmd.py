@@ -1,0 +1,46 @@
+"""`wattsweep report SWEEP_DIR [--format html|md]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """Write the sweep's report: report/index.html (opens from disk; PNG figures
+beside it) and report/index.md, with the paper's figures and the table behind
+each. Reduces the sweep first if it was never reduced (or with --reduce)."""
+
+EPILOG = """examples:
+  wattsweep report sweeps/2026-11-26-a                 both pages
+  wattsweep report sweeps/2026-11-26-a --format md     Markdown only, also printed here
+  wattsweep report sweeps/2026-11-26-a --reduce        reduce again first"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder")
+    parser.add_argument("--format", choices=("html", "md", "both"), default="both",
+                        help="which page to write (default: both); md also prints it")
+    parser.add_argument("--reduce", action="store_true", help="run `wattsweep reduce` first")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.reduce import ReduceError
+    from orchestrator.report import ReportError, build_report, write_html, write_markdown
+
+    try:
+        report, out = build_report(args.sweep_dir, reduce_first=args.reduce)
+    except (ReportError, ReduceError) as e:
+        print(f"wattsweep report: {e}", file=sys.stderr)
+        return 2
+    written = []
+    if args.format in ("html", "both"):
+        written.append(write_html(report, out))
+    if args.format in ("md", "both"):
+        md = write_markdown(report, out)
+        written.append(md)
+        if args.format == "md":
+            print(md.read_text())
+    for p in written:
+        print(f"wrote {p}")
+    if not report.summary_rows:
+        print("wattsweep report: no done cells with valid outputs; the report is empty", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,51 @@
+"""`wattsweep compare SWEEP_A SWEEP_B`: ratios B/A of matching cells."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """Side-by-side metrics of the cells of two sweeps that share the same
+parameters, with the ratio B/A (for example an H200 sweep against an H100 one,
+or one power cap against another). Cells match on every measurement parameter
+except gpu_kind unless --match-on or --ignore says otherwise."""
+
+EPILOG = """examples:
+  wattsweep compare sweeps/h100 sweeps/h200                       same cells, other card
+  wattsweep compare sweeps/cap250 sweeps/cap150 --ignore power_cap_w
+  wattsweep compare A B --match-on model,shards,batch_size --csv ratios.csv"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_a", metavar="SWEEP_A", help="the reference sweep (denominator)")
+    parser.add_argument("sweep_b", metavar="SWEEP_B", help="the sweep compared with it (numerator)")
+    parser.add_argument("--match-on", help="comma-separated parameters that must be equal (default: all but --ignore)")
+    parser.add_argument("--ignore", default="gpu_kind", help="comma-separated parameters not matched (default: gpu_kind)")
+    parser.add_argument("--metrics", help="comma-separated summary columns to compare")
+    parser.add_argument("--csv", metavar="PATH", help="also write the comparison as CSV")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.reduce import ReduceError
+    from orchestrator.reduce.table import format_rows
+    from orchestrator.report.compare import DEFAULT_METRICS, CompareError, compare_sweeps
+    from orchestrator.report.data import ReportError
+
+    split = lambda s: [x for x in (s or "").split(",") if x]  # noqa: E731
+    try:
+        table = compare_sweeps(args.sweep_a, args.sweep_b, match_on=split(args.match_on) or None,
+                               ignore=split(args.ignore), metrics=split(args.metrics) or DEFAULT_METRICS)
+    except (CompareError, ReportError, ReduceError) as e:
+        print(f"wattsweep compare: {e}", file=sys.stderr)
+        return 2
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("simulated"):
+        print(f"note: simulated telemetry in sweep {meta['simulated']}: ratios compare models, not cards")
+    cols = [c for c in table.column_names if not c.endswith(("_a", "_b")) or c in ("cell_a", "cell_b")]
+    print(format_rows(cols, list(zip(*[table.column(c).to_pylist() for c in cols]))))
+    print(f"{table.num_rows} matching cells; ratio = B/A; matched on {meta.get('match_on')}")
+    if args.csv:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, args.csv)
+        print(f"wrote {args.csv}")
+    return 0

@@ -1,0 +1,88 @@
+"""``wattsweep status SWEEP_DIR [--json] [--watch]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from orchestrator.contracts import SweepPaths
+from orchestrator.status.state import STATES, StatusError, SweepStatus, dumps, sweep_status
+from orchestrator.submit.shell import SlurmCommandError
+
+DESCRIPTION = """Show each cell's state: the plan and markers of the sweep folder joined with
+squeue and, where the cluster keeps accounting, sacct.
+
+states: planned pending running done failed cancelled timeout infeasible missing invalid
+(invalid: DONE.json present but an output file fails validation)."""
+EPILOG = """examples:
+  wattsweep status runs/2026-11-26_12-00-00
+  wattsweep status SWEEP_DIR --json | jq '.counts'
+  wattsweep status SWEEP_DIR --watch          live counts until every cell has ended"""
+
+BAR_WIDTH = 40
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder")
+    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    p.add_argument("--watch", action="store_true", help="refresh counts and a progress bar until every cell has ended")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between --watch refreshes (default 2)")
+    p.add_argument("--no-validate", action="store_true", help="trust DONE.json without checking the output files")
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = SweepPaths.of(args.sweep_dir)
+    try:
+        if args.watch:
+            return _watch(paths, args.interval, not args.no_validate)
+        st = sweep_status(paths, validate=not args.no_validate)
+    except (StatusError, SlurmCommandError) as e:
+        print(f"wattsweep status: {e}", file=sys.stderr)
+        return 2
+    print(dumps(st) if args.json else format_table(st))
+    return 0
+
+
+def format_table(st: SweepStatus) -> str:
+    head = ("cell", "state", "job", "elapsed", "nodes", "reason")
+    rows = [(c.cell_id, c.state, c.job_id or "-", _hms(c.elapsed_s), c.nodes or "-", c.reason or "")
+            for c in st.cells]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(format_counts(st))
+    if st.accounting is False:
+        lines.append("(no Slurm accounting on this cluster: ended jobs are judged by their markers)")
+    return "\n".join(lines)
+
+
+def format_counts(st: SweepStatus) -> str:
+    parts = [f"{n} {s}" for s, n in st.counts.items() if n]
+    return f"{len(st.cells)} cells: " + (", ".join(parts) if parts else "none")
+
+
+def progress_line(st: SweepStatus) -> str:
+    total = len(st.cells) or 1
+    ended = sum(n for s, n in st.counts.items() if s not in ("planned", "pending", "running"))
+    filled = round(BAR_WIDTH * ended / total)
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {ended}/{len(st.cells)} ended | " + \
+        " ".join(f"{s}={st.counts[s]}" for s in STATES if st.counts.get(s))
+
+
+def _watch(paths: SweepPaths, interval_s: float, validate: bool) -> int:
+    tty = sys.stdout.isatty()
+    while True:
+        st = sweep_status(paths, validate=validate)
+        line = progress_line(st)
+        print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
+        if st.all_ended:
+            if tty:
+                print()
+            return 0
+        time.sleep(interval_s)
+
+
+def _hms(s: int | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

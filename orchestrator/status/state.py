@@ -1,0 +1,243 @@
+"""A cell's state, derived from its folder and the queue, never stored.
+
+Order of evidence, first match wins:
+1. not feasible in the plan                               -> infeasible
+2. the latest Slurm job ended CANCELLED or TIMEOUT        -> cancelled / timeout
+   (a worker killed by scancel may still have written FAILED.json)
+3. DONE.json: outputs valid -> done, else                 -> invalid
+4. the Slurm job is in the queue (squeue)                 -> pending / running
+5. FAILED.json                                             -> failed
+   the local runner has it                                -> pending / running
+6. accounting says the job failed                         -> failed
+7. never submitted                                        -> planned
+8. submitted, no marker, not in the queue                 -> missing
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+from orchestrator.contracts import SweepPaths, read_json
+from orchestrator.plan.planned import PlanFileError, PlannedCell, read_plan
+from orchestrator.status.slurm_queue import JobFacts, sacct_jobs, squeue_jobs
+from orchestrator.submit.base import SubmissionRecord, read_submissions
+
+STATES = ("planned", "pending", "running", "done", "failed", "cancelled", "timeout", "infeasible", "missing", "invalid")
+ENDED = frozenset({"done", "failed", "cancelled", "timeout", "infeasible", "missing", "invalid"})
+RESUBMITTABLE = frozenset({"failed", "cancelled", "timeout", "missing", "invalid", "planned"})
+
+_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"}
+_PENDING = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+_SACCT_FAILED = {"FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class StatusError(RuntimeError):
+    """The sweep folder cannot be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class CellStatus:
+    cell_id: str
+    state: str  # one of STATES
+    launcher: str | None = None
+    job_id: str | None = None  # "<array>_<index>" for Slurm array tasks
+    array_index: int | None = None
+    elapsed_s: int | None = None
+    nodes: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SweepStatus:
+    sweep_dir: str
+    cells: tuple[CellStatus, ...]
+    accounting: bool | None  # None: no Slurm job to ask about
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def all_ended(self) -> bool:
+        return all(c.state in ENDED for c in self.cells)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sweep_dir": self.sweep_dir, "accounting": self.accounting, "counts": self.counts,
+                "cells": [c.to_dict() for c in self.cells]}
+
+
+Validator = Callable[[SweepPaths, list[str]], dict[str, tuple[bool, str | None]]]
+
+
+def sweep_status(paths: SweepPaths, *, validate: bool = True, query_queue: bool = True) -> SweepStatus:
+    plan = _read_plan(paths)
+    latest = _latest_submissions(paths)
+    slurm_ids = sorted({r.extra.get("array_job_id") or jid.split("_")[0]
+                        for r, jid in latest.values() if r.launcher == "slurm" and (r.extra is not None)})
+    live = squeue_jobs(slurm_ids) if (query_queue and slurm_ids) else {}
+    acct = sacct_jobs(slurm_ids) if (query_queue and slurm_ids) else None
+    local = _local_states(paths) if any(r.launcher == "local" for r, _ in latest.values()) else {}
+    done_ids = [c.cell_id for c in plan if paths.done_marker(c.cell_id).is_file()]
+    verdicts = _validate(paths, done_ids) if validate else {cid: (True, None) for cid in done_ids}
+    cells = tuple(
+        _cell_state(paths, c, latest.get(c.cell_id), live, acct or {}, local, verdicts) for c in plan
+    )
+    counts = Counter(c.state for c in cells)
+    return SweepStatus(str(paths.root), cells, None if not slurm_ids else acct is not None,
+                       {s: counts.get(s, 0) for s in STATES})
+
+
+def _cell_state(
+    paths: SweepPaths,
+    cell: PlannedCell,
+    sub: tuple[SubmissionRecord, str] | None,
+    live: dict[str, JobFacts],
+    acct: dict[str, JobFacts],
+    local: dict[str, dict[str, Any]],
+    verdicts: dict[str, tuple[bool, str | None]],
+) -> CellStatus:
+    cid = cell.cell_id
+    if not cell.feasible:
+        return CellStatus(cid, "infeasible", reason=cell.reason)
+    rec, job_id = sub if sub else (None, None)
+    base = CellStatus(cid, "planned", launcher=rec.launcher if rec else None, job_id=job_id,
+                      array_index=_array_index(job_id) if rec and rec.launcher == "slurm" else None)
+    facts = (live.get(job_id) or acct.get(job_id)) if (rec and rec.launcher == "slurm" and job_id) else None
+    if facts is not None:
+        base = _with_facts(base, facts)
+    ended_as = acct.get(job_id) if job_id and job_id not in live else None
+    if ended_as is not None and ended_as.state in ("CANCELLED", "TIMEOUT"):
+        return _replace(base, state="cancelled" if ended_as.state == "CANCELLED" else "timeout")
+    if cid in verdicts:
+        ok, why = verdicts[cid]
+        return _replace(base, state="done" if ok else "invalid", reason=None if ok else why,
+                        nodes=base.nodes or _done_hosts(paths, cid))
+    if rec is not None and rec.launcher == "slurm" and job_id in live:
+        # A live job outranks FAILED.json: a requeued attempt (timeout, preemption)
+        # leaves the marker of the interrupted one until it moves it aside.
+        st = live[job_id].state
+        return _replace(base, state="running" if st in _RUNNING else "pending")
+    if paths.failed_marker(cid).is_file():
+        return _replace(base, state="failed", reason=_failed_reason(paths, cid))
+    if rec is None:
+        return base
+    if rec.launcher == "local" and cid in local:
+        st = local[cid].get("state")
+        if st in ("pending", "running"):
+            return _replace(base, state=st)
+    if ended_as is not None and ended_as.state in _SACCT_FAILED:
+        return _replace(base, state="failed", reason=f"Slurm: {ended_as.state}" + (f" ({ended_as.reason})" if ended_as.reason else ""))
+    if ended_as is not None and ended_as.state in _PENDING | _RUNNING:
+        # sacct has it queued but squeue missed it (a requeue in between): not lost yet
+        return _replace(base, state="pending" if ended_as.state in _PENDING else "running")
+    return _replace(base, state="missing", reason=base.reason or "no DONE.json or FAILED.json and not in the queue")
+
+
+def _replace(s: CellStatus, **kw: Any) -> CellStatus:
+    d = asdict(s)
+    d.update(kw)
+    return CellStatus(**d)
+
+
+def _with_facts(s: CellStatus, f: JobFacts) -> CellStatus:
+    return _replace(s, elapsed_s=f.elapsed_s, nodes=f.nodes, reason=f.reason)
+
+
+def _array_index(job_id: str | None) -> int | None:
+    if job_id and "_" in job_id and job_id.rsplit("_", 1)[1].isdigit():
+        return int(job_id.rsplit("_", 1)[1])
+    return None
+
+
+def _read_plan(paths: SweepPaths) -> list[PlannedCell]:
+    if not paths.root.is_dir():
+        raise StatusError(f"{paths.root}: no such folder; give a sweep folder made by `wattsweep sweep`")
+    try:
+        return read_plan(paths)
+    except PlanFileError as e:
+        raise StatusError(str(e)) from None
+    except OSError as e:
+        raise StatusError(f"{paths.plan_jsonl}: cannot be read ({e.strerror})") from None
+
+
+def _latest_submissions(paths: SweepPaths) -> dict[str, tuple[SubmissionRecord, str]]:
+    try:
+        records = read_submissions(paths)
+    except (ValueError, OSError) as e:
+        raise StatusError(str(e)) from None
+    out: dict[str, tuple[SubmissionRecord, str]] = {}
+    for rec in records:
+        if len(rec.cell_ids) != len(rec.job_ids):
+            raise StatusError(f"{paths.submissions_jsonl}: a line has {len(rec.cell_ids)} cell ids "
+                              f"but {len(rec.job_ids)} job ids")
+        for cid, jid in zip(rec.cell_ids, rec.job_ids):
+            out[cid] = (rec, jid)
+    return out
+
+
+def _local_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
+    try:
+        from orchestrator.submit.local import local_queue_states
+    except ImportError:
+        return {}
+    return local_queue_states(paths)
+
+
+def _failed_reason(paths: SweepPaths, cid: str) -> str:
+    try:
+        return str(read_json(paths.failed_marker(cid)).get("error") or "FAILED.json without an error")
+    except (OSError, ValueError) as e:
+        return f"FAILED.json unreadable ({e})"
+
+
+def _done_hosts(paths: SweepPaths, cid: str) -> str | None:
+    try:
+        hosts = read_json(paths.done_marker(cid)).get("hosts") or []
+    except (OSError, ValueError):
+        return None
+    return ",".join(sorted(set(map(str, hosts)))) or None
+
+
+# ---------------------------------------------------------------------------
+# Output validation
+# ---------------------------------------------------------------------------
+
+
+def _validate(paths: SweepPaths, cell_ids: list[str]) -> dict[str, tuple[bool, str | None]]:
+    """The reduce step's validator when installed (it caches verdicts), else checksums."""
+    if not cell_ids:
+        return {}
+    try:
+        from orchestrator.reduce.validate import validate_cells
+    except ImportError:
+        return {cid: checksum_verdict(paths, cid) for cid in cell_ids}
+    return {cid: (v.ok, v.reason) for cid, v in validate_cells(paths, cell_ids).items()}
+
+
+def checksum_verdict(paths: SweepPaths, cell_id: str) -> tuple[bool, str | None]:
+    """Every file DONE.json lists exists and has the sha256 it records."""
+    from orchestrator.contracts import sha256_file
+
+    cdir = paths.cell_dir(cell_id)
+    try:
+        files = read_json(paths.done_marker(cell_id))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return False, f"DONE.json malformed ({e})"
+    for rel, meta in sorted(files.items()):
+        f = cdir / rel
+        if not f.is_file():
+            return False, f"{rel} listed in DONE.json is missing"
+        if sha256_file(f) != meta.get("sha256"):
+            return False, f"{rel}: sha256 does not match DONE.json"
+    return True, None
+
+
+def select(status: SweepStatus, states: Iterable[str]) -> list[CellStatus]:
+    wanted = set(states)
+    return [c for c in status.cells if c.state in wanted]
+
+
+def dumps(status: SweepStatus) -> str:
+    return json.dumps(status.to_dict(), indent=2, sort_keys=True)

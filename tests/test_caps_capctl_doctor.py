@@ -1,0 +1,87 @@
+"""The privileged helper's own checks, `wattsweep caps show`, `wattsweep doctor`."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from fakes.gpu_rig import Rig, isolate
+from orchestrator import cli
+from orchestrator.audit import doctor_cmd
+from workers.gpu import capctl
+from workers.gpu.base import CapPermissionError
+from workers.gpu.capctl import CapctlBackend
+from workers.gpu.ledger import read_records
+
+
+@pytest.fixture
+def rig(tmp_path, monkeypatch) -> Rig:
+    return Rig("capctl", tmp_path, isolate(monkeypatch, tmp_path))
+
+
+def test_helper_refuses_a_policy_breach_and_records_nothing(rig, capsys):
+    policy = rig.tmp / "policy.yaml"
+    policy.write_text("rules:\n  - caps_w: [250, 175, 150]\n")
+    (rig.tmp / "capctl.yaml").write_text(f"backend: simulated\nstate_dir: {rig.state}\nsite_ledger: {rig.site_ledger}\n"
+                                         f"policy: {policy}\n")
+    assert capctl.main(["set", "--index", "0", "--watts", "200"]) == 3
+    assert "site policy refuses 200 W" in capsys.readouterr().err
+    assert rig.sim().get_power_limit_w(0) == 300 and rig.save_files() == []
+    assert capctl.main(["set", "--index", "0", "--watts", "175"]) == 0
+    assert capctl.main(["set", "--index", "0", "--watts", "300"]) == 0  # the saved previous: a restore, always allowed
+    assert [r["action"] for r in read_records(rig.site_ledger)] == ["apply", "restore"]
+    assert rig.sim().get_power_limit_w(0) == 300 and rig.save_files() == []
+
+
+def test_helper_range_and_show(rig, capsys):
+    assert capctl.main(["set", "--index", "1", "--watts", "99"]) == 4
+    assert capctl.main(["show", "--index", "1"]) == 0
+    assert '"limit_w": 300.0' in capsys.readouterr().out
+
+
+def test_under_sudo_the_environment_cannot_redirect_the_helper(rig, monkeypatch):
+    monkeypatch.setenv("SUDO_UID", "1000")
+    assert capctl.load_config().state_dir != str(rig.state)  # /etc/wattsweep/capctl.yaml or defaults only
+
+
+def test_sudo_refusal_names_the_sudoers_rule(rig, tmp_path):
+    fake_sudo = tmp_path / "sudo"
+    fake_sudo.write_text("#!/bin/sh\necho 'sudo: a password is required' >&2\nexit 1\n")
+    fake_sudo.chmod(0o755)
+    b = CapctlBackend(rig.sim(), command=[str(fake_sudo), "-n", "wattsweep-capctl"])
+    with pytest.raises(CapPermissionError, match="sudoers rule from docs/admin.md"):
+        b.set_power_limit_w(0, 150)
+
+
+def test_caps_show_lists_save_files(rig, capsys):
+    assert capctl.main(["set", "--index", "2", "--watts", "150"]) == 0
+    assert cli.main(["caps", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU 2" in out and "now 150 W, previous 300 W" in out and "caps restore --index 2" in out
+    assert cli.main(["caps", "restore"]) == 2  # says which: --all or --index
+    assert cli.main(["caps", "restore", "--index", "2", "--force"]) == 0
+    assert rig.sim().get_power_limit_w(2) == 300
+
+
+def test_doctor_sudo_check_reads_sudo_l(monkeypatch):
+    monkeypatch.setattr(doctor_cmd.shutil, "which", lambda name: f"/usr/bin/{name}")
+    ok = doctor_cmd.check_sudo_rule(run=lambda *a, **k: subprocess.CompletedProcess(a, 0, "/usr/local/bin/wattsweep-capctl\n", ""))
+    no = doctor_cmd.check_sudo_rule(run=lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "sudo: a password is required"))
+    assert ok.ok and not no.ok and "sudoers" in no.fix
+
+
+def test_doctor_verdicts():
+    C = doctor_cmd.Check
+    yes, no = C("x", True, ""), C("x", False, "", "fix it")
+    assert doctor_cmd.verdict(yes, yes, no, False) == (True, "caps can be set here with gpu.backend=nvml (auto picks it)")
+    assert "capctl" in doctor_cmd.verdict(no, yes, yes, False)[1]
+    ok, text = doctor_cmd.verdict(no, yes, no, False)
+    assert not ok and "fix it" in text
+    assert "simulated" in doctor_cmd.verdict(yes, no, no, False)[1]
+
+
+def test_doctor_runs_and_reports_leftover_save_files(rig, capsys):
+    assert capctl.main(["set", "--index", "0", "--watts", "150"]) == 0
+    rc = cli.main(["doctor"])
+    out = capsys.readouterr().out
+    assert rc in (0, 1) and "1 save file(s) on this node" in out and "caps restore --all" in out

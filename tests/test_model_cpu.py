@@ -1,0 +1,129 @@
+"""The model on the CPU: cached decode against a full forward, EOS, checkpoints and resharding."""
+import pytest
+import torch
+
+from workers import dist as wdist
+from workers.model import ModelArgs, PRESETS, Generator, build_model, forward_full, save_checkpoint
+from workers.model.checkpoint import _slice_for_rank
+
+TINY = ModelArgs.from_dict({**PRESETS["llama-tiny"].to_dict(), "n_kv_heads": 4})  # grouped-query attention too
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank():
+    import os
+
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    real = wdist._from_submitit
+    wdist._from_submitit = lambda: None
+    wdist.init_distributed(1)
+    yield
+    wdist.shutdown()
+    wdist._from_submitit = real
+    os.environ.update(saved)
+
+
+def tiny(seed=0, weights="random", args=TINY):
+    return build_model(args, weights=weights, dtype="float32", device="cpu", seed=seed,
+                       max_batch_size=4, max_seq_len=96)
+
+
+def greedy_full(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(forward_full(model, torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_cached_decode_matches_full_forward_for_every_padded_row():
+    model = tiny()
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 42], [1, 3, 3, 3]]
+    gen = Generator(model, max_batch_size=4, max_seq_len=96, device="cpu", kv_bucket=8)
+    out = gen.generate(prompts, max_new_tokens=20, eos_id=None)  # crosses key buckets
+    assert [len(o) for o in out] == [20, 20, 20]
+    for prompt, got in zip(prompts, out):
+        assert got == greedy_full(model, prompt, 20)
+
+
+def test_padded_prefill_logits_match_unpadded():
+    model = tiny()
+    from workers.model.generate import left_pad
+
+    tokens, pads = left_pad([[1, 9, 8, 7, 6], [1, 2]], rows=2)
+    batched = forward_full(model, tokens, pads)
+    alone = forward_full(model, torch.tensor([[1, 2]]))
+    torch.testing.assert_close(batched[1, -2:], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_random_weights_give_exactly_max_new_tokens_and_phases_in_order():
+    model = tiny()
+    phases = []
+    out = Generator(model, max_batch_size=4, max_seq_len=96, device="cpu").generate(
+        [[1, 2, 3]] * 3, max_new_tokens=17, eos_id=None, on_phase=phases.append)
+    assert phases == ["prefill", "decode"] and all(len(o) == 17 for o in out)
+    assert Generator(model, max_batch_size=4, max_seq_len=96, device="cpu").generate(
+        [[1]], max_new_tokens=0, eos_id=None) == [[]]
+
+
+def test_checkpoint_weights_stop_at_eos(tmp_path):
+    save_checkpoint(tiny(seed=5), tmp_path, n_files=1)
+    model = tiny(weights=str(tmp_path))
+    prompt = [1, 11, 12, 13]
+    free = greedy_full(model, prompt, 30)
+    eos = free[3]
+    k = free.index(eos)  # first time the model says this token
+    gen = Generator(model, max_batch_size=4, max_seq_len=96, device="cpu", eos_check_every=4)
+    out = gen.generate([prompt], max_new_tokens=60, eos_id=eos)
+    assert out == [free[:k]]
+    assert int(gen._state["step"]) < 60  # the loop stopped early, not at max_new_tokens
+
+
+def test_checkpoint_round_trip_over_file_counts(tmp_path):
+    model = tiny(seed=2)
+    tokens = torch.tensor([[1, 4, 9, 16, 25, 36]])
+    ref = forward_full(model, tokens)
+    for n_files in (1, 2, 4):
+        save_checkpoint(model, tmp_path / str(n_files), n_files=n_files)
+        assert len(list((tmp_path / str(n_files)).glob("consolidated.*.pth"))) == n_files
+        again = tiny(weights=str(tmp_path / str(n_files)))
+        torch.testing.assert_close(forward_full(again, tokens), ref, rtol=0, atol=0)
+
+
+def test_checkpoint_shape_mismatch_is_an_error(tmp_path):
+    save_checkpoint(tiny(), tmp_path, n_files=1)
+    with pytest.raises(ValueError, match="dim=256 but the model config says 128"):
+        tiny(weights=str(tmp_path), args=ModelArgs.from_dict({**TINY.to_dict(), "dim": 128}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tiny(weights=str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("n_files,world", [(8, 4), (8, 16), (1, 2), (2, 4), (4, 1)])
+def test_reshard_slices_cover_the_full_tensor(n_files, world):
+    full = torch.arange(64 * 3).reshape(64, 3)
+    files = [{"layers.0.attention.wq.weight": c, "layers.0.attention.wo.weight": c.T.contiguous()}
+             for c in full.chunk(n_files, dim=0)]
+    per = 64 // world
+    rows = [_slice_for_rank("layers.0.attention.wq.weight", (per, 3), files.__getitem__, n_files, r, world, None)
+            for r in range(world)]
+    cols = [_slice_for_rank("layers.0.attention.wo.weight", (3, per), files.__getitem__, n_files, r, world, None)
+            for r in range(world)]
+    assert torch.equal(torch.cat(rows, 0), full) and torch.equal(torch.cat(cols, 1), full.T)
+
+
+def test_model_args_errors_and_presets():
+    with pytest.raises(ValueError, match="unknown model arguments \\['dims'\\]"):
+        ModelArgs.from_dict({"dims": 3})
+    with pytest.raises(ValueError, match="n_heads=8 is not divisible by shards=3"):
+        PRESETS["llama-tiny"].check_shards(3)
+    assert abs(PRESETS["llama-7b"].n_params() - 6.74e9) < 0.01e9
+    assert abs(PRESETS["llama2-70b"].n_params() - 68.98e9) < 0.01e9
+
+
+def test_generator_rejects_bad_requests():
+    gen = Generator(tiny(), max_batch_size=2, max_seq_len=32, device="cpu")
+    with pytest.raises(ValueError, match="batch of 3 prompts; valid: 1..2"):
+        gen.generate([[1]] * 3, max_new_tokens=2, eos_id=None)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=32"):
+        gen.generate([[1] * 20], max_new_tokens=20, eos_id=None)
+    with pytest.raises(ValueError, match="empty prompt"):
+        gen.generate([[]], max_new_tokens=2, eos_id=None)

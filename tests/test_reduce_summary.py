@@ -1,0 +1,235 @@
+"""Summary numbers against known answers, flags, determinism, compacted telemetry."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.cli import main as cli_main
+from orchestrator.contracts import TELEMETRY_META_KEY, SweepPaths, read_json, write_done
+from orchestrator.reduce import SUMMARY_SCHEMA, format_table, open_telemetry, reduce_sweep
+from orchestrator.reduce.metrics import integrate_power_j, max_gap_s
+from orchestrator.reduce.synthetic import CellSpec, cell_params, write_cell, write_plan
+
+ISSUE_COLUMNS = (
+    "cell_id model weights shards nodes batch_size power_cap_w dataset gpu_name n_responses input_tokens output_tokens "
+    "output_words duration_s tokens_per_s words_per_s responses_per_s energy_j mean_power_w energy_per_token_j "
+    "energy_per_response_j sm_util_pct mem_util_pct telemetry_source integrated_energy_j cross_check_err_pct "
+    "cap_binding max_gap_s latency_p50_s latency_p90_s latency_p99_s flags energy_method"
+).split()
+
+
+def _one(tmp_path, spec: CellSpec = CellSpec(seconds=11.0, warmup_s=1.0), **params):
+    paths = SweepPaths.of(tmp_path / "sweep")
+    p = cell_params(**params)
+    write_plan(paths, [p])
+    cid = write_cell(paths, p, spec)
+    return paths, cid
+
+
+def test_known_answers_and_identities(tmp_path):
+    spec = CellSpec(seconds=11.0, warmup_s=1.0, power_w=200.0, n_responses=40, tokens_per_response=250, words_per_response=180)
+    paths, cid = _one(tmp_path, spec, shards=4, batch_size=8)
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert set(ISSUE_COLUMNS) <= set(row)
+    assert row["duration_s"] == pytest.approx(10.0)
+    assert row["energy_j"] == pytest.approx(200.0 * 10.0 * 4)
+    assert row["energy_method"] == "counter"
+    assert row["mean_power_w"] == pytest.approx(800.0)
+    assert row["mean_power_per_gpu_w"] == pytest.approx(200.0)
+    assert row["output_tokens"] == 40 * 250 and row["output_words"] == 40 * 180 and row["n_responses"] == 40
+    assert row["tokens_per_s"] * row["duration_s"] == pytest.approx(row["output_tokens"])
+    assert row["energy_j"] == pytest.approx(row["mean_power_w"] * row["duration_s"])
+    assert row["energy_per_token_j"] == pytest.approx(8000.0 / 10000)
+    assert row["energy_per_response_j"] == pytest.approx(8000.0 / 40)
+    assert row["words_per_s"] == pytest.approx(720.0) and row["responses_per_s"] == pytest.approx(4.0)
+    assert row["cross_check_err_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert row["shards"] == 4 and row["nodes"] == 1 and row["weights"] == "random"
+    assert row["telemetry_source"] == "synthetic" and row["flags"] == "" and row["cap_binding"] is None
+    assert row["sm_util_pct"] == pytest.approx(80.0) and row["mem_util_pct"] == pytest.approx(40.0)
+    # latency: responses end evenly over the window, all started at its start
+    assert row["latency_p50_s"] == pytest.approx(np.percentile(np.arange(1, 41) * 10.0 / 40, 50))
+
+
+def test_no_counter_falls_back_to_integrated_power(tmp_path):
+    paths, cid = _one(tmp_path, CellSpec(seconds=11.0, warmup_s=1.0, power_w=100.0, ripple_w=20.0, has_counter=False), shards=2)
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert row["energy_method"] == "integrated"
+    assert row["energy_j"] == pytest.approx(row["integrated_energy_j"])
+    assert row["energy_j"] == pytest.approx(2 * 100.0 * 10.0, rel=0.02)
+    assert row["cross_check_err_pct"] is None
+
+
+def test_ripple_cross_check_is_small(tmp_path):
+    paths, cid = _one(tmp_path, CellSpec(seconds=11.0, warmup_s=1.0, power_w=100.0, ripple_w=30.0), shards=2)
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert abs(row["cross_check_err_pct"]) < 0.5 and "cross_check" not in row["flags"]
+
+
+def _tamper(paths, cid, rank, fn):
+    """Rewrite a rank file through fn(table, meta) and re-hash DONE.json."""
+    f = paths.telemetry_file(cid, rank)
+    t = pq.read_table(f)
+    meta = json.loads(t.schema.metadata[TELEMETRY_META_KEY])
+    t, meta = fn(t, meta)
+    pq.write_table(t.replace_schema_metadata({TELEMETRY_META_KEY: json.dumps(meta).encode()}), f)
+    done = read_json(paths.done_marker(cid))
+    files = {rel: e["rows"] for rel, e in done["files"].items()}
+    files[f"telemetry/rank-{rank}.parquet"] = t.num_rows
+    write_done(paths, cid, files, {k: done[k] for k in ("world_size", "nodes", "gpu_name", "weights", "telemetry_source")})
+
+
+def test_cross_check_flag(tmp_path):
+    paths, cid = _one(tmp_path, shards=1)
+    _tamper(paths, cid, 0, lambda t, m: (t, {**m, "energy_end_j": m["energy_end_j"] * 1.2}))
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert row["cross_check_err_pct"] < -5 and row["flags"] == "cross_check"
+
+
+def test_gap_flag(tmp_path):
+    paths, cid = _one(tmp_path, shards=2)
+
+    def drop_middle(t, m):
+        keep = np.ones(t.num_rows, bool)
+        keep[40:50] = False  # 1 s hole at 10 Hz
+        return t.filter(pa.array(keep)), m
+
+    _tamper(paths, cid, 1, drop_middle)
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert row["max_gap_s"] == pytest.approx(1.1) and row["flags"] == "gap"
+
+
+@pytest.mark.parametrize("cap, binding", [(250.0, False), (205.0, True)])
+def test_cap_binding(tmp_path, cap, binding):
+    paths, cid = _one(tmp_path, CellSpec(seconds=11.0, warmup_s=1.0, power_w=200.0), power_cap_w=cap)
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert row["cap_binding"] is binding
+    assert ("cap_not_binding" in row["flags"]) is (not binding)
+
+
+def test_reducing_twice_gives_the_same_bytes(tmp_path):
+    paths = SweepPaths.of(tmp_path / "sweep")
+    params = [cell_params(shards=s, batch_size=b) for s in (1, 2) for b in (1, 4)]
+    write_plan(paths, params)
+    for p in params:
+        write_cell(paths, p, CellSpec(seconds=3.0, warmup_s=1.0, ripple_w=5.0))
+
+    def snapshot():
+        return {str(p.relative_to(paths.results_dir)): p.read_bytes()
+                for p in sorted(paths.results_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+    reduce_sweep(paths.root)
+    first = snapshot()
+    reduce_sweep(paths.root)
+    assert snapshot() == first
+    assert {"summary.parquet", "summary.csv", "invalid.csv"} <= set(first)
+    assert sum(k.startswith("telemetry/cell_id=") for k in first) == 4
+
+
+def test_summary_schema_and_order(tmp_path):
+    paths = SweepPaths.of(tmp_path / "sweep")
+    params = [cell_params(shards=s, power_cap_w=c) for s in (2, 1) for c in (150, None)]
+    write_plan(paths, params)
+    for p in params:
+        write_cell(paths, p, CellSpec(seconds=3.0, warmup_s=1.0))
+    reduce_sweep(paths.root)
+    t = pq.read_table(paths.summary_parquet)
+    assert t.schema.equals(SUMMARY_SCHEMA, check_metadata=False)
+    assert list(zip(t.column("shards").to_pylist(), t.column("power_cap_w").to_pylist())) == [
+        (1, None), (1, 150.0), (2, None), (2, 150.0)]
+    csv_lines = paths.summary_csv.read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith('"cell_id"')
+
+
+def test_compacted_telemetry_holds_every_row(tmp_path):
+    paths, cid = _one(tmp_path, CellSpec(seconds=3.0, warmup_s=1.0), shards=3)
+    reduce_sweep(paths.root)
+    t = open_telemetry(paths.root).to_table()
+    assert t.num_rows == 3 * 31
+    assert set(t.column("cell_id").to_pylist()) == {cid}
+    assert sorted(set(t.column("rank").to_pylist())) == [0, 1, 2]
+    assert t.column("host").to_pylist()[0] == "node-0"
+
+
+def test_stale_partition_removed_when_cell_turns_invalid(tmp_path):
+    paths, cid = _one(tmp_path, CellSpec(seconds=3.0, warmup_s=1.0), shards=1)
+    reduce_sweep(paths.root)
+    part = paths.results_dir / "telemetry" / f"cell_id={cid}"
+    assert part.exists()
+    paths.telemetry_file(cid, 0).write_bytes(b"garbage")
+    assert reduce_sweep(paths.root).num_rows == 0
+    assert not part.exists()
+
+
+def test_integration_edges_are_interpolated():
+    ts = np.array([0, 1_000_000_000, 2_000_000_000], dtype=np.int64)
+    p = np.array([100.0, 200.0, 100.0])
+    # window [0.5 s, 1.5 s]: 150 -> 200 -> 150 W
+    assert integrate_power_j(ts, p, 500_000_000, 1_500_000_000) == pytest.approx(175.0)
+    assert integrate_power_j(ts, np.array([np.nan, np.nan, np.nan]), 0, 10) == 0.0
+    assert max_gap_s(ts, 0, 2_500_000_000) == pytest.approx(1.0)
+
+
+def test_format_table_and_cli(tmp_path, capsys):
+    paths, cid = _one(tmp_path, shards=2)
+    table = reduce_sweep(paths.root)
+    text = format_table(table)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["cell_id", "model", "shards"] and cid in lines[2]
+    assert format_table(table.slice(0, 0)) == "(no cells)"
+    assert cli_main(["reduce", str(paths.root), "--columns", "cell_id,energy_j"]) == 0
+    out = capsys.readouterr().out
+    assert "4,000" in out and "1 cells reduced, 0 invalid" in out
+
+
+def test_whole_cell_integration_matches_the_per_rank_definition():
+    from orchestrator.reduce.metrics import CellTelemetry, _fast_integrals
+
+    rng = np.random.default_rng(7)
+    tables, metas = [], []
+    for rank in range(4):
+        n = 50 + 10 * rank
+        ts = np.cumsum(rng.integers(50_000_000, 150_000_000, n)).astype(np.int64)
+        if rank == 2:
+            ts[20:] += 900_000_000  # a gap inside the window
+        p = rng.uniform(50, 300, n)
+        ws, we = int(ts[3] + 12_345), int(ts[-4] - 999)
+        if rank == 3:
+            ws, we = int(ts[0] - 10**9), int(ts[-1] + 10**9)  # window beyond the samples: edges clamp
+        tables.append(pa.table({"timestamp_ns": ts, "power_w": p}))
+        metas.append({"window_start_ns": ws, "window_end_ns": we})
+    cell = CellTelemetry.of(tables, [0, 1, 2, 3], metas)
+    ts_all = cell.table.column("timestamp_ns").to_numpy()
+    p_all = cell.table.column("power_w").to_numpy()
+    energies, gaps = _fast_integrals(cell, ts_all, p_all)
+    for i, (t, m) in enumerate(zip(tables, metas)):
+        ts, p = t.column("timestamp_ns").to_numpy(), t.column("power_w").to_numpy()
+        assert energies[i] == pytest.approx(integrate_power_j(ts, p, m["window_start_ns"], m["window_end_ns"]), rel=1e-12)
+        assert gaps[i] == pytest.approx(max_gap_s(ts, m["window_start_ns"], m["window_end_ns"]), rel=1e-12)
+    assert gaps[2] > 0.9
+
+
+def test_unchanged_cells_are_reused_and_changed_ones_recomputed(tmp_path, monkeypatch):
+    import orchestrator.reduce.summary as summary
+
+    paths = SweepPaths.of(tmp_path / "sweep")
+    params = [cell_params(seed=i) for i in range(3)]
+    ids = write_plan(paths, params)
+    for p in params:
+        write_cell(paths, p, CellSpec(seconds=3.0, warmup_s=1.0))
+    first = reduce_sweep(paths.root)
+    calls = []
+    real = summary.reduce_cell
+    monkeypatch.setattr(summary, "reduce_cell", lambda p, cid, *a: calls.append(cid) or real(p, cid, *a))
+    assert reduce_sweep(paths.root).equals(first) and calls == []
+    write_cell(paths, params[1], CellSpec(seconds=3.0, warmup_s=1.0, power_w=100.0))  # rerun: new files
+    again = reduce_sweep(paths.root)
+    assert calls == [ids[1]]
+    energy = dict(zip(again.column("cell_id").to_pylist(), again.column("energy_j").to_pylist()))
+    assert energy[ids[1]] == pytest.approx(200.0) and energy[ids[0]] == pytest.approx(400.0)
+    monkeypatch.setattr(summary, "REDUCE_VERSION", "other")
+    reduce_sweep(paths.root)
+    assert sorted(calls[1:]) == sorted(ids)

@@ -1,0 +1,114 @@
+"""Cell states from the sweep folder alone (no queue), resubmit choice, bad folders."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.contracts import REQUESTS_SCHEMA, CellParams, RunOptions, SweepPaths, write_done, write_failed
+from orchestrator.plan.planned import PlannedCell, write_plan
+from orchestrator.status.resubmit_cmd import choose
+from orchestrator.status.state import StatusError, checksum_verdict, sweep_status
+from orchestrator.submit.base import SubmissionRecord, append_submissions
+
+TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 256}
+
+
+def make_cell(batch_size: int = 1, shards: int = 1, feasible: bool = True, launcher: str = "slurm") -> PlannedCell:
+    p = CellParams(model="llama-tiny", model_args=TINY, weights="random", dtype="float32", shards=shards,
+                   batch_size=batch_size, power_cap_w=None, dataset="synthetic", dataset_path=None, n_prompts=4,
+                   max_prompt_tokens=16, max_new_tokens=8, sort_by_length=False, tokenizer_path=None,
+                   gpu_kind="v100", seed=0)
+    return PlannedCell(p.cell_id, p, RunOptions(gpu_backend="simulated"), {"name": launcher}, 1, feasible,
+                       None if feasible else "does not fit")
+
+
+def write_requests(paths: SweepPaths, cid: str) -> None:
+    f = paths.requests_file(cid)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([], schema=REQUESTS_SCHEMA), f)
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Six cells: done, corrupted, failed, missing, never submitted, infeasible."""
+    paths = SweepPaths.of(tmp_path / "sweep")
+    cells = [make_cell(batch_size=b) for b in range(1, 6)] + [make_cell(batch_size=9, feasible=False)]
+    write_plan(paths, cells)
+    ids = [c.cell_id for c in cells]
+    append_submissions(paths, [SubmissionRecord(tuple(ids[:4]), "slurm", tuple(f"999999_{i}" for i in range(4)), True,
+                                                1.0, 0, {"array_job_id": "999999"})])
+    for cid in ids[:2]:
+        write_requests(paths, cid)
+        write_done(paths, cid, {"requests/rank-0.parquet": 0}, {"hosts": ["n1"]})
+    paths.requests_file(ids[1]).write_bytes(b"PAR1 not really")
+    write_failed(paths, ids[2], "RuntimeError: boom", "Traceback ...")
+    return paths, ids
+
+
+def test_states_from_markers(sweep, monkeypatch):
+    import orchestrator.status.state as state
+
+    monkeypatch.setattr(state, "_validate", lambda p, ids: {c: checksum_verdict(p, c) for c in ids})
+    paths, ids = sweep
+    st = sweep_status(paths, query_queue=False)
+    got = {c.cell_id: c.state for c in st.cells}
+    assert [got[i] for i in ids] == ["done", "invalid", "failed", "missing", "planned", "infeasible"]
+    by = {c.cell_id: c for c in st.cells}
+    assert by[ids[1]].reason == "requests/rank-0.parquet: sha256 does not match DONE.json"
+    assert by[ids[2]].reason == "RuntimeError: boom" and by[ids[0]].array_index == 0
+    assert st.counts["done"] == 1 and not st.all_ended  # "planned" has not ended
+
+
+def test_resubmit_choice(sweep, monkeypatch, capsys):
+    import orchestrator.status.state as state
+
+    monkeypatch.setattr(state, "_validate", lambda p, ids: {c: checksum_verdict(p, c) for c in ids})
+    paths, ids = sweep
+    st = sweep_status(paths, query_queue=False)
+    assert choose(st, None, False) == ids[1:5]
+    assert choose(st, [ids[0], ids[2]], False) == [ids[2]]
+    assert "skipping" in capsys.readouterr().out
+    assert choose(st, [ids[0]], True) == [ids[0]]
+    with pytest.raises(ValueError, match="unknown cell id"):
+        choose(st, ["nope"], False)
+
+
+def test_malformed_folder_names_the_file(sweep, capsys):
+    from orchestrator.status import cmd
+
+    paths, ids = sweep
+    with open(paths.plan_jsonl, "a") as f:
+        f.write('{"id": "x"}\n')
+    with pytest.raises(StatusError, match=r"plan.jsonl:7: malformed plan line"):
+        sweep_status(paths, query_queue=False)
+    paths.plan_jsonl.unlink()
+    rc = cmd.run(cmd_args(paths))
+    assert rc == 2 and "plan.jsonl: no plan file" in capsys.readouterr().err
+
+
+def test_submissions_with_mismatched_ids(sweep):
+    paths, ids = sweep
+    with open(paths.submissions_jsonl, "a") as f:
+        f.write(json.dumps({"cell_ids": ids[:2], "launcher": "slurm", "job_ids": ["1"]}) + "\n")
+    with pytest.raises(StatusError, match="submissions.jsonl: a line has 2 cell ids but 1 job ids"):
+        sweep_status(paths, query_queue=False)
+
+
+def cmd_args(paths: SweepPaths, **kw):
+    import argparse
+
+    base = {"sweep_dir": str(paths.root), "json": False, "watch": False, "interval": 0.1, "no_validate": False}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_status_json(sweep, capsys):
+    from orchestrator.status import cmd
+
+    paths, ids = sweep
+    assert cmd.run(cmd_args(paths, json=True)) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["cells"]) == 6 and d["counts"]["infeasible"] == 1
+
