@@ -233,3 +233,12 @@ def test_unchanged_cells_are_reused_and_changed_ones_recomputed(tmp_path, monkey
     monkeypatch.setattr(summary, "REDUCE_VERSION", "other")
     reduce_sweep(paths.root)
     assert sorted(calls[1:]) == sorted(ids)
+
+
+def test_percentiles_match_numpy():
+    from orchestrator.reduce.metrics import percentiles
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 64, 4801):
+        a = rng.normal(size=n)
+        assert percentiles(a, (50.0, 90.0, 99.0)) == pytest.approx(list(np.percentile(a, [50, 90, 99])), rel=1e-12)
