@@ -242,3 +242,18 @@ def test_percentiles_match_numpy():
     for n in (1, 2, 7, 64, 4801):
         a = rng.normal(size=n)
         assert percentiles(a, (50.0, 90.0, 99.0)) == pytest.approx(list(np.percentile(a, [50, 90, 99])), rel=1e-12)
+
+
+def test_results_are_readable_by_the_group(tmp_path):
+    import os
+    import stat
+
+    paths, cid = _one(tmp_path, CellSpec(seconds=3.0, warmup_s=1.0))
+    old = os.umask(0o022)
+    try:
+        reduce_sweep(paths.root)
+    finally:
+        os.umask(old)
+    for f in (paths.summary_parquet, paths.summary_csv, paths.results_dir / "invalid.csv",
+              paths.results_dir / "telemetry" / f"cell_id={cid}" / "part-0.parquet"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

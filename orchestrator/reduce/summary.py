@@ -11,10 +11,8 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths, atomic_write_bytes
+from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
+from orchestrator.reduce.files import write_shared
 from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import PlanCell, read_plan_cells
@@ -250,12 +249,9 @@ def _write_compacted(tdir: Path, cell_id: str, cell: CellTelemetry) -> None:
 
 
 def _replace_file(path: Path, data: bytes) -> None:
-    """Temporary name then rename, without fsync: the compacted copy is derived
-    data that a rerun of reduce rebuilds, and fsync per cell dominated its cost."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """No fsync: the compacted copy is derived data that a rerun of reduce
+    rebuilds, and an fsync per cell cost more than writing it."""
+    write_shared(path, data, fsync=False)
 
 
 # ---------------------------------------------------------------------------
@@ -278,16 +274,16 @@ def _summary_table(rows: list[dict[str, Any]]) -> pa.Table:
 def _write_outputs(paths: SweepPaths, table: pa.Table, invalid: list[CellOutcome], tdir: Path) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="snappy")
-    atomic_write_bytes(paths.summary_parquet, buf.getvalue())
+    write_shared(paths.summary_parquet, buf.getvalue())
     cbuf = io.BytesIO()
     pacsv.write_csv(table, cbuf)
-    atomic_write_bytes(paths.summary_csv, cbuf.getvalue())
+    write_shared(paths.summary_csv, cbuf.getvalue())
     sio = io.StringIO()
     w = csv.writer(sio, lineterminator="\n")
     w.writerow(["cell_id", "reason"])
     for o in sorted(invalid, key=lambda o: o.cell_id):
         w.writerow([o.cell_id, o.verdict.reason])
-    atomic_write_bytes(paths.results_dir / INVALID_CSV, sio.getvalue().encode())
+    write_shared(paths.results_dir / INVALID_CSV, sio.getvalue().encode())
     _drop_stale_partitions(tdir, set(table.column("cell_id").to_pylist()))
 
 

@@ -42,6 +42,17 @@ class CapPolicyError(GpuError):
     """The requested cap breaks the site policy."""
 
 
+class SignalExit(SystemExit):
+    """Raised after a signal restored the caps: exit status 128 + signal, a message that says so."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}; power caps were restored to their previous values"
+
+
 @dataclass(frozen=True)
 class CapRecord:
     """What was done to one GPU: recorded in the results and DONE.json."""
@@ -271,4 +282,4 @@ class CapSession:
         if callable(old):
             old(signum, frame)  # submitit's USR2 handler checkpoints and requeues, then exits
         # Whatever the previous handler did, the cap is gone: never keep measuring.
-        raise SystemExit(128 + signum)
+        raise SignalExit(signum)

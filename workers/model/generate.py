@@ -162,9 +162,9 @@ class Generator:
             with torch.inference_mode(), torch.cuda.stream(side):
                 for kv_len in self._buckets():
                     for _ in range(2):  # warm-up on a side stream, as CUDA graph capture needs
-                        s["pos"].zero_(), s["step"].zero_()
+                        self._rewind()
                         self._step(kv_len)
-                    s["pos"].zero_(), s["step"].zero_()
+                    self._rewind()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
                         self._step(kv_len)
@@ -174,6 +174,10 @@ class Generator:
             warnings.warn(f"CUDA graph capture failed ({err}); decoding eagerly", RuntimeWarning)
             self._graphs.clear()
             self.use_graph = False
+
+    def _rewind(self) -> None:
+        self._state["pos"].zero_()
+        self._state["step"].zero_()
 
     def _prefill(self, batch_tokens: list[list[int]], rows: int, eos_id: int | None) -> int:
         s = self._state
