@@ -281,7 +281,8 @@ TELEMETRY_SCHEMA = pa.schema(
 #   energy_start_j, energy_end_j    energy counter read at those two instants (null if no counter)
 #   phases                          [{"phase", "start_ns", "end_ns"}, ...]
 #   power_source                    "instant" | "average" (NVML field used for power_w)
-#   gpu_name, sample_period_s, slurm {job_id, array_task_id, nodelist, hostname}
+#   gpu_name, sample_period_s, energy_period_s, has_energy_counter, sampler_error,
+#   slurm {job_id, array_task_id, nodelist, hostname}, caps, weights, attempt
 TELEMETRY_META_KEY = b"wattsweep"
 
 REQUESTS_SCHEMA = pa.schema(
@@ -307,6 +308,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; a sweep folder is often shared by a group.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -318,6 +321,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

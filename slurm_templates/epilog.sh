@@ -8,18 +8,36 @@
 # records a `repair` in the ledgers. A save file whose process still runs (another
 # job on a shared node) is left to that job.
 #
-# Site settings (environment of slurmd, or edit here):
-#   WATTSWEEP          path of the wattsweep command    (default: wattsweep on PATH)
+# Site settings, from the environment, else from `wattsweep.env` next to
+# slurm.conf (KEY=VALUE lines; slurmd runs this script with a bare environment,
+# so its own variables do not reach here):
+#   WATTSWEEP             the wattsweep command, words split on spaces
+#                         (default: wattsweep on PATH; e.g. "/opt/ws/bin/python -m orchestrator.cli")
 #   WATTSWEEP_STATE_DIR   state folder the jobs use     (default: /var/lib/wattsweep)
 #   WATTSWEEP_SITE_LEDGER site ledger                   (default: /var/log/wattsweep/caps.jsonl if present)
+#   PYTHONPATH            where the wattsweep package is, if not installed
 #
 # Exit status: always 0 unless a GPU could not be restored. A non-zero epilog
 # drains the node (Slurm's behaviour), which is what a GPU stuck under someone
 # else's cap deserves: an admin looks before the next job runs under it.
 set -u
-WATTSWEEP=${WATTSWEEP:-wattsweep}
+export PATH=${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}
+
+load_settings() {  # only the keys above; the environment wins over the file
+    local file=${WATTSWEEP_SLURM_ENV:-${SLURM_CONF:+${SLURM_CONF%/*}/wattsweep.env}} key value
+    [[ -n "$file" && -r "$file" ]] || return 0
+    while IFS='=' read -r key value; do
+        case "$key" in
+            WATTSWEEP|WATTSWEEP_STATE_DIR|WATTSWEEP_SITE_LEDGER|PYTHONPATH)
+                [[ -z "${!key:-}" ]] && export "$key=$value" ;;
+        esac
+    done <"$file"
+}
+
+load_settings
+read -ra wattsweep <<<"${WATTSWEEP:-wattsweep}"
 log_tag="wattsweep-${0##*/}"
-out=$("$WATTSWEEP" caps restore --all 2>&1)
+out=$("${wattsweep[@]}" caps restore --all 2>&1)
 rc=$?
 if [[ -n "$out" ]]; then
     # one line per GPU into syslog (and the slurmd log through stderr)

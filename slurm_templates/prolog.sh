@@ -3,13 +3,27 @@
 #
 # slurm.conf:   Prolog=/etc/slurm/wattsweep-prolog.sh     (a copy of this file; runs as root on the node)
 #               PrologFlags=Alloc                          (run it at allocation, before any step)
-# Same work as the epilog (see epilog.sh): if the epilog could not run (node
-# crashed, slurmd restarted), the next job still finds its GPUs at their
-# previous limits. A non-zero exit requeues the job and drains the node.
+# Same work and settings as the epilog (see epilog.sh): if the epilog could not
+# run (node crashed, slurmd restarted), the next job still finds its GPUs at
+# their previous limits. A non-zero exit requeues the job and drains the node.
 set -u
-WATTSWEEP=${WATTSWEEP:-wattsweep}
+export PATH=${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}
+
+load_settings() {  # WATTSWEEP, WATTSWEEP_STATE_DIR, WATTSWEEP_SITE_LEDGER, PYTHONPATH; the environment wins
+    local file=${WATTSWEEP_SLURM_ENV:-${SLURM_CONF:+${SLURM_CONF%/*}/wattsweep.env}} key value
+    [[ -n "$file" && -r "$file" ]] || return 0
+    while IFS='=' read -r key value; do
+        case "$key" in
+            WATTSWEEP|WATTSWEEP_STATE_DIR|WATTSWEEP_SITE_LEDGER|PYTHONPATH)
+                [[ -z "${!key:-}" ]] && export "$key=$value" ;;
+        esac
+    done <"$file"
+}
+
+load_settings
+read -ra wattsweep <<<"${WATTSWEEP:-wattsweep}"
 log_tag="wattsweep-${0##*/}"
-out=$("$WATTSWEEP" caps restore --all 2>&1)
+out=$("${wattsweep[@]}" caps restore --all 2>&1)
 rc=$?
 if [[ -n "$out" && "$out" != *"nothing to restore"* ]]; then
     while IFS= read -r line; do

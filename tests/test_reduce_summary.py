@@ -257,3 +257,25 @@ def test_results_are_readable_by_the_group(tmp_path):
     for f in (paths.summary_parquet, paths.summary_csv, paths.results_dir / "invalid.csv",
               paths.results_dir / "telemetry" / f"cell_id={cid}" / "part-0.parquet"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_worker_processes_give_the_same_summary_as_inline(tmp_path, monkeypatch):
+    import orchestrator.reduce.parallel as parallel
+
+    paths = SweepPaths.of(tmp_path / "sweep")
+    params = [cell_params(shards=2, seed=i) for i in range(4)]
+    write_plan(paths, params)
+    for p in params:
+        write_cell(paths, p, CellSpec(seconds=3.0, warmup_s=1.0, ripple_w=7.0))
+    inline = reduce_sweep(paths.root)
+    (paths.results_dir / ".validation-cache.json").unlink()
+    monkeypatch.setattr(parallel, "MIN_ITEMS_FOR_PROCESSES", 1)
+    assert reduce_sweep(paths.root).equals(inline)
+
+
+def test_counter_going_backwards_falls_back_to_integration(tmp_path):
+    paths, cid = _one(tmp_path, shards=2)
+    _tamper(paths, cid, 1, lambda t, m: (t, {**m, "energy_end_j": m["energy_start_j"] - 5.0}))
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert row["energy_method"] == "mixed" and row["cross_check_err_pct"] is None
+    assert row["energy_j"] == pytest.approx(2 * 200.0 * 10.0)

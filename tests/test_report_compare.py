@@ -56,3 +56,20 @@ def test_cli_prints_ratios_and_writes_csv(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "simulated telemetry in sweep A,B" in out and "2 matching cells" in out
     assert (tmp_path / "r.csv").read_text().count("\n") == 3
+
+
+def test_one_sweep_cap_against_uncapped_with_filters(tmp_path, capsys):
+    paths = SweepPaths.of(tmp_path / "s")
+    params = [cell_params(shards=s, power_cap_w=c) for s in (1, 2) for c in (None, 150)]
+    write_plan(paths, params)
+    for p in params:
+        write_cell(paths, p, CellSpec(seconds=3.0, warmup_s=1.0, power_w=200.0 if p["power_cap_w"] is None else 150.0))
+    t = compare_sweeps(paths.root, paths.root, ignore=["power_cap_w"],
+                       where_a={"power_cap_w": None}, where_b={"power_cap_w": 150})
+    assert t.column("shards").to_pylist() == [1, 2]
+    assert t.column("energy_per_token_j_ratio").to_pylist() == pytest.approx([0.75, 0.75])
+    assert cli_main(["compare", str(paths.root), str(paths.root), "--ignore", "power_cap_w",
+                     "--where-a", "power_cap_w=null", "--where-b", "power_cap_w=150"]) == 0
+    assert "2 matching cells" in capsys.readouterr().out
+    assert cli_main(["compare", str(paths.root), str(paths.root), "--where-a", "cap"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err

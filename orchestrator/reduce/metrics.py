@@ -80,6 +80,8 @@ def _rank_energies(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray) -> li
         ws, we = int(meta["window_start_ns"]), int(meta["window_end_ns"])
         es, ee = meta.get("energy_start_j"), meta.get("energy_end_j")
         counter = float(ee) - float(es) if es is not None and ee is not None else None
+        if counter is not None and counter < 0:
+            counter = None  # the counter went back (driver reload): it cannot measure this window
         if fast is not None:
             integrated, gap = fast[0][i], fast[1][i]
         else:

@@ -26,7 +26,7 @@ from orchestrator.reduce.files import write_shared
 from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import PlanCell, read_plan_cells
-from orchestrator.reduce.validate import CellValidation, InvalidCell, check_cell, load_cache, record_verdicts, stat_key
+from orchestrator.reduce.validate import CellValidation, InvalidCell, check_cell, load_cache, save_cache, stat_key
 
 S, I, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 SUMMARY_SCHEMA = pa.schema(
@@ -85,32 +85,41 @@ def reduce_sweep(sweep_dir: str | Path, *, progress: bool = False) -> pa.Table:
     done_ids = sorted(cid for cid in _cell_ids(paths, plan) if paths.done_marker(cid).exists())
     tdir = paths.results_dir / TELEMETRY_DIR
     tdir.mkdir(parents=True, exist_ok=True)
-    keys = {cid: stat_key(paths, cid) for cid in done_ids}
-    reused = _reusable(load_cache(paths), keys, tdir)
-    todo = [cid for cid in done_ids if cid not in reused]
-    fresh = {o.cell_id: o for o in _reduce_cells(paths, plan, todo, tdir, progress)}
-    outcomes = [reused.get(cid) or fresh[cid] for cid in done_ids]
+    cache = load_cache(paths)
+    done = _reduce_cells(paths, plan, cache, done_ids, tdir, progress)
+    outcomes = [d.outcome for d in done]
     table = _summary_table([o.row for o in outcomes if o.row is not None])
     _write_outputs(paths, table, [o for o in outcomes if not o.verdict.ok], tdir)
-    record_verdicts(paths, {cid: {"key": keys[cid], "ok": o.verdict.ok, "reason": o.verdict.reason,
-                                  "reduced": REDUCE_VERSION, "row": o.row} for cid, o in fresh.items()})
+    fresh = {d.outcome.cell_id: d for d in done if not d.reused and d.key is not None}
+    if fresh:
+        for cid, d in fresh.items():
+            cache[cid] = {"key": d.key, "ok": d.outcome.verdict.ok, "reason": d.outcome.verdict.reason,
+                          "reduced": REDUCE_VERSION, "row": d.outcome.row}
+        save_cache(paths, cache)
     return table
 
 
-def _reusable(cache: dict[str, Any], keys: dict[str, Any], tdir: Path) -> dict[str, CellOutcome]:
-    """Cells whose files are unchanged since the last reduce (same size and
-    mtime of DONE.json and every file it lists, same reducer version): their
-    row, verdict and compacted partition are reused instead of recomputed."""
-    out: dict[str, CellOutcome] = {}
-    for cid, key in keys.items():
-        hit = cache.get(cid)
-        if key is None or not isinstance(hit, dict) or hit.get("key") != key or hit.get("reduced") != REDUCE_VERSION:
-            continue
-        if not hit.get("ok"):
-            out[cid] = CellOutcome(cid, CellValidation(False, hit.get("reason")), None)
-        elif isinstance(hit.get("row"), dict) and (tdir / f"cell_id={cid}" / "part-0.parquet").exists():
-            out[cid] = CellOutcome(cid, CellValidation(True, None), hit["row"])
-    return out
+@dataclass(frozen=True)
+class CellDone:
+    """What a worker hands back: the outcome, the stat key it was computed
+    for (the cache key) and whether it came from the cache."""
+
+    outcome: CellOutcome
+    key: Any
+    reused: bool
+
+
+def _reuse(cid: str, hit: Any, key: Any, tdir: Path) -> CellOutcome | None:
+    """The cached outcome when the cell's files are unchanged since the last
+    reduce (same size and mtime of DONE.json and every file it lists, same
+    reducer version) and, for a valid cell, its compacted partition exists."""
+    if key is None or not isinstance(hit, dict) or hit.get("key") != key or hit.get("reduced") != REDUCE_VERSION:
+        return None
+    if not hit.get("ok"):
+        return CellOutcome(cid, CellValidation(False, hit.get("reason")), None)
+    if isinstance(hit.get("row"), dict) and (tdir / f"cell_id={cid}" / "part-0.parquet").exists():
+        return CellOutcome(cid, CellValidation(True, None), hit["row"])
+    return None
 
 
 def open_telemetry(sweep_dir: str | Path):
@@ -143,9 +152,10 @@ def _cell_ids(paths: SweepPaths, plan: dict[str, PlanCell]) -> set[str]:
     return ids
 
 
-def _reduce_cells(paths: SweepPaths, plan: dict[str, PlanCell], ids: list[str], tdir: Path, progress: bool) -> list[CellOutcome]:
-    out: list[CellOutcome] = []
-    jobs = [(cid, plan.get(cid)) for cid in ids]
+def _reduce_cells(paths: SweepPaths, plan: dict[str, PlanCell], cache: dict[str, Any], ids: list[str],
+                  tdir: Path, progress: bool) -> list[CellDone]:
+    out: list[CellDone] = []
+    jobs = [(cid, plan.get(cid), cache.get(cid)) for cid in ids]
     for i, o in enumerate(ordered_map(_reduce_job, jobs, init=_init_job, initargs=(paths, tdir)), 1):
         out.append(o)
         if progress and (i % 100 == 0 or i == len(ids)):
@@ -160,8 +170,14 @@ def _init_job(paths: SweepPaths, tdir: Path) -> None:
     _JOB["paths"], _JOB["tdir"] = paths, tdir
 
 
-def _reduce_job(job: tuple[str, PlanCell | None]) -> CellOutcome:
-    return reduce_cell(_JOB["paths"], job[0], job[1], _JOB["tdir"])
+def _reduce_job(job: tuple[str, PlanCell | None, Any]) -> CellDone:
+    cid, plan_cell, hit = job
+    paths, tdir = _JOB["paths"], _JOB["tdir"]
+    key = stat_key(paths, cid)  # before reading: a file changed meanwhile gets a new key next time
+    cached = _reuse(cid, hit, key, tdir)
+    if cached is not None:
+        return CellDone(cached, key, True)
+    return CellDone(reduce_cell(paths, cid, plan_cell, tdir), key, False)
 
 
 def reduce_cell(paths: SweepPaths, cell_id: str, plan_cell: PlanCell | None, tdir: Path) -> CellOutcome:

@@ -308,13 +308,6 @@ def _save_cache(paths: SweepPaths, cells: dict[str, Any]) -> None:
         pass  # a read-only sweep folder still validates, only slower next time
 
 
-def record_verdicts(paths: SweepPaths, entries: dict[str, dict[str, Any]]) -> None:
-    """Store what the reducer found (``{"key", "ok", "reason", ...}`` per cell) so
-    that `status` need not hash again and the next reduce can reuse the row."""
-    cache = _load_cache(paths)
-    cache.update({cid: e for cid, e in entries.items() if e.get("key") is not None})
-    _save_cache(paths, cache)
-
-
 load_cache = _load_cache
+save_cache = _save_cache
 stat_key = _stat_key

@@ -34,10 +34,17 @@ def match_keys(match_on: Sequence[str] | None = None, ignore: Sequence[str] | No
 
 
 def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequence[str] | None = None,
-                   ignore: Sequence[str] | None = None, metrics: Sequence[str] = DEFAULT_METRICS) -> pa.Table:
-    """One row per matched pair: the match keys that vary, then per metric A, B and B/A."""
+                   ignore: Sequence[str] | None = None, metrics: Sequence[str] = DEFAULT_METRICS,
+                   where_a: dict[str, Any] | None = None, where_b: dict[str, Any] | None = None) -> pa.Table:
+    """One row per matched pair: the match keys that vary, then per metric A, B and B/A.
+
+    ``where_a``/``where_b`` keep only the cells of that side whose parameters
+    equal the given values: one sweep against itself, one cap against another.
+    """
     keys = match_keys(match_on, ignore)
-    a, b = _indexed(sweep_a, keys, "A"), _indexed(sweep_b, keys, "B")
+    for where in (where_a, where_b):
+        match_keys(list(where or {}) or None)  # unknown parameter names are errors
+    a, b = _indexed(sweep_a, keys, "A", where_a), _indexed(sweep_b, keys, "B", where_b)
     common = sorted(set(a) & set(b), key=lambda k: tuple(sort_key(_show(v)) for v in k))
     if not common:
         raise CompareError(f"no matching cells: {len(a)} in A, {len(b)} in B match on none of ({', '.join(keys)})")
@@ -63,7 +70,7 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequen
     return table.replace_schema_metadata(meta)
 
 
-def _indexed(sweep: str | Path, keys: Sequence[str], side: str) -> dict[tuple, Row]:
+def _indexed(sweep: str | Path, keys: Sequence[str], side: str, where: dict[str, Any] | None) -> dict[tuple, Row]:
     rows = load_summary(sweep)
     unknown = [m for m in DEFAULT_METRICS if rows and m not in rows[0]]
     if unknown:
@@ -72,12 +79,30 @@ def _indexed(sweep: str | Path, keys: Sequence[str], side: str) -> dict[tuple, R
     out: dict[tuple, Row] = {}
     for r in rows:
         params = plan[r["cell_id"]].params if r["cell_id"] in plan else r
+        if where and any(canonical_json(params.get(k)) != canonical_json(v) for k, v in where.items()):
+            continue
         key = tuple(canonical_json(params.get(k)) for k in keys)
         if key in out:
             raise CompareError(
                 f"cells {out[key]['cell_id']} and {r['cell_id']} of {side} match on the same keys; "
                 f"add keys with --match-on (now: {', '.join(keys)})")
         out[key] = r
+    return out
+
+
+def parse_where(items: Sequence[str]) -> dict[str, Any]:
+    """["power_cap_w=150", "dataset=alpaca"] -> {"power_cap_w": 150, "dataset": "alpaca"} (JSON values, else text)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise CompareError(f"filter {item!r} is not KEY=VALUE (e.g. power_cap_w=150 or power_cap_w=null)")
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
     return out
 
 

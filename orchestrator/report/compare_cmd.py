@@ -12,7 +12,9 @@ except gpu_kind unless --match-on or --ignore says otherwise."""
 EPILOG = """examples:
   wattsweep compare sweeps/h100 sweeps/h200                       same cells, other card
   wattsweep compare sweeps/cap250 sweeps/cap150 --ignore power_cap_w
-  wattsweep compare A B --match-on model,shards,batch_size --csv ratios.csv"""
+  wattsweep compare A B --match-on model,shards,batch_size --csv ratios.csv
+  wattsweep compare S S --ignore power_cap_w --where-a power_cap_w=null --where-b power_cap_w=150
+                                                                  one sweep: cap 150 W against uncapped"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,19 +23,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--match-on", help="comma-separated parameters that must be equal (default: all but --ignore)")
     parser.add_argument("--ignore", default="gpu_kind", help="comma-separated parameters not matched (default: gpu_kind)")
     parser.add_argument("--metrics", help="comma-separated summary columns to compare")
+    parser.add_argument("--where-a", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep only A's cells with this parameter value (repeatable; null for none)")
+    parser.add_argument("--where-b", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep only B's cells with this parameter value (repeatable)")
     parser.add_argument("--csv", metavar="PATH", help="also write the comparison as CSV")
 
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.reduce import ReduceError
     from orchestrator.reduce.table import format_rows
-    from orchestrator.report.compare import DEFAULT_METRICS, CompareError, compare_sweeps
+    from orchestrator.report.compare import DEFAULT_METRICS, CompareError, compare_sweeps, parse_where
     from orchestrator.report.data import ReportError
 
     split = lambda s: [x for x in (s or "").split(",") if x]  # noqa: E731
     try:
         table = compare_sweeps(args.sweep_a, args.sweep_b, match_on=split(args.match_on) or None,
-                               ignore=split(args.ignore), metrics=split(args.metrics) or DEFAULT_METRICS)
+                               ignore=split(args.ignore), metrics=split(args.metrics) or DEFAULT_METRICS,
+                               where_a=parse_where(args.where_a), where_b=parse_where(args.where_b))
     except (CompareError, ReportError, ReduceError) as e:
         print(f"wattsweep compare: {e}", file=sys.stderr)
         return 2
