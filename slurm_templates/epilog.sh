@@ -24,9 +24,10 @@ set -u
 export PATH=${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}
 
 load_settings() {  # only the keys above; the environment wins over the file
-    local file=${WATTSWEEP_SLURM_ENV:-${SLURM_CONF:+${SLURM_CONF%/*}/wattsweep.env}} key value
-    [[ -n "$file" && -r "$file" ]] || return 0
-    while IFS='=' read -r key value; do
+    local conf=${SLURM_CONF:-/etc/slurm/slurm.conf} key value
+    local file=${conf%/*}/wattsweep.env
+    [[ -r "$file" ]] || return 0
+    while IFS="=" read -r key value || [[ -n "$key" ]]; do  # a last line without newline too
         case "$key" in
             WATTSWEEP|WATTSWEEP_STATE_DIR|WATTSWEEP_SITE_LEDGER|PYTHONPATH)
                 [[ -z "${!key:-}" ]] && export "$key=$value" ;;

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -23,6 +24,7 @@ from orchestrator.contracts import SweepPaths, read_json
 from orchestrator.plan.planned import read_plan
 from orchestrator.status.state import sweep_status
 from orchestrator.submit import slurm as slurm_launcher
+from orchestrator.submit.base import read_submissions
 from workers.gpu.ledger import read_records
 from workers.gpu.simulated import SimulatedBackend
 
@@ -52,6 +54,7 @@ class Cards:
 
     def __init__(self, state: Path):
         self.state = state
+        self.sweeps: list[SweepPaths] = []  # cancelled at teardown: a failed test must not hold a node
 
     def sim(self, node: str) -> SimulatedBackend:
         return SimulatedBackend(state_dir=self.state, node=node)
@@ -64,21 +67,27 @@ class Cards:
 
 
 @pytest.fixture
-def cards(slurm_cluster, tmp_path, monkeypatch) -> Cards:
+def cards(slurm_cluster, tmp_path, monkeypatch) -> Iterator[Cards]:
     isolate(monkeypatch, tmp_path)  # site ledger and helpers into tmp_path ...
     state = cluster_state_dir()
     monkeypatch.setenv("WATTSWEEP_STATE_DIR", str(state))  # ... but the cluster's state folder
     c = Cards(state)
-    assert c.save_files() == [], f"a save file is left from an earlier run: {c.save_files()}"
+    for n in NODES:  # what an interrupted earlier run left (the prolog would do the same)
+        assert cli.main(["caps", "restore", "--all", "--node", n, "--state-dir", str(state)]) == 0
+    assert c.save_files() == [], f"a save file whose job still runs: {c.save_files()}; cancel that job"
     for n in NODES:
         c.sim(n).set_fault(None)
         c.sim(n).set_power_limit_w(0, PREVIOUS_W)
-    return c
+    yield c
+    jobs = [r.extra.get("array_job_id") for p in c.sweeps if p.submissions_jsonl.exists() for r in read_submissions(p)]
+    if jobs:
+        subprocess.run(["scancel", *map(str, filter(None, jobs))], capture_output=True, timeout=30)
 
 
 def sweep(cards: Cards, root: Path, *overrides: str) -> SweepPaths:
     argv = ["sweep", "-m", *TINY, f"sweep_dir={root}", f"gpu.state_dir={cards.state}",
             f"gpu.site_ledger={root.parent / 'site.jsonl'}", *overrides]
+    cards.sweeps.append(SweepPaths.of(root))
     assert cli.main(argv) == 0
     return SweepPaths.of(root)
 
