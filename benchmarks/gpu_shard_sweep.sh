@@ -15,8 +15,8 @@ shift $(( $# >= 2 ? 2 : 1 ))
 DATA=${DATA:-.devdata}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -c "import pyarrow" 2>/dev/null || pip install -q --no-deps --no-index .wheels-pa/*.whl
-python3 -c "import fairscale, submitit, hydra" 2>/dev/null || pip install -q --no-deps --no-index .wheels/*.whl
+python3 -c "import pyarrow" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .wheels-pa/*.whl
+python3 -c "import fairscale, submitit, hydra" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .wheels/*.whl
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export WATTSWEEP_STATE_DIR=$OUT/capstate
 NGPU=$(nvidia-smi -L | wc -l)
