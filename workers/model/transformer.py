@@ -15,6 +15,11 @@ keys load as they are. Differences from Meta's file, and why:
   product where Meta runs three (or two). Fewer, larger kernels stream the
   weights closer to the memory bandwidth, which bounds decode speed.
 - Rotary embedding rotates q and k together in one complex multiply.
+- Decode steps (one token per row) can take a fused path (``fuse``, on by default
+  on CUDA): the elementwise work between the matrix products runs as three
+  compiled kernels per call site (``fused.py``), and the residual add of one
+  layer is done together with the next layer's RMSNorm. Prefill keeps the
+  plain path.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from fairscale.nn.model_parallel import initialize as mp
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
+from . import fused
 from .args import ModelArgs
 
 
@@ -148,6 +154,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
+    def forward_fused(self, x: torch.Tensor, cos_sin: torch.Tensor, slots: torch.Tensor,
+                      mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """As ``forward``, with rotary and both cache writes in one fused kernel;
+        ``cos_sin`` is the rotary table as real (cos, sin) pairs."""
+        b, t, _ = x.shape
+        nq, nkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        qkv = F.linear(x, self._wqkv).view(b, t, nq + 2 * nkv, hd)
+        q = fused.ROPE_CACHE(qkv, cos_sin, self.cache_k, self.cache_v, slots, nq, nkv)
+        keys, values = self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len]
+        if self.n_rep > 1:
+            keys = keys.repeat_interleave(self.n_rep, dim=1)
+            values = values.repeat_interleave(self.n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -161,6 +182,9 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self._w13).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(fused.SILU_MUL(F.linear(x, self._w13)))
 
 
 class TransformerBlock(nn.Module):
@@ -177,15 +201,31 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), freqs, slots, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, cos_sin: torch.Tensor,
+                      slots: torch.Tensor, mask: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is ``x + delta`` (``delta`` the previous layer's last output,
+        not yet added: the add is fused with this layer's first norm). Returns this
+        layer's (x, delta) likewise."""
+        if delta is None:
+            normed = self.attention_norm(x)
+        else:
+            x, normed = fused.ADD_RMS_NORM(x, delta, self.attention_norm.weight, self.attention_norm.eps)
+        attn = self.attention.forward_fused(normed, cos_sin, slots, mask, kv_len)
+        x, normed = fused.ADD_RMS_NORM(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
+        return x, self.feed_forward.forward_fused(normed)
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, *, max_batch_size: int, max_seq_len: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+                 device: torch.device | str, dtype: torch.dtype, fuse: bool | None = None) -> None:
         super().__init__()
         if args.vocab_size <= 0:
             raise ValueError(f"vocab_size={args.vocab_size}: give the tokenizer's vocabulary size")
         device = torch.device(device)
         self.args, self.max_batch_size, self.max_seq_len = args, max_batch_size, max_seq_len
+        # decode steps take the fused path (see fused.py); a generator's CUDA graphs keep
+        # the path that was set when they were captured
+        self.fuse = device.type == "cuda" if fuse is None else fuse
         kw = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device, dtype=dtype)
         self.tok_embeddings = Embedding(args.vocab_size, args.dim, device=device, dtype=dtype)
         self.layers = nn.ModuleList(TransformerBlock(args, **kw) for _ in range(args.n_layers))
@@ -203,6 +243,13 @@ class Transformer(nn.Module):
         """tokens, positions: (B, T); slots: (T,) cache indices; mask: (B, 1, T, kv_len) additive (0 / -inf).
         Returns float32 logits (B, T, vocab), or (B, 1, vocab) with ``last_only``."""
         h = self.tok_embeddings(tokens)
+        if self.fuse and tokens.shape[1] == 1:
+            cos_sin = torch.view_as_real(self.rope)[positions].unsqueeze(2)
+            delta = None
+            for layer in self.layers:
+                h, delta = layer.forward_fused(h, delta, cos_sin, slots, mask, kv_len)
+            _, normed = fused.ADD_RMS_NORM(h, delta, self.norm.weight, self.norm.eps)
+            return self.output(normed).float()
         freqs = self.rope[positions].unsqueeze(2)
         for layer in self.layers:
             h = layer(h, freqs, slots, mask, kv_len)
