@@ -3,8 +3,9 @@
 For each model shape and batch size: tokens/s, J/token (NVML energy counter
 over the timed window), mean W, and the fraction of the weight-streaming
 roofline (bytes of weights read per decode step over the card's copy bandwidth,
-measured in the same run). CUDA graph on vs off, and the 10 Hz instant-power
-sampler on vs off, in the same run. Warm-up is excluded; every window starts
+measured in the same run). CUDA graph on vs off, the 10 Hz instant-power
+sampler on vs off, and (``--compare-fused``) the fused vs the unfused decode
+step, in the same run. Warm-up is excluded; every window starts
 and ends on a device synchronise.
 
     python benchmarks/decode_bench.py --models llama-7b --batch-sizes 1,8,64 --out results.json
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.nvml_probe import Nvml, PowerSampler  # noqa: E402
 from workers.dist import init_distributed, shutdown  # noqa: E402
-from workers.model import PRESETS, Generator, build_model  # noqa: E402
+from workers.model import PRESETS, Generator, build_model, fused  # noqa: E402
 
 
 def copy_bandwidth_bytes_s(device: torch.device, n_bytes: int = 2 << 30, reps: int = 20) -> float:
@@ -108,34 +109,58 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
     roofline_step_s = weight_bytes / bw
     g = torch.Generator().manual_seed(1)
     rows = []
+    fuses = [False, True] if args.compare_fused else [args.fuse]
+    sampler_variants = [("off", None), ("on", args.sampler_hz)] if args.compare_sampler else [("off", None)]
+
+    def row(b: int, graph: bool, fuse: bool, sampler: str, warm_s: float, runs: list[dict]) -> None:
+        best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # median window
+        rows.append({
+            "model": name, "batch_size": b, "cuda_graph": graph, "fused": fuse, "sampler": sampler,
+            "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "reps": args.reps, "kv_bucket": args.kv_bucket,
+            "warmup_s": warm_s, "build_s": build_s, "weight_bytes": weight_bytes,
+            "roofline_step_ms": 1e3 * roofline_step_s,
+            "roofline_fraction_decode": roofline_step_s / (best["decode_step_ms"] / 1e3),
+            "tokens_per_s_all_windows": [r["tokens_per_s"] for r in runs], **best})
+        print(json.dumps({k: rows[-1][k] for k in ("model", "batch_size", "cuda_graph", "fused", "sampler",
+                                                    "warmup_s", "tokens_per_s", "decode_step_ms",
+                                                    "roofline_fraction_decode", "j_per_token", "mean_w")}),
+              flush=True)
+
     for b in batch_sizes:
         prompts = torch.randint(3, shape.vocab_size, (b, args.prompt_tokens), generator=g).tolist()
         if args.profile_dir and device.type == "cuda":
-            profile_step(model, prompts, seq_len, device, Path(args.profile_dir) / f"profile_{name}_b{b}.txt")
-        for graph in ([True, False] if args.compare_graph else [True]):
-            gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=graph,
+            for fuse in fuses:
+                model.fuse = fuse
+                profile_step(model, prompts, seq_len, device,
+                             Path(args.profile_dir) / f"profile_{name}_b{b}{'_fused' if fuse else ''}.txt")
+        gens: dict[bool, tuple[Generator, float]] = {}
+        for fuse in fuses:  # the decode path is fixed when a generator captures its graphs
+            model.fuse = fuse
+            gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=True,
                             kv_bucket=args.kv_bucket)
             t = time.perf_counter()
-            gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up + graph capture
+            gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up, compile, graph capture
+            gens[fuse] = (gen, time.perf_counter() - t)
+        results: dict[tuple[bool, str], list[dict]] = {(f, v): [] for f in fuses for v, _ in sampler_variants}
+        for _ in range(args.rounds):  # interleave the variants so that drift hits all alike
+            for fuse in fuses:
+                model.fuse = fuse
+                for v, hz in sampler_variants:
+                    results[(fuse, v)].append(time_window(gens[fuse][0], prompts, args.new_tokens, args.reps,
+                                                          nvml, device, hz))
+        for (fuse, v), runs in results.items():
+            row(b, True, fuse, v, gens[fuse][1], runs)
+        del gens, gen
+        if args.compare_graph:
+            model.fuse = args.fuse
+            gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=False,
+                            kv_bucket=args.kv_bucket)
+            t = time.perf_counter()
+            gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)
             warm_s = time.perf_counter() - t
-            variants = [("off", None), ("on", args.sampler_hz)] if (graph and args.compare_sampler) else [("off", None)]
-            rounds = args.rounds if graph else 1
-            results: dict[str, list[dict]] = {v: [] for v, _ in variants}
-            for _ in range(rounds):  # interleave sampler off/on so drift hits both alike
-                for v, hz in variants:
-                    results[v].append(time_window(gen, prompts, args.new_tokens, args.reps, nvml, device, hz))
-            for v, runs in results.items():
-                best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # median window
-                rows.append({
-                    "model": name, "batch_size": b, "cuda_graph": graph, "sampler": v, "dtype": args.dtype,
-                    "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "reps": args.reps,
-                    "warmup_s": warm_s, "build_s": build_s, "weight_bytes": weight_bytes,
-                    "roofline_step_ms": 1e3 * roofline_step_s,
-                    "roofline_fraction_decode": roofline_step_s / (best["decode_step_ms"] / 1e3),
-                    "tokens_per_s_all_windows": [r["tokens_per_s"] for r in runs], **best})
-                print(json.dumps({k: rows[-1][k] for k in ("model", "batch_size", "cuda_graph", "sampler",
-                                                            "tokens_per_s", "decode_step_ms", "roofline_fraction_decode",
-                                                            "j_per_token", "mean_w")}), flush=True)
+            row(b, False, args.fuse, "off", warm_s,
+                [time_window(gen, prompts, args.new_tokens, args.reps, nvml, device, None)])
             del gen
     del model
     if device.type == "cuda":
@@ -147,7 +172,8 @@ def write_report(out: str, nvml: Nvml, bw: float, rows: list[dict]) -> None:
     report = {"card": nvml.name, "power_limit_w": nvml.power_limit_w(), "copy_bandwidth_bytes_s": bw,
               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
               "host": platform.node(), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fused_status": fused.status(),
+              "rows": rows}
     Path(out).write_text(json.dumps(report, indent=2))
 
 
@@ -166,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="decode_bench.json")
     p.add_argument("--profile-dir", default=None, help="write a kernel table per batch size here")
     p.add_argument("--kv-bucket", type=int, default=32, help="attention reads keys in multiples of this")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="decode steps take the unfused path (default: fused, compiled elementwise kernels)")
+    p.add_argument("--compare-fused", action="store_true",
+                   help="measure the unfused and the fused decode step in the same run, windows interleaved")
     args = p.parse_args(argv)
 
     info = init_distributed(1)
@@ -177,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         rows += bench_model(name, [int(b) for b in args.batch_sizes.split(",")], args, device, nvml, bw)
         write_report(args.out, nvml, bw, rows)  # after each model: a cut-short run keeps what it measured
+    print(f"fused: {fused.status()}")
+    print(f"{'model':10} {'batch':>5} {'graph':>5} {'fused':>5} {'smp':>3} {'tok/s':>8} {'step ms':>7} "
+          f"{'roof':>5} {'J/tok':>7} {'W':>5}")
+    for r in rows:
+        jt = float("nan") if r["j_per_token"] is None else r["j_per_token"]
+        w = float("nan") if r["mean_w"] is None else r["mean_w"]
+        print(f"{r['model']:10} {r['batch_size']:5d} {r['cuda_graph']!s:>5} {r['fused']!s:>5} {r['sampler']:>3} "
+              f"{r['tokens_per_s']:8.1f} {r['decode_step_ms']:7.3f} {r['roofline_fraction_decode']:5.1%} "
+              f"{jt:7.4f} {w:5.0f}")
     shutdown()
     return 0
 

@@ -127,3 +127,59 @@ def test_generator_rejects_bad_requests():
         gen.generate([[1] * 20], max_new_tokens=20, eos_id=None)
     with pytest.raises(ValueError, match="empty prompt"):
         gen.generate([[]], max_new_tokens=2, eos_id=None)
+
+
+def _decode_fused_vs_plain(model, prompts, n):
+    outs = {}
+    for fuse in (False, True):
+        model.fuse = fuse
+        outs[fuse] = Generator(model, max_batch_size=4, max_seq_len=96, device="cpu", kv_bucket=8).generate(
+            prompts, max_new_tokens=n, eos_id=None)
+    model.fuse = False
+    return outs
+
+
+def test_fused_decode_step_matches_plain_path():
+    """The fused decode path (rotary + cache writes, add + RMSNorm, SiLU-mul) run uncompiled:
+    same cache contents, same step logits, same tokens as the plain path, GQA included."""
+    from workers.model import fused
+    from workers.model.generate import additive
+
+    saved, fused.COMPILE = fused.COMPILE, False
+    try:
+        model = tiny(seed=4)
+        assert model.fuse is False  # the CPU default
+        prompts = [[1, 5, 6, 7, 8, 9], [1, 42], [1, 3, 3, 3]]
+        outs = _decode_fused_vs_plain(model, prompts, 20)
+        assert outs[True] == outs[False] and all(len(o) == 20 for o in outs[True])
+        # one decode step by hand, both paths from the same cache state
+        tokens = torch.tensor([[1, 9, 8, 7]])
+        forward_full(model, tokens)
+        slot, kv_len = torch.tensor([4]), 8
+        allowed = (torch.arange(kv_len) <= 4).view(1, 1, 1, kv_len)
+        step = {}
+        for fuse in (False, True):
+            model.fuse = fuse
+            forward_full(model, tokens)
+            step[fuse] = model(torch.tensor([[11]]), torch.tensor([[4]]), slot, additive(allowed, torch.float32), kv_len)
+            step[(fuse, "k")] = model.layers[1].attention.cache_k[:1, :, :5].clone()
+            step[(fuse, "v")] = model.layers[1].attention.cache_v[:1, :, :5].clone()
+        model.fuse = False
+        torch.testing.assert_close(step[True], step[False], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step[(True, "k")], step[(False, "k")], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(step[(True, "v")], step[(False, "v")], rtol=0, atol=0)
+    finally:
+        fused.COMPILE = saved
+
+
+@pytest.mark.slow
+def test_fused_decode_compiled_matches_plain_path():
+    """The same with the fused functions compiled by Inductor (C++ on the CPU)."""
+    from workers.model import fused
+
+    model = tiny(seed=6)
+    outs = _decode_fused_vs_plain(model, [[1, 5, 6, 7], [1, 2]], 12)
+    if fused.status()["errors"]:
+        pytest.skip(f"torch.compile unavailable here: {fused.status()['errors']}")
+    assert set(fused.status()["compiled"]) == {"add_rms_norm", "rope_cache", "silu_mul"}
+    assert outs[True] == outs[False]

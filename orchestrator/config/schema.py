@@ -92,7 +92,7 @@ class SweepConf:
     n_prompts: int = 4096
     seed: int = 0
     weights: str = "random"  # "random" or a Meta checkpoint folder
-    dtype: str = "float16"  # bfloat16 | float16 | float32
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
     tokenizer: Optional[str] = None  # sentencepiece .model; None = byte-level fallback
     sort_by_length: bool = False
     sweep_dir: str = "sweeps/${now:%Y-%m-%d_%H-%M-%S}"

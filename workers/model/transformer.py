@@ -161,7 +161,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         nq, nkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         qkv = F.linear(x, self._wqkv).view(b, t, nq + 2 * nkv, hd)
-        q = fused.ROPE_CACHE(qkv, cos_sin, self.cache_k, self.cache_v, slots, nq, nkv)
+        q = fused.ROPE_CACHE(qkv, cos_sin, self.cache_k[:b], self.cache_v[:b], slots, nq, nkv)
         keys, values = self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len]
         if self.n_rep > 1:
             keys = keys.repeat_interleave(self.n_rep, dim=1)

@@ -1,0 +1,87 @@
+"""The elementwise parts of one decode step, fused into a few kernels.
+
+Between its matrix products a decode step runs many small kernels per layer
+(RMSNorm, residual add, rotary, two cache writes, SiLU, multiply). At batch 1
+each costs a few microseconds of launch and tail, well over the bytes it moves.
+Here they are written as three plain functions that Inductor compiles into one
+kernel each (default mode: no CUDA graphs of its own, since the generator
+captures the whole step):
+
+- ``add_rms_norm``: residual add and the next RMSNorm (``h = x + d; n = norm(h)``);
+  the transformer carries the pending add across layers, so each layer runs two
+  of these and no separate add;
+- ``rope_cache``: rotary on q and k (real arithmetic in float32, Meta's
+  interleaved pairs) and both cache writes, returning q in attention layout;
+- ``silu_mul``: SiLU of the gate times the up projection.
+
+The same functions run uncompiled where Inductor is not available (or on the
+CPU unless asked for): the result is the same computation, only not fused.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + delta
+    return h, F.rms_norm(h, weight.shape, weight, eps)
+
+
+def rope_cache(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+               slots: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    """qkv: (B, T, nq + 2 nkv, D); cos_sin: (B, T, 1, D/2, 2) float32; caches: (B, nkv, S, D),
+    the rows of this batch. Writes the rotated keys and the values at ``slots`` of both
+    caches; returns rotated q as (B, nq, T, D)."""
+    x = qkv[:, :, : nq + nkv].float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    c, s = cos_sin[..., 0], cos_sin[..., 1]
+    rot = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(qkv.dtype)
+    # an indexed assignment into the whole input (not into a slice of it) is what
+    # Inductor writes in place; a slice or index_copy_ here would copy the cache
+    cache_k[:, :, slots] = rot[:, :, nq:].transpose(1, 2)
+    cache_v[:, :, slots] = qkv[:, :, nq + nkv:].transpose(1, 2)
+    return rot[:, :, :nq].transpose(1, 2).contiguous()
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _Compiled:
+    """``fn`` compiled on first use; on any compile error, a warning and ``fn`` as it is."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.name = fn, fn.__name__
+        self._compiled: Callable | None = None
+        self.error: str | None = None
+
+    def __call__(self, *args):
+        if self.error is None and COMPILE:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=None)
+            try:
+                return self._compiled(*args)
+            except Exception as err:  # no Triton, an unsupported op...: stay correct, unfused
+                self.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                warnings.warn(f"torch.compile of {self.name} failed ({self.error}); running it unfused",
+                              RuntimeWarning)
+        return self.fn(*args)
+
+
+COMPILE = True  # False: the fused path's functions run eagerly (same result, more kernels)
+ADD_RMS_NORM = _Compiled(add_rms_norm)
+ROPE_CACHE = _Compiled(rope_cache)
+SILU_MUL = _Compiled(silu_mul)
+
+
+def status() -> dict[str, object]:
+    """Whether each function runs compiled, for benchmark records."""
+    fns = (ADD_RMS_NORM, ROPE_CACHE, SILU_MUL)
+    return {"compile": COMPILE, "compiled": [f.name for f in fns if f._compiled is not None and f.error is None],
+            "errors": {f.name: f.error for f in fns if f.error}}
