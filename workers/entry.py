@@ -50,6 +50,8 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         result = _run_rank(task, paths, info)
         return dataclasses.asdict(result)
     except BaseException as exc:  # SystemExit from a signal handler included
+        if paths.failed_marker(task.cell_id).exists():
+            raise  # another rank failed first: its marker names the cause, ours would not
         write_failed(
             paths,
             task.cell_id,
@@ -156,8 +158,7 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
         max_batch_size=p.batch_size, max_seq_len=max_seq_len,
     )
     gen = Generator(model, max_batch_size=p.batch_size, max_seq_len=max_seq_len, device=info.device, cuda_graph=opt.cuda_graph)
-    if opt.fail_on_purpose == "raise":
-        raise RuntimeError("worker raised on purpose (fail_on_purpose=raise)")
+    _maybe_fail_on_purpose(opt.fail_on_purpose, info.rank)
     # Random weights never emit a meaningful EOS: generate exactly max_new_tokens.
     eos_id = None if p.weights == "random" else tokenizer.eos_id
     decode_load = _decode_load(p.batch_size)
@@ -211,6 +212,17 @@ def _gather_hosts(hostname: str) -> list[str]:
     out: list[Any] = [None] * td.get_world_size()
     td.all_gather_object(out, hostname)
     return [str(h) for h in out]
+
+
+def _maybe_fail_on_purpose(mode: str | None, rank: int) -> None:
+    """Failure injection for tests of the failure paths: "raise" on every rank,
+    "raise-rank-N" on rank N only (cells with fewer ranks run normally)."""
+    if not mode:
+        return
+    if mode == "raise" or mode == f"raise-rank-{rank}":
+        raise RuntimeError(f"worker raised on purpose (fail_on_purpose={mode})")
+    if mode != "raise" and not mode.startswith("raise-rank-"):
+        raise ValueError(f"fail_on_purpose={mode!r} is not valid; valid: raise, raise-rank-N")
 
 
 def _sync(device: str) -> None:

@@ -1,0 +1,79 @@
+"""The whole path on the embedded default: plan → local jobs → sharded workers →
+Parquet → reduce, with the real worker on CPU and the simulated GPU backend."""
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.contracts import SweepPaths
+from orchestrator.plan import read_plan
+
+TINY = ["n_prompts=4", "max_new_tokens=4", "max_prompt_tokens=16", "gpu=simulated"]
+
+
+def _sweep(tmp_path, monkeypatch, *overrides):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WATTSWEEP_STATE_DIR", str(tmp_path / "state"))
+    assert main(["sweep", "-m", "sweep_dir=out", *TINY, *overrides, "--wait"]) == 0
+    return SweepPaths.of(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_two_by_two_sweep_reduces_to_numbers_that_hold_together(tmp_path, monkeypatch, capsys):
+    paths = _sweep(tmp_path, monkeypatch, "shards=1,2", "batch_size=1,2")
+    out = capsys.readouterr().out
+    assert "sweep folder:" in out and "simulated" in out
+    rows = pq.read_table(paths.summary_parquet).to_pylist()
+    assert len(rows) == 4
+    for r in rows:
+        assert r["telemetry_source"] == "simulated" and r["weights"] == "random"
+        assert r["n_responses"] == 4 and r["output_tokens"] == 4 * 4  # random weights: exactly max_new_tokens
+        assert math.isclose(r["tokens_per_s"] * r["duration_s"], r["output_tokens"], rel_tol=1e-6)
+        assert math.isclose(r["mean_power_w"] * r["duration_s"], r["energy_j"], rel_tol=1e-6)
+        assert math.isclose(r["energy_per_token_j"] * r["output_tokens"], r["energy_j"], rel_tol=1e-6)
+        assert r["energy_j"] > 0
+    by_shards = {r["shards"] for r in rows}
+    assert by_shards == {1, 2}
+    for cell in read_plan(paths):
+        done = json.loads(paths.done_marker(cell.cell_id).read_text())
+        assert done["world_size"] == cell.params.shards
+        assert sorted(done["files"]) == sorted(
+            [f"telemetry/rank-{r}.parquet" for r in range(cell.params.shards)] + ["requests/rank-0.parquet"]
+        )
+        assert paths.caps_ledger(cell.cell_id).exists() or cell.params.power_cap_w is None
+
+
+@pytest.mark.slow
+def test_a_raising_rank_fails_its_cell_with_the_traceback_and_the_others_finish(tmp_path, monkeypatch):
+    paths = _sweep(tmp_path, monkeypatch, "shards=1,2", "fail_on_purpose=raise-rank-1")
+    cells = {c.params.shards: c.cell_id for c in read_plan(paths)}
+    failed = json.loads(paths.failed_marker(cells[2]).read_text())
+    assert "raised on purpose" in failed["error"] and "Traceback" in failed["traceback"]
+    assert failed["rank"] == 1  # the cause, not the peer that lost its connection
+    assert paths.done_marker(cells[1]).exists() and not paths.done_marker(cells[2]).exists()
+
+
+@pytest.mark.slow
+def test_capped_cell_applies_and_restores_on_the_simulated_card(tmp_path, monkeypatch):
+    paths = _sweep(tmp_path, monkeypatch, "power_cap_w=150")
+    (cell,) = read_plan(paths)
+    ledger = [json.loads(line) for line in paths.caps_ledger(cell.cell_id).read_text().splitlines()]
+    assert [(r["action"], r["result"]) for r in ledger] == [("apply", "ok"), ("restore", "ok")]
+    assert ledger[0]["requested_w"] == 150 and ledger[0]["enforced_w"] == 150
+    assert ledger[1]["enforced_w"] == ledger[0]["previous_w"]
+    row = pq.read_table(paths.summary_parquet).to_pylist()[0]
+    assert row["power_cap_w"] == 150
+
+
+@pytest.mark.slow
+def test_eight_ranks_on_one_machine(tmp_path, monkeypatch):
+    """The 8-GPU path (one rank per GPU, model parallel over 8) on CPU ranks."""
+    paths = _sweep(tmp_path, monkeypatch, "shards=8", "model.n_heads=8", "model.dim=128", "batch_size=2",
+                   "n_prompts=2", "max_new_tokens=2")
+    (cell,) = read_plan(paths)
+    done = json.loads(paths.done_marker(cell.cell_id).read_text())
+    assert done["world_size"] == 8
+    assert len(list(paths.cell_dir(cell.cell_id).glob("telemetry/rank-*.parquet"))) == 8
+    assert pq.read_table(paths.summary_parquet).num_rows == 1
