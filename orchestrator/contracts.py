@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 
@@ -303,17 +303,20 @@ REQUESTS_SCHEMA = pa.schema(
 # ---------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename."""
+def atomic_write_with(path: Path, write: Callable[[str], None], *, fsync: bool = True) -> None:
+    """Let ``write(tmp_name)`` fill a temporary file in the same folder, then fsync
+    and rename it over ``path``: readers see the old file or the new one, never half.
+    The file gets the mode the user's umask allows (mkstemp alone gives 0600, wrong
+    for a sweep folder a group shares)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        # mkstemp creates 0600; a sweep folder is often shared by a group.
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -321,6 +324,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see ``atomic_write_with``)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write_with(path, write, fsync=fsync)
 
 
 def _umask() -> int:

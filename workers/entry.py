@@ -16,9 +16,7 @@ from typing import Any
 
 from orchestrator.contracts import (
     REQUESTS_SCHEMA,
-    CellParams,
     CellTask,
-    RunOptions,
     SweepPaths,
     move_aside_outputs,
     slurm_context,

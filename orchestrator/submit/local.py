@@ -15,7 +15,6 @@ The queue file (``SWEEP_DIR/local/queue-<n>.json``) is the local launcher's
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -19,7 +19,6 @@ is ever called.
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading

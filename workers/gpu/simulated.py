@@ -30,7 +30,6 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from orchestrator.contracts import GPU_PROFILES, GpuProfile, atomic_write_bytes

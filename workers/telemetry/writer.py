@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA
+from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, atomic_write_with
 
 # Fixed so that the reducer can trust footer statistics (cell_id and rank
 # min/max prove a file belongs to its cell and rank without decoding it).
@@ -89,20 +87,7 @@ def write_telemetry(path: Path, rows: TelemetryRows | pa.Table, meta: dict[str, 
 
 
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, **PARQUET_OPTIONS)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
 
 
 def read_telemetry_meta(path: Path) -> dict[str, Any]:
