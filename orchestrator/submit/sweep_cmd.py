@@ -106,8 +106,49 @@ def run(args: argparse.Namespace) -> int:
     if not args.wait:
         print(f"follow with: wattsweep status {paths.root}")
         return 0
-    launcher.wait(paths, records)
+    with _Progress(paths, [c.cell_id for c in feasible]):
+        launcher.wait(paths, records)
     return _reduce_and_print(paths.root)
+
+
+class _Progress:
+    """While --wait blocks, say how many cells have ended: a live line on a terminal,
+    a line every 30 s in a log. Counts markers only, so it costs a few stat calls."""
+
+    def __init__(self, paths: Any, cell_ids: list[str]) -> None:
+        import threading
+
+        self.paths, self.cell_ids = paths, cell_ids
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.tty = sys.stderr.isatty()
+
+    def __enter__(self) -> "_Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.tty:
+            print(file=sys.stderr)
+
+    def _line(self, elapsed_s: float) -> str:
+        done = sum(self.paths.done_marker(c).exists() for c in self.cell_ids)
+        failed = sum(self.paths.failed_marker(c).exists() for c in self.cell_ids)
+        n = len(self.cell_ids)
+        width = 30
+        filled = int(width * (done + failed) / max(1, n))
+        return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{n} done, {failed} failed, {elapsed_s:.0f} s"
+
+    def _loop(self) -> None:
+        import time
+
+        t0 = time.monotonic()
+        period_s = 1.0 if self.tty else 30.0
+        while not self.stop.wait(period_s):
+            line = self._line(time.monotonic() - t0)
+            print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
 
 def _reduce_and_print(sweep_dir: Any) -> int:
