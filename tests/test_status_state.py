@@ -112,3 +112,27 @@ def test_status_json(sweep, capsys):
     d = json.loads(capsys.readouterr().out)
     assert len(d["cells"]) == 6 and d["counts"]["infeasible"] == 1
 
+
+
+def test_unreachable_slurm_gives_unknown_states_and_blocks_resubmit(sweep, monkeypatch, capsys):
+    """With squeue failing, cells without markers are 'unknown', never 'missing', and
+    resubmit refuses: a requeued cell would otherwise run twice."""
+    import orchestrator.status.state as state
+    from orchestrator.status import cmd, resubmit_cmd
+    from orchestrator.submit.shell import SlurmCommandError
+
+    def down(ids):
+        raise SlurmCommandError(["squeue"], "squeue failed: Unable to contact slurm controller")
+
+    monkeypatch.setattr(state, "squeue_jobs", down)
+    paths, ids = sweep
+    st = sweep_status(paths)
+    got = {c.cell_id: c.state for c in st.cells}
+    assert got[ids[3]] == "unknown" and got[ids[0]] == "done" and got[ids[2]] == "failed"
+    assert "Unable to contact" in st.queue_error
+    assert cmd.run(cmd_args(paths)) == 0
+    assert "states come from the sweep folder only" in capsys.readouterr().err
+    args = cmd_args(paths)
+    args.cells, args.force, args.dry_run = None, False, False
+    assert resubmit_cmd.run(args) == 2
+    assert "cannot resubmit while Slurm cannot be asked" in capsys.readouterr().err

@@ -39,13 +39,15 @@ def run(args: argparse.Namespace) -> int:
     except (StatusError, SlurmCommandError) as e:
         print(f"wattsweep status: {e}", file=sys.stderr)
         return 2
+    if st.queue_error:
+        print(f"wattsweep status: warning: Slurm could not be asked ({st.queue_error}); states come from the sweep folder only", file=sys.stderr)
     print(dumps(st) if args.json else format_table(st))
     return 0
 
 
 def format_table(st: SweepStatus) -> str:
-    head = ("cell", "state", "job", "elapsed", "nodes", "reason")
-    rows = [(c.cell_id, c.state, c.job_id or "-", _hms(c.elapsed_s), c.nodes or "-", c.reason or "")
+    head = ("cell", "parameters", "state", "job", "elapsed", "nodes", "reason")
+    rows = [(c.cell_id, c.params, c.state, c.job_id or "-", _hms(c.elapsed_s), c.nodes or "-", c.reason or "")
             for c in st.cells]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]

@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
     paths = SweepPaths.of(args.sweep_dir)
     try:
         st = sweep_status(paths)
+        if st.queue_error:
+            # Without the queue a requeued or running cell looks failed or missing:
+            # resubmitting now could run a cell twice.
+            raise SlurmCommandError(["squeue"], f"cannot resubmit while Slurm cannot be asked ({st.queue_error}); try again on a node where squeue works")
         todo = choose(st, args.cells, args.force)
     except (StatusError, SlurmCommandError, ValueError) as e:
         print(f"wattsweep resubmit: {e}", file=sys.stderr)

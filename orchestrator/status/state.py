@@ -22,9 +22,11 @@ from typing import Any, Callable, Iterable
 from orchestrator.contracts import SweepPaths, read_json
 from orchestrator.plan.planned import PlanFileError, PlannedCell, read_plan
 from orchestrator.status.slurm_queue import JobFacts, sacct_jobs, squeue_jobs
+from orchestrator.submit.shell import SlurmCommandError
 from orchestrator.submit.base import SubmissionRecord, read_submissions
 
-STATES = ("planned", "pending", "running", "done", "failed", "cancelled", "timeout", "infeasible", "missing", "invalid")
+STATES = ("planned", "pending", "running", "done", "failed", "cancelled", "timeout", "infeasible", "missing", "invalid",
+          "unknown")  # unknown: Slurm could not be asked; never resubmitted
 ENDED = frozenset({"done", "failed", "cancelled", "timeout", "infeasible", "missing", "invalid"})
 RESUBMITTABLE = frozenset({"failed", "cancelled", "timeout", "missing", "invalid", "planned"})
 
@@ -47,6 +49,7 @@ class CellStatus:
     elapsed_s: int | None = None
     nodes: str | None = None
     reason: str | None = None
+    params: str = ""  # the cell's parameters in a few words: model, shards, batch, cap
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +61,7 @@ class SweepStatus:
     cells: tuple[CellStatus, ...]
     accounting: bool | None  # None: no Slurm job to ask about
     counts: dict[str, int] = field(default_factory=dict)
+    queue_error: str | None = None  # why squeue/sacct could not be asked, if so
 
     @property
     def all_ended(self) -> bool:
@@ -76,17 +80,23 @@ def sweep_status(paths: SweepPaths, *, validate: bool = True, query_queue: bool 
     latest = _latest_submissions(paths)
     slurm_ids = sorted({r.extra.get("array_job_id") or jid.split("_")[0]
                         for r, jid in latest.values() if r.launcher == "slurm" and (r.extra is not None)})
-    live = squeue_jobs(slurm_ids) if (query_queue and slurm_ids) else {}
-    acct = sacct_jobs(slurm_ids) if (query_queue and slurm_ids) else None
+    queue_error = None
+    try:
+        live = squeue_jobs(slurm_ids) if (query_queue and slurm_ids) else {}
+        acct = sacct_jobs(slurm_ids) if (query_queue and slurm_ids) else None
+    except SlurmCommandError as e:
+        # Slurm unreachable (controller down, not a cluster node): report what the
+        # folder knows; cells that need the queue to be judged become "unknown".
+        live, acct, queue_error = {}, None, str(e).splitlines()[0]
     local = _local_states(paths) if any(r.launcher == "local" for r, _ in latest.values()) else {}
     done_ids = [c.cell_id for c in plan if paths.done_marker(c.cell_id).is_file()]
     verdicts = _validate(paths, done_ids) if validate else {cid: (True, None) for cid in done_ids}
     cells = tuple(
-        _cell_state(paths, c, latest.get(c.cell_id), live, acct or {}, local, verdicts) for c in plan
+        _cell_state(paths, c, latest.get(c.cell_id), live, acct or {}, local, verdicts, queue_error) for c in plan
     )
     counts = Counter(c.state for c in cells)
     return SweepStatus(str(paths.root), cells, None if not slurm_ids else acct is not None,
-                       {s: counts.get(s, 0) for s in STATES})
+                       {s: counts.get(s, 0) for s in STATES}, queue_error)
 
 
 def _cell_state(
@@ -97,13 +107,16 @@ def _cell_state(
     acct: dict[str, JobFacts],
     local: dict[str, dict[str, Any]],
     verdicts: dict[str, tuple[bool, str | None]],
+    queue_error: str | None = None,
 ) -> CellStatus:
     cid = cell.cell_id
+    label = params_label(cell)
     if not cell.feasible:
-        return CellStatus(cid, "infeasible", reason=cell.reason)
+        return CellStatus(cid, "infeasible", reason=cell.reason, params=label)
     rec, job_id = sub if sub else (None, None)
     base = CellStatus(cid, "planned", launcher=rec.launcher if rec else None, job_id=job_id,
-                      array_index=_array_index(job_id) if rec and rec.launcher == "slurm" else None)
+                      array_index=_array_index(job_id) if rec and rec.launcher == "slurm" else None,
+                      params=label)
     facts = (live.get(job_id) or acct.get(job_id)) if (rec and rec.launcher == "slurm" and job_id) else None
     if facts is not None:
         base = _with_facts(base, facts)
@@ -127,12 +140,20 @@ def _cell_state(
         st = local[cid].get("state")
         if st in ("pending", "running"):
             return _replace(base, state=st)
+    if queue_error and rec.launcher == "slurm":
+        return _replace(base, state="unknown", reason=f"no marker, and Slurm could not be asked: {queue_error}")
     if ended_as is not None and ended_as.state in _SACCT_FAILED:
         return _replace(base, state="failed", reason=f"Slurm: {ended_as.state}" + (f" ({ended_as.reason})" if ended_as.reason else ""))
     if ended_as is not None and ended_as.state in _PENDING | _RUNNING:
         # sacct has it queued but squeue missed it (a requeue in between): not lost yet
         return _replace(base, state="pending" if ended_as.state in _PENDING else "running")
     return _replace(base, state="missing", reason=base.reason or "no DONE.json or FAILED.json and not in the queue")
+
+
+def params_label(cell: PlannedCell) -> str:
+    p = cell.params
+    cap = "uncapped" if p.power_cap_w is None else f"{p.power_cap_w:g}W"
+    return f"{p.model} x{p.shards} b{p.batch_size} {cap} {p.dataset}"
 
 
 def _replace(s: CellStatus, **kw: Any) -> CellStatus:
