@@ -125,6 +125,7 @@ def test_unreachable_slurm_gives_unknown_states_and_blocks_resubmit(sweep, monke
         raise SlurmCommandError(["squeue"], "squeue failed: Unable to contact slurm controller")
 
     monkeypatch.setattr(state, "squeue_jobs", down)
+    monkeypatch.setattr(state, "_validate", lambda p, ids: {c: checksum_verdict(p, c) for c in ids})
     paths, ids = sweep
     st = sweep_status(paths)
     got = {c.cell_id: c.state for c in st.cells}
