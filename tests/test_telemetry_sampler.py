@@ -19,7 +19,7 @@ from orchestrator.reduce.metrics import integrate_power_j
 from workers.gpu.base import GpuInfo, GpuLostError, GpuSample
 from workers.telemetry import Sampler
 
-RECORDING = Path("/work/shared/data/nvml/h200-matmul-timeline.csv")
+RECORDING = Path(__file__).resolve().parents[2] / "shared" / "data" / "nvml" / "h200-matmul-timeline.csv"
 T0_NS = 1_800_000_000_000_000_000
 
 
