@@ -279,3 +279,18 @@ def test_counter_going_backwards_falls_back_to_integration(tmp_path):
     row = reduce_sweep(paths.root).to_pylist()[0]
     assert row["energy_method"] == "mixed" and row["cross_check_err_pct"] is None
     assert row["energy_j"] == pytest.approx(2 * 200.0 * 10.0)
+
+
+def test_compacted_files_follow_the_umask_and_leave_no_temporary_files(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        paths, cid = _one(tmp_path, CellSpec(seconds=3.0, warmup_s=1.0), shards=2)
+        reduce_sweep(paths.root)
+        reduce_sweep(paths.root)  # again: the partition is reused or replaced, never doubled
+    finally:
+        os.umask(old)
+    part = paths.results_dir / "telemetry" / f"cell_id={cid}"
+    assert sorted(p.name for p in part.iterdir()) == ["part-0.parquet"]
+    assert (part / "part-0.parquet").stat().st_mode & 0o777 == 0o640

@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
-from orchestrator.reduce.files import write_shared
+from orchestrator.reduce.files import write_derived, write_shared
 from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import PlanCell, read_plan_cells
@@ -261,13 +261,9 @@ def _write_compacted(tdir: Path, cell_id: str, cell: CellTelemetry) -> None:
     table = table.replace_schema_metadata({TELEMETRY_META_KEY: meta.encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf, **COMPACT_OPTIONS)
-    _replace_file(tdir / f"cell_id={cell_id}" / "part-0.parquet", buf.getvalue())
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """No fsync: the compacted copy is derived data that a rerun of reduce
-    rebuilds, and an fsync per cell cost more than writing it."""
-    write_shared(path, data, fsync=False)
+    # No fsync: the compacted copy is derived data that a rerun of reduce
+    # rebuilds, and an fsync per cell cost more than writing it.
+    write_derived(f"{tdir}/cell_id={cell_id}", "part-0.parquet", buf.getbuffer())
 
 
 # ---------------------------------------------------------------------------
