@@ -19,7 +19,7 @@ from typing import Any
 
 from workers.telemetry.writer import TelemetryRows, write_telemetry
 
-# Smallest rate that still resolves the paper's phases (issue 5: >= 10 Hz).
+# Smallest rate that still resolves the phases of a decode run (>= 10 Hz).
 MIN_HZ = 10.0
 
 
