@@ -178,15 +178,18 @@ def test_exception_inside_the_session_restores(wrig):
 # -- observe mode ---------------------------------------------------------------
 
 def test_observe_mode_reads_and_records_but_never_writes(rig):
-    backend_limit = rig.backend(gpu_observe=True).get_power_limit_w(0)
-    s = session(rig, 175, gpu_observe=True)
+    reader = rig.backend(gpu_observe=True)
+    backend_limit = reader.get_power_limit_w(0)
+    info = next(d for d in reader.devices() if d.index == 0)
+    want = 175 if info.min_limit_w <= 175 <= info.max_limit_w else info.min_limit_w  # a real card's range
+    s = session(rig, want, gpu_observe=True)
     if rig.kind != "nvml":
         original = s.backend.set_power_limit_w  # any setter call is a failure
         s.backend.set_power_limit_w = lambda *a: pytest.fail(f"observe mode called a setter {a}")
     with s as (rec,):
-        assert rec.observed_only and rec.requested_w == 175 and rec.enforced_w == backend_limit
+        assert rec.observed_only and rec.requested_w == want and rec.enforced_w == backend_limit
         assert rig.save_files() == []
-    assert s.backend.would_set == {0: 175}
+    assert s.backend.would_set == {0: want}
     assert rig.backend(gpu_observe=True).get_power_limit_w(0) == backend_limit
     assert actions(rig.cell_ledger) == [("apply", "observed")]
     assert audit_rc(rig.cell_ledger) == 0
