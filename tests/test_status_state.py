@@ -51,7 +51,7 @@ def sweep(tmp_path):
 def test_states_from_markers(sweep, monkeypatch):
     import orchestrator.status.state as state
 
-    monkeypatch.setattr(state, "_validate", lambda p, ids: {c: checksum_verdict(p, c) for c in ids})
+    monkeypatch.setattr(state, "_validate", lambda p, ids, deep=True: {c: checksum_verdict(p, c) for c in ids})
     paths, ids = sweep
     st = sweep_status(paths, query_queue=False)
     got = {c.cell_id: c.state for c in st.cells}
@@ -65,7 +65,7 @@ def test_states_from_markers(sweep, monkeypatch):
 def test_resubmit_choice(sweep, monkeypatch, capsys):
     import orchestrator.status.state as state
 
-    monkeypatch.setattr(state, "_validate", lambda p, ids: {c: checksum_verdict(p, c) for c in ids})
+    monkeypatch.setattr(state, "_validate", lambda p, ids, deep=True: {c: checksum_verdict(p, c) for c in ids})
     paths, ids = sweep
     st = sweep_status(paths, query_queue=False)
     assert choose(st, None, False) == ids[1:5]
@@ -100,7 +100,8 @@ def test_submissions_with_mismatched_ids(sweep):
 def cmd_args(paths: SweepPaths, **kw):
     import argparse
 
-    base = {"sweep_dir": str(paths.root), "json": False, "watch": False, "interval": 0.1, "no_validate": False}
+    base = {"sweep_dir": str(paths.root), "json": False, "watch": False, "interval": 0.1, "no_validate": False,
+            "deep": False}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -125,7 +126,7 @@ def test_unreachable_slurm_gives_unknown_states_and_blocks_resubmit(sweep, monke
         raise SlurmCommandError(["squeue"], "squeue failed: Unable to contact slurm controller")
 
     monkeypatch.setattr(state, "squeue_jobs", down)
-    monkeypatch.setattr(state, "_validate", lambda p, ids: {c: checksum_verdict(p, c) for c in ids})
+    monkeypatch.setattr(state, "_validate", lambda p, ids, deep=True: {c: checksum_verdict(p, c) for c in ids})
     paths, ids = sweep
     st = sweep_status(paths)
     got = {c.cell_id: c.state for c in st.cells}
@@ -137,3 +138,20 @@ def test_unreachable_slurm_gives_unknown_states_and_blocks_resubmit(sweep, monke
     args.cells, args.force, args.dry_run = None, False, False
     assert resubmit_cmd.run(args) == 2
     assert "cannot resubmit while Slurm cannot be asked" in capsys.readouterr().err
+
+
+def test_status_checks_checksums_and_deep_also_parses(sweep):
+    """A file rewritten with its new checksum put into DONE.json passes the checksum
+    check; only the deep check (what resubmit uses) finds that it is not Parquet."""
+    from orchestrator.contracts import read_json, sha256_file, atomic_write_json
+
+    paths, ids = sweep
+    bad = paths.requests_file(ids[0])
+    bad.write_bytes(b"not parquet at all")
+    done = read_json(paths.done_marker(ids[0]))
+    done["files"]["requests/rank-0.parquet"]["sha256"] = sha256_file(bad)
+    atomic_write_json(paths.done_marker(ids[0]), done)
+    fast = {c.cell_id: c.state for c in sweep_status(paths, query_queue=False, deep=False).cells}
+    deep = {c.cell_id: c for c in sweep_status(paths, query_queue=False, deep=True).cells}
+    assert fast[ids[0]] == "done" and fast[ids[1]] == "invalid"
+    assert deep[ids[0]].state == "invalid"

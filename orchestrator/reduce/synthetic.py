@@ -72,7 +72,7 @@ def write_plan(paths: SweepPaths, params_list: list[dict[str, Any]]) -> list[str
     for p in params_list:
         cid = cell_id_of(p)
         ids.append(cid)
-        lines.append(json.dumps({"id": cid, "params": p, "options": {}, "launcher": "local", "nodes": 1,
+        lines.append(json.dumps({"id": cid, "params": p, "options": {}, "launcher": {"name": "local"}, "nodes": 1,
                                  "feasible": True, "reason": None}, sort_keys=True))
     atomic_write_bytes(paths.plan_jsonl, ("\n".join(lines) + "\n").encode())
     return ids

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch", action="store_true", help="refresh counts and a progress bar until every cell has ended")
     p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between --watch refreshes (default 2)")
     p.add_argument("--no-validate", action="store_true", help="trust DONE.json without checking the output files")
+    p.add_argument("--deep", action="store_true",
+                   help="validate done cells as reduce does (footers, schemas, row ownership), not only their checksums; "
+                        "resubmit always does")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.watch:
             return _watch(paths, args.interval, not args.no_validate)
-        st = sweep_status(paths, validate=not args.no_validate)
+        st = sweep_status(paths, validate=not args.no_validate, deep=args.deep)
     except (StatusError, SlurmCommandError) as e:
         print(f"wattsweep status: {e}", file=sys.stderr)
         return 2
@@ -74,7 +77,7 @@ def progress_line(st: SweepStatus) -> str:
 def _watch(paths: SweepPaths, interval_s: float, validate: bool) -> int:
     tty = sys.stdout.isatty()
     while True:
-        st = sweep_status(paths, validate=validate)
+        st = sweep_status(paths, validate=validate, deep=False)  # refreshed often: checksums only
         line = progress_line(st)
         print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
         if st.all_ended:
