@@ -4,8 +4,8 @@ For each model shape and batch size: tokens/s, J/token (NVML energy counter
 over the timed window), mean W, and the fraction of the weight-streaming
 roofline (bytes of weights read per decode step over the card's copy bandwidth,
 measured in the same run). CUDA graph on vs off, the 10 Hz instant-power
-sampler on vs off, and (``--compare-fused``) the fused vs the unfused decode
-step, in the same run. Warm-up is excluded; every window starts
+sampler on vs off, and (``--steps``) variants of the decode step, in the same
+run. Warm-up is excluded; every window starts
 and ends on a device synchronise.
 
     python benchmarks/decode_bench.py --models llama-7b --batch-sizes 1,8,64 --out results.json
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.nvml_probe import Nvml, PowerSampler  # noqa: E402
+from benchmarks.nvml_probe import Nvml  # noqa: E402
 from workers.dist import init_distributed, shutdown  # noqa: E402
 from workers.model import PRESETS, Generator, build_model, fused  # noqa: E402
 
@@ -57,10 +57,15 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
                 device: torch.device, sampler_hz: float | None) -> dict:
     """``reps`` generate calls as one window; decode time summed from the phase marks."""
     marks: list[tuple[str, float]] = []
-    on_phase = lambda phase: marks.append((phase, time.perf_counter()))  # noqa: E731
-    sampler = PowerSampler(nvml, sampler_hz) if sampler_hz else None
+    sampler = _worker_sampler(nvml, sampler_hz) if sampler_hz else None
+
+    def on_phase(phase: str) -> None:
+        marks.append((phase, time.perf_counter()))
+        if sampler is not None:
+            sampler.mark(phase)  # as the worker marks phases: rows, and a counter read off the decode path
+
     if sampler:
-        sampler.__enter__()
+        sampler.start()
     _sync(device)
     e0, t0 = nvml.energy_j(), time.perf_counter()
     tokens = 0
@@ -70,7 +75,7 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
         tokens += sum(len(o) for o in out)
     t1, e1 = time.perf_counter(), nvml.energy_j()
     if sampler:
-        sampler.__exit__()
+        sampler.stop()
     decode_s = sum(marks[i + 1][1] - marks[i][1] for i in range(len(marks) - 1) if marks[i][0] == "decode")
     wall = t1 - t0
     energy = None if e0 is None else e1 - e0
@@ -80,20 +85,57 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
            "energy_j": energy, "j_per_token": None if energy is None else energy / tokens,
            "mean_w": None if energy is None else energy / wall}
     if sampler:
-        res["sampler_samples"] = len(sampler.samples)
-        res["sampler_mean_w"] = sampler.mean_w()
+        res["sampler_rows"] = sampler.rows
+        res["sampler_error"] = sampler.error
     return res
 
 
-def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.device, out: Path) -> None:
+_BACKEND: list = []
+
+
+def _worker_sampler(nvml: Nvml, hz: float):
+    """The worker's own telemetry sampler (every field it records, the energy counter at
+    1 Hz and at each phase mark) on the NVML backend in observe mode: nothing is set."""
+    from workers.gpu.nvml import NvmlBackend
+    from workers.telemetry.sampler import Sampler
+
+    if not _BACKEND:
+        _BACKEND.append(NvmlBackend(observe_only=True))
+    return Sampler(_BACKEND[0], nvml.index, cell_id="decode-bench", host=platform.node(), rank=0,
+                   gpu_uuid="", hz=hz)
+
+
+def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.device, dynamic_kv: bool,
+                 out: Path) -> None:
     """Kernel table of eager decode steps (same kernels the graph replays), to see where time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=seq_len, device=str(device), cuda_graph=False)
+    gen = Generator(model, max_batch_size=len(prompts), max_seq_len=seq_len, device=str(device), cuda_graph=False,
+                    dynamic_kv=dynamic_kv)
     gen.generate(prompts, max_new_tokens=4, eos_id=None)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         gen.generate(prompts, max_new_tokens=9, eos_id=None)  # 1 prefill + 8 decode steps
     out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
+STEP_HELP = {"plain": "unfused, SDPA over key buckets", "fused-sdpa": "compiled elementwise kernels, SDPA over key buckets",
+             "fused": "compiled elementwise kernels, attention over used slots; the default"}
+# decode-step variants: (model.fuse, Generator dynamic_kv)
+STEPS = {
+    "plain": (False, False),  # unfused elementwise work, SDPA over 32-key buckets with a mask
+    "fused-sdpa": (True, False),  # compiled elementwise kernels, SDPA over buckets
+    "fused": (True, True),  # compiled elementwise kernels, attention over each row's used slots (the default)
+}
+
+
+def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,
+                    prompts: list[list[int]], graph: bool) -> tuple[Generator, float]:
+    model.fuse, dynamic = STEPS[step]
+    gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=graph,
+                    kv_bucket=args.kv_bucket, dynamic_kv=dynamic)
+    t = time.perf_counter()
+    gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up, compile, graph capture
+    return gen, time.perf_counter() - t
 
 
 def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, device: torch.device,
@@ -109,20 +151,23 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
     roofline_step_s = weight_bytes / bw
     g = torch.Generator().manual_seed(1)
     rows = []
-    fuses = [False, True] if args.compare_fused else [args.fuse]
-    sampler_variants = [("off", None), ("on", args.sampler_hz)] if args.compare_sampler else [("off", None)]
+    steps = args.steps.split(",")
+    sampler_variants = [("off", None)]
+    if args.compare_sampler and nvml.available:  # the sampler reads a real card
+        sampler_variants.append(("on", args.sampler_hz))
 
-    def row(b: int, graph: bool, fuse: bool, sampler: str, warm_s: float, runs: list[dict]) -> None:
+    def row(b: int, graph: bool, step: str, sampler: str, warm_s: float, runs: list[dict]) -> None:
         best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # median window
         rows.append({
-            "model": name, "batch_size": b, "cuda_graph": graph, "fused": fuse, "sampler": sampler,
+            "model": name, "batch_size": b, "cuda_graph": graph, "step": step, "fused": STEPS[step][0],
+            "sampler": sampler,
             "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "reps": args.reps, "kv_bucket": args.kv_bucket,
             "warmup_s": warm_s, "build_s": build_s, "weight_bytes": weight_bytes,
             "roofline_step_ms": 1e3 * roofline_step_s,
             "roofline_fraction_decode": roofline_step_s / (best["decode_step_ms"] / 1e3),
             "tokens_per_s_all_windows": [r["tokens_per_s"] for r in runs], **best})
-        print(json.dumps({k: rows[-1][k] for k in ("model", "batch_size", "cuda_graph", "fused", "sampler",
+        print(json.dumps({k: rows[-1][k] for k in ("model", "batch_size", "cuda_graph", "step", "sampler",
                                                     "warmup_s", "tokens_per_s", "decode_step_ms",
                                                     "roofline_fraction_decode", "j_per_token", "mean_w")}),
               flush=True)
@@ -130,36 +175,27 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
     for b in batch_sizes:
         prompts = torch.randint(3, shape.vocab_size, (b, args.prompt_tokens), generator=g).tolist()
         if args.profile_dir and device.type == "cuda":
-            for fuse in fuses:
-                model.fuse = fuse
-                profile_step(model, prompts, seq_len, device,
-                             Path(args.profile_dir) / f"profile_{name}_b{b}{'_fused' if fuse else ''}.txt")
-        gens: dict[bool, tuple[Generator, float]] = {}
-        for fuse in fuses:  # the decode path is fixed when a generator captures its graphs
-            model.fuse = fuse
-            gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=True,
-                            kv_bucket=args.kv_bucket)
-            t = time.perf_counter()
-            gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up, compile, graph capture
-            gens[fuse] = (gen, time.perf_counter() - t)
-        results: dict[tuple[bool, str], list[dict]] = {(f, v): [] for f in fuses for v, _ in sampler_variants}
+            for step in steps:
+                model.fuse = STEPS[step][0]
+                profile_step(model, prompts, seq_len, device, STEPS[step][1],
+                             Path(args.profile_dir) / f"profile_{name}_b{b}_{step}.txt")
+        gens: dict[str, tuple[Generator, float]] = {}
+        for step in steps:  # the decode path is fixed when a generator captures its graphs
+            gen, warm_s = _warm_generator(model, step, b, seq_len, device, args, prompts, graph=True)
+            gens[step] = (gen, warm_s)
+        results: dict[tuple[str, str], list[dict]] = {(st, v): [] for st in steps for v, _ in sampler_variants}
         for _ in range(args.rounds):  # interleave the variants so that drift hits all alike
-            for fuse in fuses:
-                model.fuse = fuse
+            for step in steps:
+                model.fuse = STEPS[step][0]
                 for v, hz in sampler_variants:
-                    results[(fuse, v)].append(time_window(gens[fuse][0], prompts, args.new_tokens, args.reps,
+                    results[(step, v)].append(time_window(gens[step][0], prompts, args.new_tokens, args.reps,
                                                           nvml, device, hz))
-        for (fuse, v), runs in results.items():
-            row(b, True, fuse, v, gens[fuse][1], runs)
+        for (step, v), runs in results.items():
+            row(b, True, step, v, gens[step][1], runs)
         del gens, gen
         if args.compare_graph:
-            model.fuse = args.fuse
-            gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=False,
-                            kv_bucket=args.kv_bucket)
-            t = time.perf_counter()
-            gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)
-            warm_s = time.perf_counter() - t
-            row(b, False, args.fuse, "off", warm_s,
+            gen, warm_s = _warm_generator(model, steps[-1], b, seq_len, device, args, prompts, graph=False)
+            row(b, False, steps[-1], "off", warm_s,
                 [time_window(gen, prompts, args.new_tokens, args.reps, nvml, device, None)])
             del gen
     del model
@@ -192,11 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="decode_bench.json")
     p.add_argument("--profile-dir", default=None, help="write a kernel table per batch size here")
     p.add_argument("--kv-bucket", type=int, default=32, help="attention reads keys in multiples of this")
-    p.add_argument("--no-fuse", dest="fuse", action="store_false",
-                   help="decode steps take the unfused path (default: fused, compiled elementwise kernels)")
-    p.add_argument("--compare-fused", action="store_true",
-                   help="measure the unfused and the fused decode step in the same run, windows interleaved")
+    p.add_argument("--steps", default="fused",
+                   help=f"comma list of decode-step variants, measured in the same run with windows "
+                        f"interleaved: {', '.join(f'{k} ({v})' for k, v in STEP_HELP.items())}")
+    p.add_argument("--compare-fused", action="store_true", help="same as --steps plain,fused")
     args = p.parse_args(argv)
+    if args.compare_fused:
+        args.steps = "plain,fused"
+    unknown = [s for s in args.steps.split(",") if s not in STEPS]
+    if unknown:
+        p.error(f"unknown step variant(s) {unknown}; valid: {', '.join(STEPS)}")
 
     info = init_distributed(1)
     device = torch.device(info.device)
@@ -208,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_model(name, [int(b) for b in args.batch_sizes.split(",")], args, device, nvml, bw)
         write_report(args.out, nvml, bw, rows)  # after each model: a cut-short run keeps what it measured
     print(f"fused: {fused.status()}")
-    print(f"{'model':10} {'batch':>5} {'graph':>5} {'fused':>5} {'smp':>3} {'tok/s':>8} {'step ms':>7} "
+    print(f"{'model':10} {'batch':>5} {'graph':>5} {'step':>10} {'smp':>3} {'tok/s':>8} {'step ms':>7} "
           f"{'roof':>5} {'J/tok':>7} {'W':>5}")
     for r in rows:
         jt = float("nan") if r["j_per_token"] is None else r["j_per_token"]
         w = float("nan") if r["mean_w"] is None else r["mean_w"]
-        print(f"{r['model']:10} {r['batch_size']:5d} {r['cuda_graph']!s:>5} {r['fused']!s:>5} {r['sampler']:>3} "
+        print(f"{r['model']:10} {r['batch_size']:5d} {r['cuda_graph']!s:>5} {r['step']:>10} {r['sampler']:>3} "
               f"{r['tokens_per_s']:8.1f} {r['decode_step_ms']:7.3f} {r['roofline_fraction_decode']:5.1%} "
               f"{jt:7.4f} {w:5.0f}")
     shutdown()

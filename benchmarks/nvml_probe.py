@@ -1,12 +1,10 @@
-"""NVML helpers for the decode benchmark: energy counter and a 10 Hz instant-power sampler.
+"""NVML helpers for the decode benchmark: the energy counter, instant power, the power limit.
 
 Read-only: nothing here changes a setting of the card.
 """
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NVML_FI_DEV_POWER_INSTANT = 186  # nvml.h; older bindings lack the name
 
@@ -52,37 +50,3 @@ class Nvml:
         if not self.available:
             return None
         return self._nv.nvmlDeviceGetEnforcedPowerLimit(self._handle) / 1000.0
-
-
-@dataclass
-class PowerSampler:
-    """A thread reading instant power at ``hz`` until stopped."""
-
-    nvml: Nvml
-    hz: float = 10.0
-    samples: list[tuple[float, float]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> "PowerSampler":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        period = 1.0 / self.hz
-        next_t = time.perf_counter()
-        while not self._stop.is_set():
-            w = self.nvml.power_instant_w()
-            if w is not None:
-                self.samples.append((time.perf_counter(), w))
-            next_t += period
-            self._stop.wait(max(0.0, next_t - time.perf_counter()))
-
-    def mean_w(self) -> float | None:
-        return sum(w for _, w in self.samples) / len(self.samples) if self.samples else None

@@ -168,8 +168,42 @@ def test_fused_decode_step_matches_plain_path():
         torch.testing.assert_close(step[True], step[False], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(step[(True, "k")], step[(False, "k")], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(step[(True, "v")], step[(False, "v")], rtol=0, atol=0)
+        # the same step with the used-slots attention (pads, no mask) gives the same logits
+        model.fuse = True
+        forward_full(model, tokens)
+        dyn = model(torch.tensor([[11]]), torch.tensor([[4]]), slot, None, kv_len, pads=torch.tensor([0]))
+        model.fuse = False
+        torch.testing.assert_close(dyn, step[False], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="plain path needs a mask"):
+            model(torch.tensor([[11]]), torch.tensor([[4]]), slot, None, kv_len, pads=torch.tensor([0]))
     finally:
         fused.COMPILE = saved
+
+
+def test_used_slots_attention_reference_by_hand():
+    """Row b attends to slots pads[b]..pos only (padding and stale slots past pos are
+    ignored), grouped-query heads share their key/value head."""
+    from workers.model.attention import decode_attention, decode_attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, s, d = 3, 4, 2, 10, 8
+    q = torch.randn(b, hq, 1, d, generator=g)
+    k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    pads, pos = torch.tensor([0, 2, 5]), torch.tensor([6])
+    out = decode_attention_reference(q, k, v, pads, pos)
+    for row in range(b):
+        for head in range(hq):
+            keys = k[row, head // 2, pads[row]: 7]
+            w = torch.softmax(keys @ q[row, head, 0] / d ** 0.5, dim=0)
+            torch.testing.assert_close(out[row, head, 0], w @ v[row, head // 2, pads[row]: 7])
+    # on the CPU the public entry point is the reference
+    torch.testing.assert_close(decode_attention(q, k, v, pads, pos), out)
+
+
+def test_generator_refuses_used_slots_attention_on_the_plain_path():
+    model = tiny(seed=1)
+    with pytest.raises(ValueError, match="needs the model's fused decode path"):
+        Generator(model, max_batch_size=2, max_seq_len=32, device="cpu", dynamic_kv=True)
 
 
 @pytest.mark.slow

@@ -20,15 +20,42 @@ def model():
     shutdown()
 
 
-def test_graph_decode_matches_eager_and_full_forward(model):
+@pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fused"])
+def test_graph_decode_matches_eager_and_full_forward(model, fuse):
+    model.fuse = fuse
     prompts = [[1, 7, 8, 9, 10], [1, 42], [1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]]
     graph = Generator(model, max_batch_size=4, max_seq_len=300, device="cuda:0", cuda_graph=True)
     eager = Generator(model, max_batch_size=4, max_seq_len=300, device="cuda:0", cuda_graph=False)
-    out_g = graph.generate(prompts, max_new_tokens=200, eos_id=None)  # crosses the 128-key bucket
+    out_g = graph.generate(prompts, max_new_tokens=200, eos_id=None)  # crosses key buckets
     out_e = eager.generate(prompts, max_new_tokens=200, eos_id=None)
-    assert graph.use_graph and len(graph._graphs) >= 2
+    # the fused step reads each row's used slots with the bounds on the device: one graph
+    assert graph.use_graph and (len(graph._graphs) == 1 if fuse else len(graph._graphs) >= 2)
     assert out_g == out_e and all(len(o) == 200 for o in out_g)
     seq = list(prompts[1])
     for _ in range(20):
         seq.append(int(forward_full(model, torch.tensor([seq]))[0, -1].argmax()))
     assert out_g[1][:20] == seq[2:]
+
+
+@pytest.mark.parametrize("b,hq,hkv,s,d,dtype,splits", [
+    (1, 32, 32, 384, 128, torch.bfloat16, None),  # LLaMA-7B, batch 1: split keys, merge kernel
+    (64, 32, 32, 384, 128, torch.bfloat16, None),  # batch 64: one chunk per head
+    (4, 8, 1, 300, 128, torch.float16, 3),  # grouped-query (70B on 8 shards), chunk bounds
+    (3, 8, 8, 77, 32, torch.float32, 2),  # llama-tiny's head size, odd cache length
+    (2, 6, 2, 50, 24, torch.float32, None),  # head size not a power of two
+])
+def test_used_slots_attention_kernel_matches_reference(b, hq, hkv, s, d, dtype, splits):
+    from workers.model.attention import decode_attention, decode_attention_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(b + 1, hkv, s, d, device="cuda", dtype=dtype, generator=g)[:b]  # a slice, as the cache is
+    v = torch.randn(b + 1, hkv, s, d, device="cuda", dtype=dtype, generator=g)[:b]
+    pads = torch.randint(0, s // 3, (b,), device="cuda", generator=g)
+    for last in (s // 3, s // 2, s - 1):  # pos somewhere inside a chunk, and the very end
+        pos = torch.tensor([last], device="cuda")
+        k[:, :, last + 1:] = 1e4  # stale slots past pos must not count
+        ref = decode_attention_reference(q.float(), k.float(), v.float(), pads, pos)
+        out = decode_attention(q, k, v, pads, pos, splits=splits)
+        tol = 2e-2 if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)

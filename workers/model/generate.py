@@ -5,8 +5,10 @@ host work per token on a GPU:
 - each decode step (embedding → layers → argmax → write the token) is captured
   once as a CUDA graph per key-length bucket and replayed; every input lives in
   a static device tensor, and the step advances its own position counters;
-- attention reads only the cache slots up to the current bucket (multiples of
-  ``kv_bucket``), not the whole ``max_seq_len``;
+- on the fused path, attention reads each row's used cache slots only, with
+  the bounds on the device (``attention.py``): one graph serves every step;
+  on the plain path it reads the slots up to the current bucket (multiples of
+  ``kv_bucket``), one graph per bucket;
 - the batch is padded to ``max_batch_size`` rows so one set of graphs serves
   every batch (a short last batch costs what a full one does);
 - stop-at-EOS is a device-side flag per row, read by the host every
@@ -66,7 +68,8 @@ def forward_full(model: Transformer, tokens: torch.Tensor, pads: torch.Tensor | 
 
 class Generator:
     def __init__(self, model: Transformer, *, max_batch_size: int, max_seq_len: int, device: str,
-                 cuda_graph: bool = True, kv_bucket: int = 32, eos_check_every: int = 16) -> None:
+                 cuda_graph: bool = True, kv_bucket: int = 32, eos_check_every: int = 16,
+                 dynamic_kv: bool | None = None) -> None:
         if max_batch_size > model.max_batch_size or max_seq_len > model.max_seq_len:
             raise ValueError(f"generator wants batch {max_batch_size} x {max_seq_len} tokens but the model's "
                              f"cache holds {model.max_batch_size} x {model.max_seq_len}")
@@ -74,6 +77,13 @@ class Generator:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.kv_bucket, self.eos_check_every = kv_bucket, eos_check_every
         self.use_graph = cuda_graph and self.device.type == "cuda"
+        # the model's decode path when this generator was made; its graphs keep it.
+        # dynamic_kv=False keeps the fused step's attention on SDPA over key buckets
+        # (benchmarks compare the two)
+        fuse = bool(getattr(model, "fuse", False))
+        if dynamic_kv and not fuse:
+            raise ValueError("dynamic_kv needs the model's fused decode path (model.fuse = True)")
+        self.dynamic_kv = fuse if dynamic_kv is None else dynamic_kv
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._state: dict[str, torch.Tensor] = {}
         self._key_idx = torch.arange(max_seq_len, device=self.device)
@@ -133,10 +143,13 @@ class Generator:
         s = self._state
         rows = s["tok"].shape[0]
         positions = (s["pos"] - s["pads"]).clamp(min=0).view(rows, 1)
-        keys = self._key_idx[:kv_len]
-        allowed = (keys[None, :] >= s["pads"][:, None]) & (keys[None, :] <= s["pos"])
-        mask = additive(allowed.view(rows, 1, 1, kv_len), self.model.norm.weight.dtype)
-        logits = self.model(s["tok"], positions, s["pos"], mask, kv_len)
+        if self.dynamic_kv:
+            logits = self.model(s["tok"], positions, s["pos"], None, kv_len, pads=s["pads"])
+        else:
+            keys = self._key_idx[:kv_len]
+            allowed = (keys[None, :] >= s["pads"][:, None]) & (keys[None, :] <= s["pos"])
+            mask = additive(allowed.view(rows, 1, 1, kv_len), self.model.norm.weight.dtype)
+            logits = self.model(s["tok"], positions, s["pos"], mask, kv_len)
         nxt = logits[:, -1].argmax(dim=-1)
         s["out"].index_copy_(1, s["step"], nxt.view(rows, 1))
         s["done"] |= nxt == s["eos"]
@@ -145,16 +158,19 @@ class Generator:
         s["step"] += 1
 
     def _buckets(self) -> list[int]:
+        if self.dynamic_kv:
+            return [self.max_seq_len]
         return sorted({min(b, self.max_seq_len) for b in range(self.kv_bucket, self.max_seq_len + self.kv_bucket,
                                                                   self.kv_bucket)})
 
     def _bucket(self, n_keys: int) -> int:
+        if self.dynamic_kv:
+            return self.max_seq_len
         return min(-(-n_keys // self.kv_bucket) * self.kv_bucket, self.max_seq_len)
 
     def _capture_all(self) -> None:
         """Capture one graph per key bucket. Runs touch only cache slot 0 and the
         state tensors, which every generate call rewrites before use."""
-        s = self._state
         try:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

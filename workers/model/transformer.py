@@ -31,6 +31,7 @@ from torch import nn
 
 from . import fused
 from .args import ModelArgs
+from .attention import decode_attention
 
 
 def _shard(n: int, what: str) -> int:
@@ -155,13 +156,18 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward_fused(self, x: torch.Tensor, cos_sin: torch.Tensor, slots: torch.Tensor,
-                      mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+                      mask: torch.Tensor | None, kv_len: int, pads: torch.Tensor | None = None) -> torch.Tensor:
         """As ``forward``, with rotary and both cache writes in one fused kernel;
-        ``cos_sin`` is the rotary table as real (cos, sin) pairs."""
+        ``cos_sin`` is the rotary table as real (cos, sin) pairs. Given ``pads``, attention
+        reads each row's slots ``pads[b]..slots[0]`` only (``attention.py``) and ``mask``
+        and ``kv_len`` are not used."""
         b, t, _ = x.shape
         nq, nkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         qkv = F.linear(x, self._wqkv).view(b, t, nq + 2 * nkv, hd)
         q = fused.ROPE_CACHE(qkv, cos_sin, self.cache_k[:b], self.cache_v[:b], slots, nq, nkv)
+        if pads is not None:
+            out = decode_attention(q, self.cache_k[:b], self.cache_v[:b], pads, slots)
+            return self.wo(out.transpose(1, 2).reshape(b, t, -1))
         keys, values = self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len]
         if self.n_rep > 1:
             keys = keys.repeat_interleave(self.n_rep, dim=1)
@@ -202,7 +208,8 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, cos_sin: torch.Tensor,
-                      slots: torch.Tensor, mask: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      slots: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
+                      pads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is ``x + delta`` (``delta`` the previous layer's last output,
         not yet added: the add is fused with this layer's first norm). Returns this
         layer's (x, delta) likewise."""
@@ -210,7 +217,7 @@ class TransformerBlock(nn.Module):
             normed = self.attention_norm(x)
         else:
             x, normed = fused.ADD_RMS_NORM(x, delta, self.attention_norm.weight, self.attention_norm.eps)
-        attn = self.attention.forward_fused(normed, cos_sin, slots, mask, kv_len)
+        attn = self.attention.forward_fused(normed, cos_sin, slots, mask, kv_len, pads)
         x, normed = fused.ADD_RMS_NORM(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
         return x, self.feed_forward.forward_fused(normed)
 
@@ -239,17 +246,22 @@ class Transformer(nn.Module):
         return self.norm.weight.device
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                mask: torch.Tensor, kv_len: int, last_only: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None, kv_len: int, last_only: bool = False,
+                pads: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: (B, T); slots: (T,) cache indices; mask: (B, 1, T, kv_len) additive (0 / -inf).
-        Returns float32 logits (B, T, vocab), or (B, 1, vocab) with ``last_only``."""
+        Returns float32 logits (B, T, vocab), or (B, 1, vocab) with ``last_only``.
+        A fused decode step may instead be given ``pads`` (B,), the first cache slot of
+        each row, and no mask: its attention then reads slots ``pads[b]..slots[0]``."""
         h = self.tok_embeddings(tokens)
         if self.fuse and tokens.shape[1] == 1:
             cos_sin = torch.view_as_real(self.rope)[positions].unsqueeze(2)
             delta = None
             for layer in self.layers:
-                h, delta = layer.forward_fused(h, delta, cos_sin, slots, mask, kv_len)
+                h, delta = layer.forward_fused(h, delta, cos_sin, slots, mask, kv_len, pads)
             _, normed = fused.ADD_RMS_NORM(h, delta, self.norm.weight, self.norm.eps)
             return self.output(normed).float()
+        if mask is None:
+            raise ValueError("the plain path needs a mask; only a fused decode step takes pads instead")
         freqs = self.rope[positions].unsqueeze(2)
         for layer in self.layers:
             h = layer(h, freqs, slots, mask, kv_len)

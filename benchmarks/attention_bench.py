@@ -1,0 +1,88 @@
+"""Decode attention alone: SDPA over a key bucket with a mask against the used-slots kernel.
+
+LLaMA-7B's attention shape (32 heads of 128, bf16) on one GPU: per batch size and
+cache position, the time of one layer's decode attention and the bytes of keys and
+values it must read (the used slots only) over that time. Times are CUDA-event
+medians of 200 calls after 20 of warm-up.
+
+    python benchmarks/attention_bench.py --batch-sizes 1,8,64 --out attention_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from workers.model.attention import decode_attention, plan_splits  # noqa: E402
+
+
+def _time_us(fn, reps: int = 200, warm: int = 20) -> float:
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def sdpa_bucket(q, k, v, pads, pos, bucket: int):
+    n = min(-(-(int(pos) + 1) // bucket) * bucket, k.shape[2])
+    keys = torch.arange(n, device=q.device)
+    allowed = (keys[None, :] >= pads[:, None]) & (keys[None, :] <= pos)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    return F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], attn_mask=mask.view(-1, 1, 1, n))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--max-seq-len", type=int, default=384)
+    p.add_argument("--positions", default="255,383", help="last cache slot written (keys 0..pos are used)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--splits", default="auto,1,2,4,8", help="key-chunk counts to try for the kernel")
+    p.add_argument("--out", default="attention_bench.json")
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    rows = []
+    for b in [int(x) for x in args.batch_sizes.split(",")]:
+        shape = (b, args.heads, args.max_seq_len, args.head_dim)
+        k = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+        q = torch.randn(b, args.heads, 1, args.head_dim, device=dev, dtype=torch.bfloat16)
+        pads = torch.zeros(b, dtype=torch.long, device=dev)
+        for last in [int(x) for x in args.positions.split(",")]:
+            pos = torch.tensor([last], device=dev)
+            used_bytes = 2 * b * args.heads * (last + 1) * args.head_dim * 2
+            variants = {"sdpa-bucket32 (+mask)": lambda: sdpa_bucket(q, k, v, pads, pos, 32)}
+            for sp in args.splits.split(","):
+                n = None if sp == "auto" else int(sp)
+                label = f"kernel splits={sp}" + (f" ({plan_splits(b * args.heads, args.max_seq_len, sms)[0]})"
+                                                  if n is None else "")
+                variants[label] = (lambda n=n: decode_attention(q, k, v, pads, pos, splits=n))
+            for name, fn in variants.items():
+                us = _time_us(fn)
+                rows.append({"batch_size": b, "pos": last, "variant": name, "us": us,
+                             "used_kv_gb_s": used_bytes / us / 1e3})
+                print(f"b={b:3d} pos={last:4d} {name:28s} {us:8.2f} us  {used_bytes / us / 1e3:7.1f} GB/s", flush=True)
+    Path(args.out).write_text(json.dumps({"card": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+                                          "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                          "command": " ".join(sys.argv), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
