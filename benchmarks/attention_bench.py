@@ -1,9 +1,10 @@
 """Decode attention alone: SDPA over a key bucket with a mask against the used-slots kernel.
 
 LLaMA-7B's attention shape (32 heads of 128, bf16) on one GPU: per batch size and
-cache position, the time of one layer's decode attention and the bytes of keys and
-values it must read (the used slots only) over that time. Times are CUDA-event
-medians of 200 calls after 20 of warm-up.
+cache position, the GPU time of one layer's decode attention (mask building
+included for SDPA) and the bytes of keys and values it must read (the used slots
+only) over that time. Each time is the median over 15 replays of a CUDA graph
+of 32 calls, so host overhead is not counted, as in the generator's graphs.
 
     python benchmarks/attention_bench.py --batch-sizes 1,8,64 --out attention_bench.json
 """
@@ -20,20 +21,32 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from workers.model import attention  # noqa: E402
 from workers.model.attention import decode_attention, plan_splits  # noqa: E402
 
 
-def _time_us(fn, reps: int = 200, warm: int = 20) -> float:
-    for _ in range(warm):
-        fn()
+def _time_us(fn, calls: int = 32, reps: int = 15) -> float:
+    """GPU time of one call: ``calls`` calls captured in a CUDA graph (as the decode
+    step runs them, no host work between kernels), replayed ``reps`` times; median."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
+        times.append(a.elapsed_time(b) * 1e3 / calls)
     return statistics.median(times)
 
 
@@ -52,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", default="255,383", help="last cache slot written (keys 0..pos are used)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--splits", default="auto,1,2,4,8", help="key-chunk counts to try for the kernel")
+    p.add_argument("--configs", default="64:16:4,32:16:4,64:1:4,64:16:8,128:16:8",
+                   help="kernel configurations to try, BLOCK_N:MAX_SPLITS:NUM_WARPS (the default first)")
     p.add_argument("--out", default="attention_bench.json")
     args = p.parse_args(argv)
     dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    defaults = attention.BLOCK_N, attention.NUM_WARPS
     rows = []
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         shape = (b, args.heads, args.max_seq_len, args.head_dim)
@@ -67,14 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         for last in [int(x) for x in args.positions.split(",")]:
             pos = torch.tensor([last], device=dev)
             used_bytes = 2 * b * args.heads * (last + 1) * args.head_dim * 2
-            variants = {"sdpa-bucket32 (+mask)": lambda: sdpa_bucket(q, k, v, pads, pos, 32)}
-            for sp in args.splits.split(","):
-                n = None if sp == "auto" else int(sp)
-                label = f"kernel splits={sp}" + (f" ({plan_splits(b * args.heads, args.max_seq_len, sms)[0]})"
-                                                  if n is None else "")
-                variants[label] = (lambda n=n: decode_attention(q, k, v, pads, pos, splits=n))
-            for name, fn in variants.items():
+            variants = {"sdpa-bucket32 (+mask)": (lambda: sdpa_bucket(q, k, v, pads, pos, 32), None)}
+            for cfg in args.configs.split(","):
+                block_n, max_splits, warps = (int(x) for x in cfg.split(":"))
+                splits, chunk = plan_splits(args.max_seq_len, block_n, max_splits)
+                variants[f"kernel {cfg} ({splits}x{chunk})"] = (
+                    lambda ms=max_splits: decode_attention(q, k, v, pads, pos, splits=ms), (block_n, warps))
+            for name, (fn, cfg) in variants.items():
+                if cfg:
+                    attention.BLOCK_N, attention.NUM_WARPS = cfg
                 us = _time_us(fn)
+                attention.BLOCK_N, attention.NUM_WARPS = defaults
                 rows.append({"batch_size": b, "pos": last, "variant": name, "us": us,
                              "used_kv_gb_s": used_bytes / us / 1e3})
                 print(f"b={b:3d} pos={last:4d} {name:28s} {us:8.2f} us  {used_bytes / us / 1e3:7.1f} GB/s", flush=True)

@@ -40,8 +40,9 @@ def test_graph_decode_matches_eager_and_full_forward(model, fuse):
 @pytest.mark.parametrize("b,hq,hkv,s,d,dtype,splits", [
     (1, 32, 32, 384, 128, torch.bfloat16, None),  # LLaMA-7B, batch 1: split keys, merge kernel
     (64, 32, 32, 384, 128, torch.bfloat16, None),  # batch 64: one chunk per head
-    (4, 8, 1, 300, 128, torch.float16, 3),  # grouped-query (70B on 8 shards), chunk bounds
-    (3, 8, 8, 77, 32, torch.float32, 2),  # llama-tiny's head size, odd cache length
+    (4, 8, 1, 300, 128, torch.float16, 3),  # grouped-query (70B on 8 shards), long chunks
+    (2, 4, 4, 2100, 64, torch.bfloat16, None),  # a long cache: chunks of several blocks
+    (3, 8, 8, 77, 32, torch.float32, 1),  # llama-tiny's head size, odd cache length, one chunk
     (2, 6, 2, 50, 24, torch.float32, None),  # head size not a power of two
 ])
 def test_used_slots_attention_kernel_matches_reference(b, hq, hkv, s, d, dtype, splits):
@@ -55,7 +56,7 @@ def test_used_slots_attention_kernel_matches_reference(b, hq, hkv, s, d, dtype, 
     for last in (s // 3, s // 2, s - 1):  # pos somewhere inside a chunk, and the very end
         pos = torch.tensor([last], device="cuda")
         k[:, :, last + 1:] = 1e4  # stale slots past pos must not count
-        ref = decode_attention_reference(q.float(), k.float(), v.float(), pads, pos)
+        ref = decode_attention_reference(q.double(), k.double(), v.double(), pads, pos)
         out = decode_attention(q, k, v, pads, pos, splits=splits)
         tol = 2e-2 if dtype != torch.float32 else 1e-4
-        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)

@@ -11,11 +11,9 @@ built. At batch 64 the key/value read is about as many bytes as the weights
 what the step's speed is made of.
 
 Work split (flash-decoding): each program takes one (row, query head, key
-chunk). Where rows x heads already fill the card (batch 64), there is one chunk
-per head and the kernel writes the output directly; where they do not (batch 1:
-32 programs for 132 SMs), keys are split into chunks and a second small kernel
-merges the partial softmaxes. Grouped-query heads read their shared key/value
-head; the repeats hit L2.
+chunk) and a second small kernel merges the chunks' partial softmaxes (one chunk:
+the first kernel writes the output itself). Grouped-query heads read their
+shared key/value head; the repeats hit L2.
 
 ``decode_attention_reference`` is the same computation with SDPA: the CPU path
 and the GPU tests' yardstick.
@@ -34,6 +32,8 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 BLOCK_N = 64  # keys per loop iteration of a program
+MAX_SPLITS = 16  # key chunks per head at most; longer caches get longer chunks
+NUM_WARPS = 4
 
 
 def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -51,21 +51,15 @@ def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(b, 1, 1, s))
 
 
-def plan_splits(rows_x_heads: int, max_keys: int, n_sms: int, block_n: int = BLOCK_N) -> tuple[int, int]:
-    """(splits, chunk): enough programs for about two per SM, chunks a multiple of ``block_n``."""
-    want = max(1, min(math.ceil(2 * n_sms / rows_x_heads), math.ceil(max_keys / block_n)))
-    chunk = math.ceil(math.ceil(max_keys / want) / block_n) * block_n
+def plan_splits(max_keys: int, block_n: int | None = None, max_splits: int | None = None) -> tuple[int, int]:
+    """(splits, chunk). A program's loads are its memory parallelism: a program that
+    loops over many key blocks waits on each in turn, so chunks are one block long
+    (every program issues its key and value loads at once, and there are many
+    programs), up to ``max_splits`` chunks; chunks past ``pos`` return at once."""
+    block_n, max_splits = block_n or BLOCK_N, max_splits or MAX_SPLITS
+    blocks = math.ceil(max_keys / block_n)
+    chunk = math.ceil(blocks / max_splits) * block_n
     return math.ceil(max_keys / chunk), chunk
-
-
-_SMS: dict[int, int] = {}
-
-
-def _n_sms(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
 
 
 def available(device: torch.device) -> bool:
@@ -74,8 +68,8 @@ def available(device: torch.device) -> bool:
 
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                      pads: torch.Tensor, pos: torch.Tensor, splits: int | None = None) -> torch.Tensor:
-    """As ``decode_attention_reference``; the Triton kernel on CUDA. ``splits`` overrides
-    the key-chunk count (benchmarks)."""
+    """As ``decode_attention_reference``; the Triton kernel on CUDA. ``splits`` caps the
+    key-chunk count (default ``MAX_SPLITS``; benchmarks and tests vary it)."""
     if not available(q.device):
         return decode_attention_reference(q, cache_k, cache_v, pads, pos)
     b, hq, t, d = q.shape
@@ -83,11 +77,7 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     if t != 1 or hq % hkv or cache_k.stride(3) != 1 or cache_v.stride(3) != 1:
         raise ValueError(f"decode attention takes one query per row and unit-stride heads; got q {tuple(q.shape)}")
     q = q.contiguous()
-    if splits is None:
-        splits, chunk = plan_splits(b * hq, s, _n_sms(q.device))
-    else:
-        chunk = math.ceil(math.ceil(s / splits) / BLOCK_N) * BLOCK_N
-        splits = math.ceil(s / chunk)
+    splits, chunk = plan_splits(s, BLOCK_N, splits)
     out = torch.empty_like(q)
     d_p2 = triton.next_power_of_2(d)
     if splits == 1:
@@ -101,7 +91,7 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
         1.0 / math.sqrt(d), hq // hkv, d,
-        CHUNK=chunk, BLOCK_N=BLOCK_N, D_P2=d_p2, SPLITS=splits, num_warps=4)
+        CHUNK=chunk, BLOCK_N=BLOCK_N, D_P2=d_p2, SPLITS=splits, num_warps=NUM_WARPS)
     if splits > 1:
         _merge_kernel[(b, hq)](part_m, part_l, part_acc, out, d, SPLITS=splits,
                                SPLITS_P2=triton.next_power_of_2(splits), D_P2=d_p2, num_warps=1)
