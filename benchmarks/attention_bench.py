@@ -50,8 +50,8 @@ def _time_us(fn, calls: int = 32, reps: int = 15) -> float:
     return statistics.median(times)
 
 
-def sdpa_bucket(q, k, v, pads, pos, bucket: int):
-    n = min(-(-(int(pos) + 1) // bucket) * bucket, k.shape[2])
+def sdpa_bucket(q, k, v, pads, pos, n: int):
+    """The fused-sdpa step's attention: keys up to the bucket of ``n``, an additive mask."""
     keys = torch.arange(n, device=q.device)
     allowed = (keys[None, :] >= pads[:, None]) & (keys[None, :] <= pos)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
@@ -65,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", default="255,383", help="last cache slot written (keys 0..pos are used)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--configs", default="64:16:4,32:16:4,64:1:4,64:16:8,128:16:8",
-                   help="kernel configurations to try, BLOCK_N:MAX_SPLITS:NUM_WARPS (the default first)")
+    p.add_argument("--configs", default="vec:32:16:2:1,dot:64:16:4:3,dot:64:4:4:3,dot:32:16:4:2,dot:128:4:8:3",
+                   help="kernel configurations to try, KERNEL:BLOCK_N:MAX_SPLITS:NUM_WARPS:NUM_STAGES")
+    p.add_argument("--fp8", action="store_true", help="also time the kernel on a float8_e4m3fn cache")
     p.add_argument("--out", default="attention_bench.json")
     args = p.parse_args(argv)
     dev = torch.device("cuda")
-    defaults = attention.BLOCK_N, attention.NUM_WARPS
+    defaults = attention.KERNEL, attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES
     rows = []
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         shape = (b, args.heads, args.max_seq_len, args.head_dim)
@@ -81,20 +82,27 @@ def main(argv: list[str] | None = None) -> int:
         for last in [int(x) for x in args.positions.split(",")]:
             pos = torch.tensor([last], device=dev)
             used_bytes = 2 * b * args.heads * (last + 1) * args.head_dim * 2
-            variants = {"sdpa-bucket32 (+mask)": (lambda: sdpa_bucket(q, k, v, pads, pos, 32), None)}
+            n = min(-(-(last + 1) // 32) * 32, args.max_seq_len)
+            variants = {"sdpa-bucket32 (+mask)": (lambda n=n: sdpa_bucket(q, k, v, pads, pos, n), None)}
+            caches = {"": (k, v)}
+            if args.fp8:  # what an 8-bit cache would read, through the same kernels
+                caches[" fp8"] = (k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn))
             for cfg in args.configs.split(","):
-                block_n, max_splits, warps = (int(x) for x in cfg.split(":"))
+                kernel, *nums = cfg.split(":")
+                block_n, max_splits, warps, stages = (int(x) for x in nums)
                 splits, chunk = plan_splits(args.max_seq_len, block_n, max_splits)
-                variants[f"kernel {cfg} ({splits}x{chunk})"] = (
-                    lambda ms=max_splits: decode_attention(q, k, v, pads, pos, splits=ms), (block_n, warps))
+                for tag, (kc, vc) in caches.items():
+                    variants[f"{cfg}{tag} ({splits}x{chunk})"] = (
+                        lambda ms=max_splits, kc=kc, vc=vc: decode_attention(q, kc, vc, pads, pos, splits=ms),
+                        (kernel, block_n, warps, stages))
             for name, (fn, cfg) in variants.items():
                 if cfg:
-                    attention.BLOCK_N, attention.NUM_WARPS = cfg
+                    attention.KERNEL, attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = cfg
                 us = _time_us(fn)
-                attention.BLOCK_N, attention.NUM_WARPS = defaults
+                attention.KERNEL, attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = defaults
                 rows.append({"batch_size": b, "pos": last, "variant": name, "us": us,
                              "used_kv_gb_s": used_bytes / us / 1e3})
-                print(f"b={b:3d} pos={last:4d} {name:28s} {us:8.2f} us  {used_bytes / us / 1e3:7.1f} GB/s", flush=True)
+                print(f"b={b:3d} pos={last:4d} {name:36s} {us:8.2f} us  {used_bytes / us / 1e3:7.1f} GB/s", flush=True)
     Path(args.out).write_text(json.dumps({"card": torch.cuda.get_device_name(dev), "torch": torch.__version__,
                                           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                           "command": " ".join(sys.argv), "rows": rows}, indent=2))

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.nvml_probe import Nvml  # noqa: E402
 from workers.dist import init_distributed, shutdown  # noqa: E402
-from workers.model import PRESETS, Generator, build_model, fused  # noqa: E402
+from workers.model import PRESETS, Generator, attention, build_model, fused  # noqa: E402
 
 
 def copy_bandwidth_bytes_s(device: torch.device, n_bytes: int = 2 << 30, reps: int = 20) -> float:
@@ -119,18 +119,26 @@ def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.de
 
 
 STEP_HELP = {"plain": "unfused, SDPA over key buckets", "fused-sdpa": "compiled elementwise kernels, SDPA over key buckets",
-             "fused": "compiled elementwise kernels, attention over used slots; the default"}
-# decode-step variants: (model.fuse, Generator dynamic_kv)
+             "fused": "compiled elementwise kernels, attention over used slots; the default",
+             "fused-dot": "as fused, with the tensor-core attention kernel"}
+# decode-step variants: (model.fuse, Generator dynamic_kv, attention kernel)
 STEPS = {
-    "plain": (False, False),  # unfused elementwise work, SDPA over 32-key buckets with a mask
-    "fused-sdpa": (True, False),  # compiled elementwise kernels, SDPA over buckets
-    "fused": (True, True),  # compiled elementwise kernels, attention over each row's used slots (the default)
+    "plain": (False, False, None),  # unfused elementwise work, SDPA over 32-key buckets with a mask
+    "fused-sdpa": (True, False, None),  # compiled elementwise kernels, SDPA over buckets
+    "fused": (True, True, attention.KERNEL),  # attention over each row's used slots (the default)
+    "fused-dot": (True, True, "dot"),
 }
+
+
+def _use_step(model, step: str) -> None:
+    model.fuse = STEPS[step][0]
+    attention.KERNEL = STEPS[step][2] or attention.KERNEL
 
 
 def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,
                     prompts: list[list[int]], graph: bool) -> tuple[Generator, float]:
-    model.fuse, dynamic = STEPS[step]
+    _use_step(model, step)
+    dynamic = STEPS[step][1]
     gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=graph,
                     kv_bucket=args.kv_bucket, dynamic_kv=dynamic)
     t = time.perf_counter()
@@ -139,12 +147,12 @@ def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device
 
 
 def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, device: torch.device,
-                nvml: Nvml, bw: float) -> list[dict]:
+                nvml: Nvml, bw: float, kv_dtype: str) -> list[dict]:
     shape = PRESETS[name]
     seq_len = args.prompt_tokens + args.new_tokens
     t = time.perf_counter()
     model = build_model(shape, weights="random", dtype=args.dtype, device=str(device), seed=0,
-                        max_batch_size=max(batch_sizes), max_seq_len=seq_len)
+                        max_batch_size=max(batch_sizes), max_seq_len=seq_len, kv_cache_dtype=kv_dtype)
     _sync(device)
     build_s = time.perf_counter() - t
     weight_bytes = model.weight_bytes(streamed_only=True)
@@ -160,6 +168,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
         best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # median window
         rows.append({
             "model": name, "batch_size": b, "cuda_graph": graph, "step": step, "fused": STEPS[step][0],
+            "attention_kernel": STEPS[step][2], "kv_cache_dtype": kv_dtype,
             "sampler": sampler,
             "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "reps": args.reps, "kv_bucket": args.kv_bucket,
@@ -176,7 +185,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
         prompts = torch.randint(3, shape.vocab_size, (b, args.prompt_tokens), generator=g).tolist()
         if args.profile_dir and device.type == "cuda":
             for step in steps:
-                model.fuse = STEPS[step][0]
+                _use_step(model, step)
                 profile_step(model, prompts, seq_len, device, STEPS[step][1],
                              Path(args.profile_dir) / f"profile_{name}_b{b}_{step}.txt")
         gens: dict[str, tuple[Generator, float]] = {}
@@ -186,7 +195,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
         results: dict[tuple[str, str], list[dict]] = {(st, v): [] for st in steps for v, _ in sampler_variants}
         for _ in range(args.rounds):  # interleave the variants so that drift hits all alike
             for step in steps:
-                model.fuse = STEPS[step][0]
+                _use_step(model, step)
                 for v, hz in sampler_variants:
                     results[(step, v)].append(time_window(gens[step][0], prompts, args.new_tokens, args.reps,
                                                           nvml, device, hz))
@@ -232,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma list of decode-step variants, measured in the same run with windows "
                         f"interleaved: {', '.join(f'{k} ({v})' for k, v in STEP_HELP.items())}")
     p.add_argument("--compare-fused", action="store_true", help="same as --steps plain,fused")
+    p.add_argument("--kv-dtypes", default="auto",
+                   help="comma list of KV-cache dtypes, a model built for each: auto (the model dtype), "
+                        "float8_e4m3fn")
     args = p.parse_args(argv)
     if args.compare_fused:
         args.steps = "plain,fused"
@@ -246,15 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"card {nvml.name}, copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     rows: list[dict] = []
     for name in args.models.split(","):
-        rows += bench_model(name, [int(b) for b in args.batch_sizes.split(",")], args, device, nvml, bw)
-        write_report(args.out, nvml, bw, rows)  # after each model: a cut-short run keeps what it measured
+        for kv_dtype in args.kv_dtypes.split(","):
+            rows += bench_model(name, [int(b) for b in args.batch_sizes.split(",")], args, device, nvml, bw,
+                                kv_dtype)
+            write_report(args.out, nvml, bw, rows)  # after each model: a cut-short run keeps what it measured
     print(f"fused: {fused.status()}")
-    print(f"{'model':10} {'batch':>5} {'graph':>5} {'step':>10} {'smp':>3} {'tok/s':>8} {'step ms':>7} "
+    print(f"{'model':10} {'kv':>4} {'batch':>5} {'graph':>5} {'step':>10} {'smp':>3} {'tok/s':>8} {'step ms':>7} "
           f"{'roof':>5} {'J/tok':>7} {'W':>5}")
     for r in rows:
         jt = float("nan") if r["j_per_token"] is None else r["j_per_token"]
         w = float("nan") if r["mean_w"] is None else r["mean_w"]
-        print(f"{r['model']:10} {r['batch_size']:5d} {r['cuda_graph']!s:>5} {r['step']:>10} {r['sampler']:>3} "
+        print(f"{r['model']:10} {r['kv_cache_dtype'][:4]:>4} {r['batch_size']:5d} {r['cuda_graph']!s:>5} {r['step']:>10} {r['sampler']:>3} "
               f"{r['tokens_per_s']:8.1f} {r['decode_step_ms']:7.3f} {r['roofline_fraction_decode']:5.1%} "
               f"{jt:7.4f} {w:5.0f}")
     shutdown()

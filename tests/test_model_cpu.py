@@ -217,3 +217,28 @@ def test_fused_decode_compiled_matches_plain_path():
         pytest.skip(f"torch.compile unavailable here: {fused.status()['errors']}")
     assert set(fused.status()["compiled"]) == {"add_rms_norm", "rope_cache", "silu_mul"}
     assert outs[True] == outs[False]
+
+
+def test_fp8_cache_stores_8_bit_keys_and_both_paths_agree():
+    """kv_cache_dtype=float8_e4m3fn: the cache holds 8-bit values (1 byte a number), and the
+    plain and fused decode paths (uncompiled on the CPU) give the same tokens from it."""
+    from workers.model import fused
+
+    saved, fused.COMPILE = fused.COMPILE, False
+    try:
+        m = build_model(PRESETS["llama-tiny"], weights="random", dtype="float32", device="cpu", seed=3,
+                        max_batch_size=2, max_seq_len=64, kv_cache_dtype="float8_e4m3fn")
+        assert m.layers[0].attention.cache_k.dtype == torch.float8_e4m3fn
+        assert m.layers[0].attention.cache_k.element_size() == 1
+        outs = {}
+        for fuse in (False, True):
+            m.fuse = fuse
+            outs[fuse] = Generator(m, max_batch_size=2, max_seq_len=64, device="cpu").generate(
+                [[1, 5, 6], [1, 9]], max_new_tokens=16, eos_id=None)
+        assert outs[True] == outs[False]
+        assert m.layers[0].attention.cache_k[0, :, 3].float().abs().sum() > 0  # written
+        with pytest.raises(ValueError, match="valid: \\['auto', 'float8_e4m3fn'\\]"):
+            build_model(PRESETS["llama-tiny"], weights="random", dtype="float32", device="cpu", seed=3,
+                        max_batch_size=2, max_seq_len=64, kv_cache_dtype="int8")
+    finally:
+        fused.COMPILE = saved

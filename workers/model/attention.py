@@ -31,9 +31,13 @@ try:  # Triton ships with CUDA builds of PyTorch; the CPU path needs none
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-BLOCK_N = 64  # keys per loop iteration of a program
+BLOCK_N = 32  # keys per loop iteration of a program
 MAX_SPLITS = 16  # key chunks per head at most; longer caches get longer chunks
-NUM_WARPS = 4
+NUM_WARPS = 2
+KERNEL = "vec"  # "vec": one query head a program, CUDA-core dot products; "dot": the query
+# heads of one key/value head padded to 16 rows, tensor-core products (tl.dot), loads pipelined
+BLOCK_H = 16  # query rows of a "dot" program (tl.dot needs at least 16)
+NUM_STAGES = 3
 
 
 def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -45,7 +49,7 @@ def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: 
     keys = torch.arange(s, device=q.device)
     allowed = (keys[None, :] >= pads[:, None]) & (keys[None, :] <= pos)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-    k, v = cache_k, cache_v
+    k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)  # an 8-bit cache is widened
     if hq != hkv:
         k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(b, 1, 1, s))
@@ -86,39 +90,50 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
         part_m = torch.empty((b, hq, splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((b, hq, splits, d), dtype=torch.float32, device=q.device)
-    _chunk_kernel[(b, hq, splits)](
-        q, cache_k, cache_v, pads, pos, out, part_m, part_l, part_acc,
-        q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
-        1.0 / math.sqrt(d), hq // hkv, d,
-        CHUNK=chunk, BLOCK_N=BLOCK_N, D_P2=d_p2, SPLITS=splits, num_warps=NUM_WARPS)
+    args = (q, cache_k, cache_v, pads, pos, out, part_m, part_l, part_acc,
+            q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+            cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), 1.0 / math.sqrt(d), hq // hkv)
+    if KERNEL == "dot" and hq // hkv <= BLOCK_H:
+        _chunk_kernel_dot[(b, hkv, splits)](
+            *args, CHUNK=chunk, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, D=d, D_P2=max(d_p2, 16), SPLITS=splits,
+            IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    else:
+        _chunk_kernel[(b, hq, splits)](*args, CHUNK=chunk, BLOCK_N=BLOCK_N, D=d, D_P2=d_p2, SPLITS=splits,
+                                       num_warps=NUM_WARPS)
     if splits > 1:
-        _merge_kernel[(b, hq)](part_m, part_l, part_acc, out, d, SPLITS=splits,
-                               SPLITS_P2=triton.next_power_of_2(splits), D_P2=d_p2, num_warps=1)
+        _merge_kernel[(b, hq)](part_m, part_l, part_acc, out, SPLITS=splits,
+                               SPLITS_P2=triton.next_power_of_2(splits), D=d, D_P2=d_p2, num_warps=1)
     return out
 
 
 if triton is not None:
     @triton.jit
     def _chunk_kernel(Q, K, V, Pads, Pos, Out, PartM, PartL, PartAcc,
-                      sqb, sqh, skb, skh, sks, svb, svh, svs, scale, n_rep, d,
-                      CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, D_P2: tl.constexpr, SPLITS: tl.constexpr):
+                      sqb, sqh, skb, skh, sks, svb, svh, svs, scale, n_rep,
+                      CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+                      SPLITS: tl.constexpr):
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_head = head // n_rep
         lo = tl.maximum(split * CHUNK, tl.load(Pads + row).to(tl.int32))
         hi = tl.minimum(split * CHUNK + CHUNK, tl.load(Pos).to(tl.int32) + 1)
         dim = tl.arange(0, D_P2)
-        dmask = dim < d
+        # a head size that is a power of two (LLaMA's 128) needs no mask along it, so
+        # loads stay full-width vectors
+        dmask = dim < D
         q = tl.load(Q + row * sqb + head * sqh + dim, mask=dmask, other=0.0).to(tl.float32) * scale
-        k_base = K + row * skb + kv_head * skh
-        v_base = V + row * svb + kv_head * svh
+        row64 = row.to(tl.int64)  # a 65B cache at batch 64 passes 2**31 elements
+        k_base = K + row64 * skb + kv_head * skh
+        v_base = V + row64 * svb + kv_head * svh
         m_run = -float("inf")
         l_run = 0.0
         acc = tl.zeros([D_P2], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_N):
             slot = start + tl.arange(0, BLOCK_N)
             valid = slot < hi
-            tile = valid[:, None] & dmask[None, :]
+            if D == D_P2:
+                tile = valid[:, None]
+            else:
+                tile = valid[:, None] & dmask[None, :]
             k = tl.load(k_base + slot[:, None] * sks + dim[None, :], mask=tile, other=0.0).to(tl.float32)
             v = tl.load(v_base + slot[:, None] * svs + dim[None, :], mask=tile, other=0.0).to(tl.float32)
             score = tl.where(valid, tl.sum(k * q[None, :], 1), -float("inf"))
@@ -134,11 +149,66 @@ if triton is not None:
             idx = (row * tl.num_programs(1) + head) * SPLITS + split
             tl.store(PartM + idx, m_run)
             tl.store(PartL + idx, l_run)
-            tl.store(PartAcc + idx * d + dim, acc, mask=dmask)
+            tl.store(PartAcc + idx * D + dim, acc, mask=dmask)
 
     @triton.jit
-    def _merge_kernel(PartM, PartL, PartAcc, Out, d,
-                      SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D_P2: tl.constexpr):
+    def _chunk_kernel_dot(Q, K, V, Pads, Pos, Out, PartM, PartL, PartAcc,
+                          sqb, sqh, skb, skh, sks, svb, svh, svs, scale, n_rep,
+                          CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                          D_P2: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+        """One (row, key/value head, chunk): its n_rep query heads as rows of a 16-row tile."""
+        row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        lo = tl.maximum(split * CHUNK, tl.load(Pads + row).to(tl.int32))
+        hi = tl.minimum(split * CHUNK + CHUNK, tl.load(Pos).to(tl.int32) + 1)
+        hrow = tl.arange(0, BLOCK_H)
+        hmask = hrow < n_rep
+        head = kv_head * n_rep + hrow
+        dim = tl.arange(0, D_P2)
+        dmask = dim < D
+        q = tl.load(Q + row * sqb + head[:, None] * sqh + dim[None, :], mask=hmask[:, None] & dmask[None, :],
+                    other=0.0)
+        row64 = row.to(tl.int64)
+        k_base = K + row64 * skb + kv_head * skh
+        v_base = V + row64 * svb + kv_head * svh
+        m_run = tl.full([BLOCK_H], -float("inf"), tl.float32)
+        l_run = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D_P2], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            slot = start + tl.arange(0, BLOCK_N)
+            valid = slot < hi
+            if D == D_P2:
+                tile = valid[:, None]
+            else:
+                tile = valid[:, None] & dmask[None, :]
+            k = tl.load(k_base + slot[:, None] * sks + dim[None, :], mask=tile, other=0.0).to(q.dtype)
+            v = tl.load(v_base + slot[:, None] * svs + dim[None, :], mask=tile, other=0.0).to(q.dtype)
+            if IEEE:
+                score = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                score = tl.dot(q, tl.trans(k)) * scale
+            score = tl.where(valid[None, :], score, -float("inf"))
+            m_new = tl.maximum(m_run, tl.max(score, 1))
+            alpha = tl.exp(m_run - m_new)
+            p = tl.exp(score - m_new[:, None])
+            l_run = l_run * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+            m_run = m_new
+        if SPLITS == 1:
+            out = acc / l_run[:, None]
+            tl.store(Out + row * sqb + head[:, None] * sqh + dim[None, :], out.to(Out.dtype.element_ty),
+                     mask=hmask[:, None] & dmask[None, :])
+        else:
+            idx = (row * tl.num_programs(1) * n_rep + head) * SPLITS + split
+            tl.store(PartM + idx, m_run, mask=hmask)
+            tl.store(PartL + idx, l_run, mask=hmask)
+            tl.store(PartAcc + idx[:, None] * D + dim[None, :], acc, mask=hmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _merge_kernel(PartM, PartL, PartAcc, Out,
+                      SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr):
         row, head = tl.program_id(0), tl.program_id(1)
         base = (row * tl.num_programs(1) + head) * SPLITS
         sp = tl.arange(0, SPLITS_P2)
@@ -148,8 +218,8 @@ if triton is not None:
         # an empty chunk has m = -inf and l = 0: weight 0
         w = tl.where(l_part > 0, tl.exp(m - tl.max(m, 0)), 0.0)
         dim = tl.arange(0, D_P2)
-        dmask = dim < d
-        acc = tl.load(PartAcc + (base + sp[:, None]) * d + dim[None, :], mask=smask[:, None] & dmask[None, :],
+        dmask = dim < D
+        acc = tl.load(PartAcc + (base + sp[:, None]) * D + dim[None, :], mask=smask[:, None] & dmask[None, :],
                       other=0.0)
         out = tl.sum(acc * w[:, None], 0) / tl.sum(l_part * w, 0)
-        tl.store(Out + (row * tl.num_programs(1) + head) * d + dim, out.to(Out.dtype.element_ty), mask=dmask)
+        tl.store(Out + (row * tl.num_programs(1) + head) * D + dim, out.to(Out.dtype.element_ty), mask=dmask)

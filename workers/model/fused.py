@@ -43,8 +43,8 @@ def rope_cache(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, 
     rot = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).to(qkv.dtype)
     # an indexed assignment into the whole input (not into a slice of it) is what
     # Inductor writes in place; a slice or index_copy_ here would copy the cache
-    cache_k[:, :, slots] = rot[:, :, nq:].transpose(1, 2)
-    cache_v[:, :, slots] = qkv[:, :, nq + nkv:].transpose(1, 2)
+    cache_k[:, :, slots] = rot[:, :, nq:].transpose(1, 2).to(cache_k.dtype)
+    cache_v[:, :, slots] = qkv[:, :, nq + nkv:].transpose(1, 2).to(cache_v.dtype)
     return rot[:, :, :nq].transpose(1, 2).contiguous()
 
 

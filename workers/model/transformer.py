@@ -118,9 +118,18 @@ def _fuse(layers: list[ColumnLinear], device: torch.device, dtype: torch.dtype) 
     return whole
 
 
+def _store_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[:, :, slots] = values, in place. index_copy_ has no 8-bit float kernels, so an
+    fp8 cache is written through a byte view of itself."""
+    if cache.dtype == values.dtype:
+        cache.index_copy_(2, slots, values)
+    else:
+        cache.view(torch.uint8).index_copy_(2, slots, values.to(cache.dtype).view(torch.uint8))
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, *, max_batch_size: int, max_seq_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         hd = args.head_dim
         self.n_local_heads = _shard(args.n_heads, "n_heads")
@@ -134,8 +143,9 @@ class Attention(nn.Module):
         self.wo = RowLinear(args.n_heads * hd, args.dim, **kw)
         self._wqkv = _fuse([self.wq, self.wk, self.wv], device, dtype)  # not registered: views are
         cache_shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, hd)
-        self.register_buffer("cache_k", torch.zeros(cache_shape, **kw), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(cache_shape, **kw), persistent=False)
+        cache_kw = dict(device=device, dtype=kv_dtype or dtype)
+        self.register_buffer("cache_k", torch.zeros(cache_shape, **cache_kw), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(cache_shape, **cache_kw), persistent=False)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, slots: torch.Tensor,
                 mask: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -146,9 +156,9 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : nq + nkv], freqs)
         q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nkv:]
         # every row writes the same slots (left padding): one index_copy per cache
-        self.cache_k[:b].index_copy_(2, slots, k.transpose(1, 2))
-        self.cache_v[:b].index_copy_(2, slots, v.transpose(1, 2))
-        keys, values = self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len]
+        _store_slots(self.cache_k[:b], slots, k.transpose(1, 2))
+        _store_slots(self.cache_v[:b], slots, v.transpose(1, 2))
+        keys, values = self._keys_values(b, kv_len, x.dtype)
         if self.n_rep > 1:  # grouped-query attention: share each key/value head
             keys = keys.repeat_interleave(self.n_rep, dim=1)
             values = values.repeat_interleave(self.n_rep, dim=1)
@@ -168,12 +178,21 @@ class Attention(nn.Module):
         if pads is not None:
             out = decode_attention(q, self.cache_k[:b], self.cache_v[:b], pads, slots)
             return self.wo(out.transpose(1, 2).reshape(b, t, -1))
-        keys, values = self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len]
+        keys, values = self._keys_values(b, kv_len, x.dtype)
         if self.n_rep > 1:
             keys = keys.repeat_interleave(self.n_rep, dim=1)
             values = values.repeat_interleave(self.n_rep, dim=1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+    def _keys_values(self, b: int, kv_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``kv_len`` cache slots of ``b`` rows, in the compute dtype (an 8-bit
+        cache is widened here; SDPA takes no 8-bit inputs)."""
+        keys, values = self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len]
+        if keys.dtype != dtype:
+            keys, values = keys.to(dtype), values.to(dtype)
+        return keys, values
 
 
 class FeedForward(nn.Module):
@@ -224,7 +243,8 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, *, max_batch_size: int, max_seq_len: int,
-                 device: torch.device | str, dtype: torch.dtype, fuse: bool | None = None) -> None:
+                 device: torch.device | str, dtype: torch.dtype, fuse: bool | None = None,
+                 kv_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if args.vocab_size <= 0:
             raise ValueError(f"vocab_size={args.vocab_size}: give the tokenizer's vocabulary size")
@@ -233,7 +253,8 @@ class Transformer(nn.Module):
         # decode steps take the fused path (see fused.py); a generator's CUDA graphs keep
         # the path that was set when they were captured
         self.fuse = device.type == "cuda" if fuse is None else fuse
-        kw = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device, dtype=dtype)
+        kw = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=device, dtype=dtype,
+                  kv_dtype=kv_dtype)
         self.tok_embeddings = Embedding(args.vocab_size, args.dim, device=device, dtype=dtype)
         self.layers = nn.ModuleList(TransformerBlock(args, **kw) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, device=device, dtype=dtype)
