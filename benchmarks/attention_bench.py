@@ -65,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", default="255,383", help="last cache slot written (keys 0..pos are used)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--configs", default="vec:32:16:2:1,dot:64:16:4:3,dot:64:4:4:3,dot:32:16:4:2,dot:128:4:8:3",
-                   help="kernel configurations to try, KERNEL:BLOCK_N:MAX_SPLITS:NUM_WARPS:NUM_STAGES")
+    p.add_argument("--configs", default="default,64:16:4:3,64:4:4:3,32:16:4:2,128:4:8:3",
+                   help="kernel configurations to try, BLOCK_N:MAX_SPLITS:NUM_WARPS:NUM_STAGES, "
+                        "or 'default' (the module's settings)")
     p.add_argument("--fp8", action="store_true", help="also time the kernel on a float8_e4m3fn cache")
     p.add_argument("--out", default="attention_bench.json")
     args = p.parse_args(argv)
     dev = torch.device("cuda")
-    defaults = attention.KERNEL, attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES
+    defaults = attention.BLOCK_N, None, attention.NUM_WARPS, attention.NUM_STAGES
     rows = []
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         shape = (b, args.heads, args.max_seq_len, args.head_dim)
@@ -88,18 +89,23 @@ def main(argv: list[str] | None = None) -> int:
             if args.fp8:  # what an 8-bit cache would read, through the same kernels
                 caches[" fp8"] = (k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn))
             for cfg in args.configs.split(","):
-                kernel, *nums = cfg.split(":")
-                block_n, max_splits, warps, stages = (int(x) for x in nums)
-                splits, chunk = plan_splits(args.max_seq_len, block_n, max_splits)
+                if cfg == "default":
+                    block_n, max_splits, warps, stages = defaults
+                    max_splits = None
+                    label = "default"
+                else:
+                    block_n, max_splits, warps, stages = (int(x) for x in cfg.split(":"))
+                    splits, chunk = plan_splits(args.max_seq_len, block_n, max_splits)
+                    label = f"{cfg} ({splits}x{chunk})"
                 for tag, (kc, vc) in caches.items():
-                    variants[f"{cfg}{tag} ({splits}x{chunk})"] = (
+                    variants[f"{label}{tag}"] = (
                         lambda ms=max_splits, kc=kc, vc=vc: decode_attention(q, kc, vc, pads, pos, splits=ms),
-                        (kernel, block_n, warps, stages))
+                        (block_n, warps, stages))
             for name, (fn, cfg) in variants.items():
                 if cfg:
-                    attention.KERNEL, attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = cfg
+                    attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = cfg
                 us = _time_us(fn)
-                attention.KERNEL, attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = defaults
+                attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = defaults[0], defaults[2], defaults[3]
                 rows.append({"batch_size": b, "pos": last, "variant": name, "us": us,
                              "used_kv_gb_s": used_bytes / us / 1e3})
                 print(f"b={b:3d} pos={last:4d} {name:36s} {us:8.2f} us  {used_bytes / us / 1e3:7.1f} GB/s", flush=True)

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.nvml_probe import Nvml  # noqa: E402
 from workers.dist import init_distributed, shutdown  # noqa: E402
-from workers.model import PRESETS, Generator, attention, build_model, fused  # noqa: E402
+from workers.model import PRESETS, Generator, build_model, fused  # noqa: E402
 
 
 def copy_bandwidth_bytes_s(device: torch.device, n_bytes: int = 2 << 30, reps: int = 20) -> float:
@@ -119,20 +119,17 @@ def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.de
 
 
 STEP_HELP = {"plain": "unfused, SDPA over key buckets", "fused-sdpa": "compiled elementwise kernels, SDPA over key buckets",
-             "fused": "compiled elementwise kernels, attention over used slots; the default",
-             "fused-dot": "as fused, with the tensor-core attention kernel"}
-# decode-step variants: (model.fuse, Generator dynamic_kv, attention kernel)
+             "fused": "compiled elementwise kernels, attention over used slots; the default"}
+# decode-step variants: (model.fuse, Generator dynamic_kv)
 STEPS = {
-    "plain": (False, False, None),  # unfused elementwise work, SDPA over 32-key buckets with a mask
-    "fused-sdpa": (True, False, None),  # compiled elementwise kernels, SDPA over buckets
-    "fused": (True, True, attention.KERNEL),  # attention over each row's used slots (the default)
-    "fused-dot": (True, True, "dot"),
+    "plain": (False, False),  # unfused elementwise work, SDPA over 32-key buckets with a mask
+    "fused-sdpa": (True, False),  # compiled elementwise kernels, SDPA over buckets
+    "fused": (True, True),  # attention over each row's used slots (the default)
 }
 
 
 def _use_step(model, step: str) -> None:
     model.fuse = STEPS[step][0]
-    attention.KERNEL = STEPS[step][2] or attention.KERNEL
 
 
 def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,
@@ -168,7 +165,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
         best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # median window
         rows.append({
             "model": name, "batch_size": b, "cuda_graph": graph, "step": step, "fused": STEPS[step][0],
-            "attention_kernel": STEPS[step][2], "kv_cache_dtype": kv_dtype,
+            "kv_cache_dtype": kv_dtype,
             "sampler": sampler,
             "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "reps": args.reps, "kv_bucket": args.kv_bucket,

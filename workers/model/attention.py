@@ -10,10 +10,13 @@ built. At batch 64 the key/value read is about as many bytes as the weights
 (LLaMA-7B, 384 positions), so reading no slot twice and none past ``pos`` is
 what the step's speed is made of.
 
-Work split (flash-decoding): each program takes one (row, query head, key
+Work split (flash-decoding): each program takes one (row, key/value head, key
 chunk) and a second small kernel merges the chunks' partial softmaxes (one chunk:
-the first kernel writes the output itself). Grouped-query heads read their
-shared key/value head; the repeats hit L2.
+the first kernel writes the output itself). The query heads that share a
+key/value head (one in LLaMA-1, eight in Llama-2-70B) are the rows of a tile of
+at least 16, so both products run on tensor cores (``tl.dot``), which lets
+Triton pipeline the key and value loads; the unused rows cost no memory
+traffic. An 8-bit cache is widened to the query's dtype after the load.
 
 ``decode_attention_reference`` is the same computation with SDPA: the CPU path
 and the GPU tests' yardstick.
@@ -31,13 +34,13 @@ try:  # Triton ships with CUDA builds of PyTorch; the CPU path needs none
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-BLOCK_N = 32  # keys per loop iteration of a program
-MAX_SPLITS = 16  # key chunks per head at most; longer caches get longer chunks
-NUM_WARPS = 2
-KERNEL = "vec"  # "vec": one query head a program, CUDA-core dot products; "dot": the query
-# heads of one key/value head padded to 16 rows, tensor-core products (tl.dot), loads pipelined
-BLOCK_H = 16  # query rows of a "dot" program (tl.dot needs at least 16)
-NUM_STAGES = 3
+# Launch settings, chosen with benchmarks/attention_bench.py on an H100 (docs/performance.md)
+BLOCK_N = 64  # keys per loop iteration of a program
+MAX_SPLITS = 16  # key chunks per head at most, where rows x heads are few (batch 1)
+MAX_SPLITS_BUSY = 4  # ... and where they fill the card (>= BUSY programs without splitting)
+BUSY = 256
+NUM_WARPS = 4
+NUM_STAGES = 3  # software pipelining of the key/value loads
 
 
 def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -56,10 +59,10 @@ def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: 
 
 
 def plan_splits(max_keys: int, block_n: int | None = None, max_splits: int | None = None) -> tuple[int, int]:
-    """(splits, chunk). A program's loads are its memory parallelism: a program that
-    loops over many key blocks waits on each in turn, so chunks are one block long
-    (every program issues its key and value loads at once, and there are many
-    programs), up to ``max_splits`` chunks; chunks past ``pos`` return at once."""
+    """(splits, chunk): at most ``max_splits`` chunks of whole ``block_n`` blocks. Few
+    rows x heads (batch 1) want many short chunks, so that enough programs load at
+    once; many (batch 64) want few long ones, whose loop Triton pipelines. Chunks
+    past ``pos`` return at once."""
     block_n, max_splits = block_n or BLOCK_N, max_splits or MAX_SPLITS
     blocks = math.ceil(max_keys / block_n)
     chunk = math.ceil(blocks / max_splits) * block_n
@@ -73,7 +76,7 @@ def available(device: torch.device) -> bool:
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                      pads: torch.Tensor, pos: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """As ``decode_attention_reference``; the Triton kernel on CUDA. ``splits`` caps the
-    key-chunk count (default ``MAX_SPLITS``; benchmarks and tests vary it)."""
+    key-chunk count (benchmarks and tests vary it)."""
     if not available(q.device):
         return decode_attention_reference(q, cache_k, cache_v, pads, pos)
     b, hq, t, d = q.shape
@@ -81,9 +84,9 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     if t != 1 or hq % hkv or cache_k.stride(3) != 1 or cache_v.stride(3) != 1:
         raise ValueError(f"decode attention takes one query per row and unit-stride heads; got q {tuple(q.shape)}")
     q = q.contiguous()
-    splits, chunk = plan_splits(s, BLOCK_N, splits)
+    splits, chunk = plan_splits(s, BLOCK_N, splits or (MAX_SPLITS_BUSY if b * hkv >= BUSY else MAX_SPLITS))
     out = torch.empty_like(q)
-    d_p2 = triton.next_power_of_2(d)
+    d_p2 = max(16, triton.next_power_of_2(d))  # tl.dot needs 16 at least
     if splits == 1:
         part_m = part_l = part_acc = out  # unused by the kernel when it writes the output
     else:
@@ -93,13 +96,9 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     args = (q, cache_k, cache_v, pads, pos, out, part_m, part_l, part_acc,
             q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
             cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), 1.0 / math.sqrt(d), hq // hkv)
-    if KERNEL == "dot" and hq // hkv <= BLOCK_H:
-        _chunk_kernel_dot[(b, hkv, splits)](
-            *args, CHUNK=chunk, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, D=d, D_P2=max(d_p2, 16), SPLITS=splits,
-            IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    else:
-        _chunk_kernel[(b, hq, splits)](*args, CHUNK=chunk, BLOCK_N=BLOCK_N, D=d, D_P2=d_p2, SPLITS=splits,
-                                       num_warps=NUM_WARPS)
+    _chunk_kernel[(b, hkv, splits)](
+        *args, CHUNK=chunk, BLOCK_N=BLOCK_N, BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)), D=d,
+        D_P2=d_p2, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
         _merge_kernel[(b, hq)](part_m, part_l, part_acc, out, SPLITS=splits,
                                SPLITS_P2=triton.next_power_of_2(splits), D=d, D_P2=d_p2, num_warps=1)
@@ -109,50 +108,6 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
 if triton is not None:
     @triton.jit
     def _chunk_kernel(Q, K, V, Pads, Pos, Out, PartM, PartL, PartAcc,
-                      sqb, sqh, skb, skh, sks, svb, svh, svs, scale, n_rep,
-                      CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
-                      SPLITS: tl.constexpr):
-        row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        kv_head = head // n_rep
-        lo = tl.maximum(split * CHUNK, tl.load(Pads + row).to(tl.int32))
-        hi = tl.minimum(split * CHUNK + CHUNK, tl.load(Pos).to(tl.int32) + 1)
-        dim = tl.arange(0, D_P2)
-        # a head size that is a power of two (LLaMA's 128) needs no mask along it, so
-        # loads stay full-width vectors
-        dmask = dim < D
-        q = tl.load(Q + row * sqb + head * sqh + dim, mask=dmask, other=0.0).to(tl.float32) * scale
-        row64 = row.to(tl.int64)  # a 65B cache at batch 64 passes 2**31 elements
-        k_base = K + row64 * skb + kv_head * skh
-        v_base = V + row64 * svb + kv_head * svh
-        m_run = -float("inf")
-        l_run = 0.0
-        acc = tl.zeros([D_P2], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            slot = start + tl.arange(0, BLOCK_N)
-            valid = slot < hi
-            if D == D_P2:
-                tile = valid[:, None]
-            else:
-                tile = valid[:, None] & dmask[None, :]
-            k = tl.load(k_base + slot[:, None] * sks + dim[None, :], mask=tile, other=0.0).to(tl.float32)
-            v = tl.load(v_base + slot[:, None] * svs + dim[None, :], mask=tile, other=0.0).to(tl.float32)
-            score = tl.where(valid, tl.sum(k * q[None, :], 1), -float("inf"))
-            m_new = tl.maximum(m_run, tl.max(score, 0))
-            alpha = tl.exp(m_run - m_new)
-            p = tl.exp(score - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            l_run = l_run * alpha + tl.sum(p, 0)
-            m_run = m_new
-        if SPLITS == 1:
-            tl.store(Out + row * sqb + head * sqh + dim, (acc / l_run).to(Out.dtype.element_ty), mask=dmask)
-        else:
-            idx = (row * tl.num_programs(1) + head) * SPLITS + split
-            tl.store(PartM + idx, m_run)
-            tl.store(PartL + idx, l_run)
-            tl.store(PartAcc + idx * D + dim, acc, mask=dmask)
-
-    @triton.jit
-    def _chunk_kernel_dot(Q, K, V, Pads, Pos, Out, PartM, PartL, PartAcc,
                           sqb, sqh, skb, skh, sks, svb, svh, svs, scale, n_rep,
                           CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                           D_P2: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
