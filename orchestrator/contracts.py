@@ -55,17 +55,23 @@ class CellParams:
     tokenizer_path: str | None  # sentencepiece .model; None = byte-level fallback
     gpu_kind: str  # profile/card name the cell is planned for, e.g. "v100", "h100"
     seed: int
+    # Parameters added later have a default that means "as before" and are left out of
+    # the id while at it, so that cells planned before them keep their ids.
+    kv_cache_dtype: str = "auto"  # "auto" (= dtype) | "float8_e4m3fn": 8-bit keys and values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CellParams":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
-            raise ValueError(f"unknown cell parameters {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**{k: d[k] for k in names})
+            raise ValueError(f"unknown cell parameters {sorted(unknown)}; valid: {sorted(fields)}")
+        missing = [k for k, f in fields.items() if k not in d and f.default is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"cell parameters {sorted(missing)} missing")
+        return cls(**{k: d[k] for k in fields if k in d})
 
     @property
     def cell_id(self) -> str:
@@ -88,9 +94,14 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(norm(obj), sort_keys=True, separators=(",", ":"))
 
 
+# later parameters at their "as before" value: not hashed (see CellParams)
+_ID_OMIT_AT = {"kv_cache_dtype": "auto"}
+
+
 def cell_id_of(params: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the measurement parameters, 12 hex digits."""
-    return hashlib.sha256(canonical_json(dict(params)).encode()).hexdigest()[:12]
+    hashed = {k: v for k, v in params.items() if k not in _ID_OMIT_AT or v != _ID_OMIT_AT[k]}
+    return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -165,6 +176,7 @@ class GpuProfile:
     idle_power_w: float
     hbm_bandwidth_bytes_s: float  # datasheet, for rooflines and the simulated power model
     gpus_per_node: int = 8
+    fp8: bool = False  # 8-bit float loads and conversions (compute capability 8.9+: Ada, Hopper)
 
 
 GiB = 1 << 30
@@ -172,8 +184,9 @@ GPU_PROFILES: dict[str, GpuProfile] = {
     # V100 SXM2 32 GB as in the paper; range chosen so 250/175/150 W are valid.
     "v100": GpuProfile("Tesla V100-SXM2-32GB (simulated)", 32 * GiB, 100.0, 300.0, 300.0, 40.0, 0.9e12),
     "a100": GpuProfile("NVIDIA A100-SXM4-80GB (simulated)", 80 * GiB, 100.0, 400.0, 400.0, 55.0, 2.0e12),
-    "h100": GpuProfile("NVIDIA H100 80GB HBM3 (simulated)", 80 * GiB, 200.0, 700.0, 700.0, 70.0, 3.35e12),
-    "h200": GpuProfile("NVIDIA H200 (simulated)", 141 * GiB, 200.0, 700.0, 700.0, 75.0, 4.8e12),
+    "h100": GpuProfile("NVIDIA H100 80GB HBM3 (simulated)", 80 * GiB, 200.0, 700.0, 700.0, 70.0, 3.35e12,
+                       fp8=True),
+    "h200": GpuProfile("NVIDIA H200 (simulated)", 141 * GiB, 200.0, 700.0, 700.0, 75.0, 4.8e12, fp8=True),
 }
 
 

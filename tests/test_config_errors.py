@@ -25,6 +25,7 @@ BAD = [
     (["dataset=alpaca", "dataset.path=empty.json"], "empty file"),
     (["dataset=alpaca", "dataset.path=none.json"], "holds no records"),
     (["dataset=mnist"], "valid: alpaca, gsm8k, synthetic"),
+    (["kv_cache_dtype=int8"], "valid: auto, float8_e4m3fn"),
     (["foo=1"], "unknown key 'foo'; valid top-level keys: model, dataset"),
     (["+foo=1"], "unknown key 'foo'"),
     (["model.depth=3"], "valid keys of model: name, dim"),

@@ -121,3 +121,34 @@ def test_cli_policy_breach_submits_nothing(in_tmp, fake_policy, capsys):
     assert main(["sweep", "sweep_dir=out", "power_cap_w=120", "gpu.policy=p.yaml"]) == 2
     assert "breaks the site policy" in capsys.readouterr().err
     assert not (in_tmp / "out").exists()
+
+
+def test_fp8_kv_cache_is_its_own_cell_and_needs_an_fp8_card(in_tmp):
+    base = one(["model=llama-7b", "batch_size=64", "gpu.profile=h100"])
+    fp8 = one(["model=llama-7b", "batch_size=64", "gpu.profile=h100", "kv_cache_dtype=float8_e4m3fn"])
+    assert base.kv_cache_dtype == "auto" and fp8.kv_cache_dtype == "float8_e4m3fn"
+    assert fp8.cell_id != base.cell_id
+    assert infeasible_reason(fp8, GPU_PROFILES["h100"]) is None
+    # half the cache bytes: the difference in memory is half the bf16 cache (plus the overhead)
+    from orchestrator.plan.feasibility import kv_cache_bytes
+
+    assert kv_cache_bytes(fp8) * 2 == kv_cache_bytes(base)
+    assert memory_needed_bytes(fp8) < memory_needed_bytes(base)
+    reason = infeasible_reason(replace(fp8, gpu_kind="v100"), GPU_PROFILES["v100"])
+    assert reason.startswith("kv_cache_dtype=float8_e4m3fn needs 8-bit float support")
+    assert "use kv_cache_dtype=auto, or gpu.profile one of h100, h200" in reason
+
+
+def test_cells_planned_before_kv_cache_dtype_keep_their_ids(in_tmp):
+    """The id of an "auto" cell is the hash of the parameters without the key, so cells
+    planned before the key existed (params.json without it) keep their ids and load."""
+    import hashlib
+
+    from orchestrator.contracts import CellParams, canonical_json
+
+    params = one(["model=llama-7b"])
+    old = {k: v for k, v in params.to_dict().items() if k != "kv_cache_dtype"}
+    assert params.cell_id == hashlib.sha256(canonical_json(old).encode()).hexdigest()[:12]
+    assert CellParams.from_dict(old) == params
+    with pytest.raises(ValueError, match="missing"):
+        CellParams.from_dict({k: v for k, v in old.items() if k != "seed"})

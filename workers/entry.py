@@ -153,7 +153,7 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
     max_seq_len = p.max_prompt_tokens + p.max_new_tokens
     model = build_model(
         args, weights=p.weights, dtype=p.dtype, device=info.device, seed=p.seed,
-        max_batch_size=p.batch_size, max_seq_len=max_seq_len,
+        max_batch_size=p.batch_size, max_seq_len=max_seq_len, kv_cache_dtype=p.kv_cache_dtype,
     )
     gen = Generator(model, max_batch_size=p.batch_size, max_seq_len=max_seq_len, device=info.device, cuda_graph=opt.cuda_graph)
     _maybe_fail_on_purpose(opt.fail_on_purpose, info.rank)

@@ -295,6 +295,7 @@ def _to_cell(cfg: dict[str, Any], overrides: tuple[str, ...], cwd: Path) -> Comp
         model_args={k: model[k] for k in MODEL_ARG_KEYS},
         weights=cfg["weights"],
         dtype=cfg["dtype"],
+        kv_cache_dtype=cfg["kv_cache_dtype"],
         shards=cfg["shards"],
         batch_size=cfg["batch_size"],
         power_cap_w=None if cfg["power_cap_w"] is None else float(cfg["power_cap_w"]),

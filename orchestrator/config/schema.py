@@ -93,6 +93,7 @@ class SweepConf:
     seed: int = 0
     weights: str = "random"  # "random" or a Meta checkpoint folder
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | float8_e4m3fn: 8-bit keys/values (H100/H200 class)
     tokenizer: Optional[str] = None  # sentencepiece .model; None = byte-level fallback
     sort_by_length: bool = False
     sweep_dir: str = "sweeps/${now:%Y-%m-%d_%H-%M-%S}"

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from orchestrator.contracts import GPU_PROFILES
 
 DTYPES = ("bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto", "float8_e4m3fn")
 DATASETS = ("synthetic", "alpaca", "gsm8k")
 GPU_BACKENDS = ("auto", "nvml", "nvidia-smi", "capctl", "simulated")
 GPU_FAILS = ("permission", "range", "mismatch", "lost")
@@ -41,6 +42,7 @@ def validate_cell_config(cfg: Mapping[str, Any], cwd: Path) -> None:
     if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
         raise ConfigError(f"power_cap_w={cap}: must be a number of watts > 0, or null to leave the card as it is")
     _one_of("dtype", cfg["dtype"], DTYPES)
+    _one_of("kv_cache_dtype", cfg["kv_cache_dtype"], KV_CACHE_DTYPES)
     if cfg["warmup_batches"] < 0:
         raise ConfigError(f"warmup_batches={cfg['warmup_batches']}: must be >= 0")
     for key in ("telemetry_hz", "energy_hz"):

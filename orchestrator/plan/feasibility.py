@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Protocol
 from orchestrator.contracts import GPU_PROFILES, CellParams, GpuProfile
 from orchestrator.plan.planned import PlannedCell
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 MEMORY_OVERHEAD = 1.10  # activations, allocator slack, CUDA context: ~10% over weights + KV cache
 GiB = float(1 << 30)
 
@@ -61,7 +61,8 @@ def kv_cache_bytes(params: CellParams) -> int:
     args = params.model_args
     head_dim = args["dim"] // args["n_heads"]
     tokens = params.batch_size * (params.max_prompt_tokens + params.max_new_tokens)
-    return 2 * args["n_layers"] * tokens * n_kv_heads(args) * head_dim * DTYPE_BYTES[params.dtype]
+    kv_dtype = params.dtype if params.kv_cache_dtype == "auto" else params.kv_cache_dtype
+    return 2 * args["n_layers"] * tokens * n_kv_heads(args) * head_dim * DTYPE_BYTES[kv_dtype]
 
 
 def memory_needed_bytes(params: CellParams) -> int:
@@ -99,6 +100,11 @@ def infeasible_reason(params: CellParams, profile: GpuProfile) -> str | None:
         return (f"needs {need / GiB:.1f} GiB (weights + KV cache + 10%) but {shards} x "
                 f"{per_gpu:.0f} GiB {params.gpu_kind} = {have / GiB:.0f} GiB; "
                 f"use more shards (>= {math.ceil(need / profile.memory_bytes)}), a smaller batch or shorter sequences")
+    if params.kv_cache_dtype != "auto" and not profile.fp8:
+        fp8_kinds = sorted(k for k, p in GPU_PROFILES.items() if p.fp8)
+        return (f"kv_cache_dtype={params.kv_cache_dtype} needs 8-bit float support (compute capability "
+                f"8.9+), which {params.gpu_kind} lacks; use kv_cache_dtype=auto, or gpu.profile one of "
+                f"{', '.join(fp8_kinds)}")
     cap = params.power_cap_w
     if cap is not None and not (profile.min_limit_w <= cap <= profile.max_limit_w):
         return (f"power_cap_w={cap:g} outside {params.gpu_kind}'s range "
