@@ -34,11 +34,15 @@ def test_unknown_backend_and_fault_say_the_valid_choices(rig):
 
 
 def test_simulated_node_has_the_profile_cards(rig):
+    select_backend(rig.options()).set_power_limit_w(0, 200)  # a V100 node was used first
     b = select_backend(rig.options(gpu_profile="h100"))
     devs = b.devices()
     p = GPU_PROFILES["h100"]
     assert len(devs) == p.gpus_per_node and devs[0].max_limit_w == p.max_limit_w
+    assert devs[0].name == p.name and b.get_power_limit_w(0) == p.default_limit_w
     assert len({d.uuid for d in devs}) == len(devs)
+    # each profile is its own simulated node: the V100 node kept its cap
+    assert select_backend(rig.options()).get_power_limit_w(0) == 200
 
 
 def test_rank_to_gpu_follows_cuda_visible_devices(rig, monkeypatch):

@@ -41,7 +41,7 @@ FAULTS = ("permission", "range", "mismatch", "lost")
 MISMATCH_OFFSET_W = 20.0
 MAX_SM_CLOCK_MHZ = 1530.0
 AMBIENT_C = 30.0
-STATE_NAME = "simulated-gpus.json"
+STATE_NAME = "simulated-{profile}-gpus.json"  # one simulated node per card profile
 
 
 def visible_indices(all_indices: list[int], uuids: dict[int, str]) -> list[int]:
@@ -81,7 +81,10 @@ class SimulatedBackend:
         self.profile: GpuProfile = GPU_PROFILES[profile]
         self.node = node or node_name()
         self.dir = node_dir(resolve_state_dir(state_dir), self.node)
-        self.path = self.dir / STATE_NAME
+        # A real node cannot change its cards: a sweep over gpu.profile gets one simulated
+        # node per profile, so that cells of two profiles running at once never share
+        # (and reset) each other's cards and energy counters.
+        self.path = self.dir / STATE_NAME.format(profile=profile)
         self.fail = fail
         self.observe_only = observe_only
         self.would_set: dict[int, float] = {}  # observe mode: what a set would have written
