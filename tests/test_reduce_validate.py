@@ -236,3 +236,35 @@ def test_world_size_from_plan_when_done_lacks_it(tmp_path):
     paths.telemetry_file(bad, 1).unlink()
     _redo_done(paths, bad, drop="telemetry/rank-1.parquet")
     assert validate_cell(paths, bad).reason == "missing telemetry for rank 1 of 2"  # shards=2 from plan.jsonl
+
+
+def test_cache_key_is_taken_while_the_files_are_read(tmp_path, monkeypatch):
+    """The key a check gathers equals a stat of every file, also when the
+    check stops early (later files are stat'ed, not read), so both valid and
+    invalid verdicts are reused until a file changes."""
+    import orchestrator.reduce.validate as v
+
+    paths, (good, bad) = _sweep(tmp_path)
+    f = paths.telemetry_file(bad, 0)
+    data = bytearray(f.read_bytes())
+    data[50] ^= 0x01
+    f.write_bytes(bytes(data))
+    verdicts = validate_cells(paths, [good, bad])
+    assert verdicts[good].ok and verdicts[bad].reason == "checksum mismatch in telemetry/rank-0.parquet"
+    cache = json.loads((paths.results_dir / ".validation-cache.json").read_text())["cells"]
+    assert cache[good]["key"] == v._stat_key(paths, good) and cache[bad]["key"] == v._stat_key(paths, bad)
+    reduce_sweep(paths.root)
+    cache = json.loads((paths.results_dir / ".validation-cache.json").read_text())["cells"]
+    assert cache[good]["key"] == v._stat_key(paths, good) and cache[bad]["key"] == v._stat_key(paths, bad)
+    calls = []
+    monkeypatch.setattr(v, "check_cell", lambda *a, **k: calls.append(a[1]))
+    assert validate_cells(paths, [good, bad]) == verdicts and calls == []
+
+
+def test_row_count_that_is_not_a_number(tmp_path):
+    paths, (good, bad) = _sweep(tmp_path)
+    done = read_json(paths.done_marker(bad))
+    done["files"]["requests/rank-0.parquet"]["rows"] = "many"
+    paths.done_marker(bad).write_text(json.dumps(done))
+    assert validate_cell(paths, bad).reason.startswith("row count of requests/rank-0.parquet is 8, DONE.json says many")
+    _assert_only_good_cell_reduced(paths, good, bad, "DONE.json says many")

@@ -1,7 +1,7 @@
 """Reduce a sweep: validate each done cell, summarise it, compact its telemetry.
 
-Cells are processed one at a time per worker thread (pyarrow and hashlib
-release the GIL), so memory holds a few cells' files, never the whole sweep.
+Cells are processed one at a time per worker process (parallel.py), so
+memory holds a few cells' files, never the whole sweep.
 Outputs are written in a fixed order with no timestamps: reducing twice gives
 the same bytes.
 """
@@ -26,7 +26,9 @@ from orchestrator.reduce.files import write_derived, write_shared
 from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import PlanCell, read_plan_cells
-from orchestrator.reduce.validate import CellValidation, InvalidCell, check_cell, load_cache, save_cache, stat_key
+from orchestrator.reduce.validate import (
+    CellValidation, InvalidCell, StatKey, check_cell, load_cache, save_cache, stat_key,
+)
 
 S, I, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 SUMMARY_SCHEMA = pa.schema(
@@ -155,42 +157,50 @@ def _cell_ids(paths: SweepPaths, plan: dict[str, PlanCell]) -> set[str]:
 def _reduce_cells(paths: SweepPaths, plan: dict[str, PlanCell], cache: dict[str, Any], ids: list[str],
                   tdir: Path, progress: bool) -> list[CellDone]:
     out: list[CellDone] = []
-    jobs = [(cid, plan.get(cid), cache.get(cid)) for cid in ids]
-    for i, o in enumerate(ordered_map(_reduce_job, jobs, init=_init_job, initargs=(paths, tdir)), 1):
-        out.append(o)
-        if progress and (i % 100 == 0 or i == len(ids)):
-            print(f"reduced {i}/{len(ids)} cells", file=sys.stderr, flush=True)
+    # Jobs are bare cell ids: the plan and the cache reach the workers once,
+    # through the initializer (inherited memory under fork), not per cell.
+    try:
+        for i, o in enumerate(ordered_map(_reduce_job, ids, init=_init_job, initargs=(paths, tdir, plan, cache)), 1):
+            out.append(o)
+            if progress and (i % 100 == 0 or i == len(ids)):
+                print(f"reduced {i}/{len(ids)} cells", file=sys.stderr, flush=True)
+    finally:
+        _JOB.clear()  # a small sweep runs here, not in workers: drop its plan and cache
     return out
 
 
 _JOB: dict[str, Any] = {}
 
 
-def _init_job(paths: SweepPaths, tdir: Path) -> None:
-    _JOB["paths"], _JOB["tdir"] = paths, tdir
+def _init_job(paths: SweepPaths, tdir: Path, plan: dict[str, PlanCell], cache: dict[str, Any]) -> None:
+    _JOB.update(paths=paths, tdir=tdir, plan=plan, cache=cache)
 
 
-def _reduce_job(job: tuple[str, PlanCell | None, Any]) -> CellDone:
-    cid, plan_cell, hit = job
-    paths, tdir = _JOB["paths"], _JOB["tdir"]
-    key = stat_key(paths, cid)  # before reading: a file changed meanwhile gets a new key next time
-    cached = _reuse(cid, hit, key, tdir)
-    if cached is not None:
-        return CellDone(cached, key, True)
-    return CellDone(reduce_cell(paths, cid, plan_cell, tdir), key, False)
+def _reduce_job(cid: str) -> CellDone:
+    paths, tdir, hit = _JOB["paths"], _JOB["tdir"], _JOB["cache"].get(cid)
+    if hit is not None:
+        # Stat before reading: a file changed meanwhile gets a new key next time.
+        cached = _reuse(cid, hit, stat_key(paths, cid), tdir)
+        if cached is not None:
+            return CellDone(cached, hit["key"], True)
+    return reduce_cell(paths, cid, _JOB["plan"].get(cid), tdir)
 
 
-def reduce_cell(paths: SweepPaths, cell_id: str, plan_cell: PlanCell | None, tdir: Path) -> CellOutcome:
+def reduce_cell(paths: SweepPaths, cell_id: str, plan_cell: PlanCell | None, tdir: Path) -> CellDone:
     """Validate one cell and, if valid, summarise it and write its compacted telemetry."""
     params = plan_cell.params if plan_cell else {}
+    key = StatKey()
     try:
-        done, files = check_cell(paths, cell_id, int(params["shards"]) if "shards" in params else None, keep_data=True)
+        done, files = check_cell(paths, cell_id, int(params["shards"]) if "shards" in params else None,
+                                 keep_data=True, key=key)
         cell, requests = _read_tables(files)
         row = _cell_row(cell_id, params, plan_cell, done, cell, requests)
         _write_compacted(tdir, cell_id, cell)
     except InvalidCell as e:
-        return CellOutcome(cell_id, CellValidation(False, str(e)), None)
-    return CellOutcome(cell_id, CellValidation(True, None), row)
+        outcome = CellOutcome(cell_id, CellValidation(False, str(e)), None)
+    else:
+        outcome = CellOutcome(cell_id, CellValidation(True, None), row)
+    return CellDone(outcome, key.value(paths.cell_dir(cell_id)), False)
 
 
 def _read_tables(files) -> tuple[CellTelemetry, pa.Table]:
@@ -259,11 +269,13 @@ def _write_compacted(tdir: Path, cell_id: str, cell: CellTelemetry) -> None:
     table = cell.table
     meta = json.dumps({"ranks": [{"rank": r, **m} for r, m in zip(cell.ranks, cell.metas)]}, sort_keys=True)
     table = table.replace_schema_metadata({TELEMETRY_META_KEY: meta.encode()})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, **COMPACT_OPTIONS)
+    # An Arrow buffer, not io.BytesIO: the writer then appends in C++ rather
+    # than calling back into Python for every page.
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **COMPACT_OPTIONS)
     # No fsync: the compacted copy is derived data that a rerun of reduce
     # rebuilds, and an fsync per cell cost more than writing it.
-    write_derived(f"{tdir}/cell_id={cell_id}", "part-0.parquet", buf.getbuffer())
+    write_derived(f"{tdir}/cell_id={cell_id}", "part-0.parquet", sink.getvalue())
 
 
 # ---------------------------------------------------------------------------
