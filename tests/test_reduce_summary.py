@@ -294,3 +294,18 @@ def test_compacted_files_follow_the_umask_and_leave_no_temporary_files(tmp_path)
     part = paths.results_dir / "telemetry" / f"cell_id={cid}"
     assert sorted(p.name for p in part.iterdir()) == ["part-0.parquet"]
     assert (part / "part-0.parquet").stat().st_mode & 0o777 == 0o640
+
+
+def test_kv_cache_dtype_column_and_plans_written_before_it(tmp_path):
+    """The summary names each cell's KV-cache dtype; a plan written before the parameter
+    existed (no kv_cache_dtype in its params) reads as "auto"."""
+    paths = SweepPaths.of(tmp_path / "sweep")
+    old = cell_params(batch_size=8)  # the synthetic planner writes no kv_cache_dtype
+    assert "kv_cache_dtype" not in old
+    new = cell_params(batch_size=8, kv_cache_dtype="float8_e4m3fn")
+    write_plan(paths, [old, new])
+    ids = [write_cell(paths, p) for p in (old, new)]
+    rows = {r["cell_id"]: r for r in reduce_sweep(paths.root).to_pylist()}
+    assert rows[ids[0]]["kv_cache_dtype"] == "auto"
+    assert rows[ids[1]]["kv_cache_dtype"] == "float8_e4m3fn"
+    assert SUMMARY_SCHEMA.field("kv_cache_dtype").type == pa.string()

@@ -33,7 +33,8 @@ from orchestrator.reduce.validate import (
 S, I, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 SUMMARY_SCHEMA = pa.schema(
     [
-        ("cell_id", S), ("model", S), ("weights", S), ("dtype", S), ("gpu_kind", S), ("gpu_name", S),
+        ("cell_id", S), ("model", S), ("weights", S), ("dtype", S), ("kv_cache_dtype", S), ("gpu_kind", S),
+        ("gpu_name", S),
         ("shards", I), ("nodes", I), ("batch_size", I), ("power_cap_w", F), ("dataset", S),
         ("n_prompts", I), ("max_new_tokens", I), ("seed", I), ("telemetry_source", S),
         ("n_responses", I), ("input_tokens", I), ("output_tokens", I), ("output_words", I),
@@ -243,6 +244,7 @@ def _cell_row(cell_id: str, params: dict[str, Any], plan_cell: PlanCell | None, 
         "model": params.get("model"),
         "weights": done.get("weights", params.get("weights")),
         "dtype": params.get("dtype"),
+        "kv_cache_dtype": params.get("kv_cache_dtype"),
         "gpu_kind": params.get("gpu_kind"),
         "gpu_name": done.get("gpu_name") or cell.metas[0].get("gpu_name"),
         "shards": shards,

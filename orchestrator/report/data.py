@@ -96,7 +96,8 @@ def series(rows: Sequence[Row], x: str, y: str, by: Sequence[str], *, label: Cal
 
 
 def series_label(by: Sequence[str], key: tuple) -> str:
-    short = {"batch_size": "batch", "power_cap_w": "cap", "gpu_name": "", "model": "", "dataset": "", "shards": "shards"}
+    short = {"batch_size": "batch", "power_cap_w": "cap", "gpu_name": "", "model": "", "dataset": "", "shards": "shards",
+             "kv_cache_dtype": "KV"}
     parts = []
     for b, v in zip(by, key):
         name = short.get(b, b)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from orchestrator.report.data import Row, Series, data_label, distinct, series, sort_key
 
-SERIES_KEYS = ("model", "gpu_name", "dataset")
+SERIES_KEYS = ("model", "gpu_name", "dataset", "kv_cache_dtype")
 MAX_BARS = 40  # utilisation bars beyond this are unreadable; the table has them all
 
 
@@ -120,7 +120,8 @@ def power_vs_shards(rows: Sequence[Row], out_dir: Path) -> Figure:
     )
 
 
-CAP_CONFIG_KEYS = ("model", "gpu_name", "dataset", "weights", "shards", "batch_size", "max_new_tokens", "n_prompts", "seed")
+CAP_CONFIG_KEYS = ("model", "gpu_name", "dataset", "weights", "kv_cache_dtype", "shards", "batch_size", "max_new_tokens",
+                   "n_prompts", "seed")
 
 
 def power_cap_tradeoff(rows: Sequence[Row], out_dir: Path) -> Figure:
