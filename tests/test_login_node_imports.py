@@ -57,3 +57,17 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exc.value.code == 0
     assert "usage: wattsweep " + command in capsys.readouterr().out
+
+
+def test_sweep_help_lists_every_top_level_key(capsys):
+    import dataclasses
+
+    from orchestrator.cli import main
+    from orchestrator.config.schema import CONFIG_GROUPS, SweepConf
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = capsys.readouterr().out
+    listed = text.split("top-level keys:")[1].split("(and model.*")[0].split()
+    expected = [f.name for f in dataclasses.fields(SweepConf) if f.name not in (*CONFIG_GROUPS, "grid", "description")]
+    assert listed == expected and "kv_cache_dtype" in listed

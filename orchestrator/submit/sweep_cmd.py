@@ -35,10 +35,10 @@ examples:
   wattsweep sweep -m model=llama-7b shards=1,2,4 power_cap_w=null,250,175,150 launcher=slurm launcher.partition=gpu
   wattsweep sweep -m +experiment=paper_powercap launcher=slurm --dry-run
   wattsweep sweep dataset=alpaca dataset.path=/data/alpaca_data.json gpu.profile=a100
+  wattsweep sweep -m model=llama-7b batch_size=1,64 kv_cache_dtype=auto,float8_e4m3fn gpu.profile=h100
 
-top-level keys: shards batch_size power_cap_w max_new_tokens max_prompt_tokens n_prompts seed
-  weights dtype tokenizer sort_by_length sweep_dir telemetry_hz energy_hz warmup_batches
-  cuda_graph fail_on_purpose sleep_s (and model.*, dataset.*, gpu.*, launcher.*)"""
+top-level keys:
+{keys} (and model.*, dataset.*, gpu.*, launcher.*)"""
 
 
 def _groups_text() -> str:
@@ -54,10 +54,21 @@ def _groups_text() -> str:
     return "\n".join(lines)
 
 
+def _keys_text() -> str:
+    """The schema's top-level keys, wrapped: the list never drifts from the config."""
+    import dataclasses
+    import textwrap
+
+    from orchestrator.config.schema import CONFIG_GROUPS, SweepConf
+
+    keys = [f.name for f in dataclasses.fields(SweepConf) if f.name not in (*CONFIG_GROUPS, "grid", "description")]
+    return textwrap.fill(" ".join(keys), width=88, initial_indent="  ", subsequent_indent="  ")
+
+
 try:
-    EPILOG = EPILOG.format(groups=_groups_text())
+    EPILOG = EPILOG.format(groups=_groups_text(), keys=_keys_text())
 except Exception:  # the package data is missing: the help still works
-    EPILOG = EPILOG.format(groups="  (hydra_conf/ not found)")
+    EPILOG = EPILOG.format(groups="  (hydra_conf/ not found)", keys="  (hydra_conf/ not found)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
