@@ -108,10 +108,11 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
 if triton is not None:
     @triton.jit
     def _chunk_kernel(Q, K, V, Pads, Pos, Out, PartM, PartL, PartAcc,
-                          sqb, sqh, skb, skh, sks, svb, svh, svs, scale, n_rep,
-                          CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
-                          D_P2: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
-        """One (row, key/value head, chunk): its n_rep query heads as rows of a 16-row tile."""
+                      sqb, sqh, skb, skh, sks, svb, svh, svs, scale, n_rep,
+                      CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                      D_P2: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+        """One (row, key/value head, chunk): its n_rep query heads as rows of a tile of
+        BLOCK_H (>= 16) rows; fp32 inputs multiply in full precision (IEEE), not TF32."""
         row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         lo = tl.maximum(split * CHUNK, tl.load(Pads + row).to(tl.int32))
         hi = tl.minimum(split * CHUNK + CHUNK, tl.load(Pos).to(tl.int32) + 1)
