@@ -21,6 +21,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .transformer import Transformer
 
@@ -52,6 +53,13 @@ def prefill_mask(pads: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Te
     return additive(((causal[None] & real_key) | own).unsqueeze(1), dtype)
 
 
+# Prefill attention backends, cuDNN left out: with a mask, PyTorch sends attention to
+# cuDNN first on Hopper, and cuDNN builds an execution plan (hundreds of ms) for every
+# new (batch, width) it sees. Prompt batches differ in width, so that build would land
+# inside the measured window, once per batch; these kernels are compiled ahead of time.
+PREFILL_SDPA = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
 def forward_full(model: Transformer, tokens: torch.Tensor, pads: torch.Tensor | None = None,
                  last_only: bool = False) -> torch.Tensor:
     """Logits of a whole (left-padded) sequence in one pass from slot 0: the prefill,
@@ -63,7 +71,8 @@ def forward_full(model: Transformer, tokens: torch.Tensor, pads: torch.Tensor | 
     slots = torch.arange(width, device=dev)
     positions = (slots[None, :] - pads[:, None]).clamp(min=0)
     mask = prefill_mask(pads, width, model.norm.weight.dtype)
-    return model(tokens, positions, slots, mask, width, last_only=last_only)
+    with sdpa_kernel(list(PREFILL_SDPA)):
+        return model(tokens, positions, slots, mask, width, last_only=last_only)
 
 
 class Generator:
