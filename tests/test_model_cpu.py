@@ -242,3 +242,27 @@ def test_fp8_cache_stores_8_bit_keys_and_both_paths_agree():
                         max_batch_size=2, max_seq_len=64, kv_cache_dtype="int8")
     finally:
         fused.COMPILE = saved
+
+
+def test_prefill_leaves_cudnn_attention_out(monkeypatch):
+    """cuDNN builds a plan per new (batch, width): prefill of prompt batches of varying
+    widths must not run through it, or the builds land in the measured window."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend
+
+    from workers.model import generate
+
+    seen = []
+
+    @contextlib.contextmanager
+    def record(backends):
+        seen.append(list(backends))
+        with torch.nn.attention.sdpa_kernel(backends):
+            yield
+
+    monkeypatch.setattr(generate, "sdpa_kernel", record)
+    model = tiny(seed=2)
+    Generator(model, max_batch_size=2, max_seq_len=32, device="cpu").generate([[1, 5, 6], [1]], max_new_tokens=3,
+                                                                            eos_id=None)
+    assert seen and all(SDPBackend.CUDNN_ATTENTION not in b and SDPBackend.EFFICIENT_ATTENTION in b for b in seen)
