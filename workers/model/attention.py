@@ -43,19 +43,28 @@ NUM_WARPS = 4
 NUM_STAGES = 3  # software pipelining of the key/value loads
 
 
+def sdpa_over_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA of q (B, Hq, T, D) over cache slots (B, Hkv, S, D): an 8-bit cache widened to
+    q's dtype (SDPA takes no 8-bit inputs), each key/value head repeated for the query
+    heads that share it (grouped-query attention)."""
+    if keys.dtype != q.dtype:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+    rep = q.shape[1] // keys.shape[1]
+    if rep > 1:
+        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
 def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                                pads: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """q: (B, Hq, 1, D); caches: (B, Hkv, S, D); pads: (B,); pos: (1,) the last slot written.
     Row b attends to slots pads[b]..pos. Returns (B, Hq, 1, D)."""
-    b, hq, _, _ = q.shape
-    hkv, s = cache_k.shape[1], cache_k.shape[2]
+    b, s = q.shape[0], cache_k.shape[2]
     keys = torch.arange(s, device=q.device)
     allowed = (keys[None, :] >= pads[:, None]) & (keys[None, :] <= pos)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-    k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)  # an 8-bit cache is widened
-    if hq != hkv:
-        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(b, 1, 1, s))
+    return sdpa_over_cache(q, cache_k, cache_v, mask.view(b, 1, 1, s))
 
 
 def plan_splits(max_keys: int, block_n: int | None = None, max_splits: int | None = None) -> tuple[int, int]:

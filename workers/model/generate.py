@@ -93,6 +93,8 @@ class Generator:
         if dynamic_kv and not fuse:
             raise ValueError("dynamic_kv needs the model's fused decode path (model.fuse = True)")
         self.dynamic_kv = fuse if dynamic_kv is None else dynamic_kv
+        if self.dynamic_kv:  # attention finds each row's slots itself: one bucket, one graph
+            self.kv_bucket = max_seq_len
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._state: dict[str, torch.Tensor] = {}
         self._key_idx = torch.arange(max_seq_len, device=self.device)
@@ -167,14 +169,10 @@ class Generator:
         s["step"] += 1
 
     def _buckets(self) -> list[int]:
-        if self.dynamic_kv:
-            return [self.max_seq_len]
         return sorted({min(b, self.max_seq_len) for b in range(self.kv_bucket, self.max_seq_len + self.kv_bucket,
                                                                   self.kv_bucket)})
 
     def _bucket(self, n_keys: int) -> int:
-        if self.dynamic_kv:
-            return self.max_seq_len
         return min(-(-n_keys // self.kv_bucket) * self.kv_bucket, self.max_seq_len)
 
     def _capture_all(self) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from . import fused
 from .args import ModelArgs
-from .attention import decode_attention
+from .attention import decode_attention, sdpa_over_cache
 
 
 def _shard(n: int, what: str) -> int:
@@ -134,7 +134,6 @@ class Attention(nn.Module):
         hd = args.head_dim
         self.n_local_heads = _shard(args.n_heads, "n_heads")
         self.n_local_kv_heads = _shard(args.kv_heads, "n_kv_heads")
-        self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = hd
         kw = dict(device=device, dtype=dtype)
         self.wq = ColumnLinear(args.dim, args.n_heads * hd, gather_output=False, **kw)
@@ -158,12 +157,7 @@ class Attention(nn.Module):
         # every row writes the same slots (left padding): one index_copy per cache
         _store_slots(self.cache_k[:b], slots, k.transpose(1, 2))
         _store_slots(self.cache_v[:b], slots, v.transpose(1, 2))
-        keys, values = self._keys_values(b, kv_len, x.dtype)
-        if self.n_rep > 1:  # grouped-query attention: share each key/value head
-            keys = keys.repeat_interleave(self.n_rep, dim=1)
-            values = values.repeat_interleave(self.n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        return self._attend(q.transpose(1, 2), slots, mask, kv_len, None)
 
     def forward_fused(self, x: torch.Tensor, cos_sin: torch.Tensor, slots: torch.Tensor,
                       mask: torch.Tensor | None, kv_len: int, pads: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,24 +169,18 @@ class Attention(nn.Module):
         nq, nkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         qkv = F.linear(x, self._wqkv).view(b, t, nq + 2 * nkv, hd)
         q = fused.ROPE_CACHE(qkv, cos_sin, self.cache_k[:b], self.cache_v[:b], slots, nq, nkv)
+        return self._attend(q, slots, mask, kv_len, pads)
+
+    def _attend(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
+                pads: torch.Tensor | None) -> torch.Tensor:
+        """q (B, Hq, T, D) over this layer's cache, then the output projection: each row's
+        used slots (``pads`` given, one query a row) or the first ``kv_len`` under ``mask``."""
+        b, _, t, _ = q.shape
         if pads is not None:
             out = decode_attention(q, self.cache_k[:b], self.cache_v[:b], pads, slots)
-            return self.wo(out.transpose(1, 2).reshape(b, t, -1))
-        keys, values = self._keys_values(b, kv_len, x.dtype)
-        if self.n_rep > 1:
-            keys = keys.repeat_interleave(self.n_rep, dim=1)
-            values = values.repeat_interleave(self.n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            out = sdpa_over_cache(q, self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len], mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
-
-
-    def _keys_values(self, b: int, kv_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``kv_len`` cache slots of ``b`` rows, in the compute dtype (an 8-bit
-        cache is widened here; SDPA takes no 8-bit inputs)."""
-        keys, values = self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len]
-        if keys.dtype != dtype:
-            keys, values = keys.to(dtype), values.to(dtype)
-        return keys, values
 
 
 class FeedForward(nn.Module):
