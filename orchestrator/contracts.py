@@ -94,13 +94,18 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(norm(obj), sort_keys=True, separators=(",", ":"))
 
 
-# later parameters at their "as before" value: not hashed (see CellParams)
-_ID_OMIT_AT = {"kv_cache_dtype": "auto"}
+# Cell parameters added after the first planner, with their "as before" value: left
+# out of the id at that value, and filled in where an older plan lacks them.
+LATER_PARAM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CellParams)
+                        if f.default is not dataclasses.MISSING}
+# kv_cache_dtype values: "auto" keeps keys and values in the model dtype
+KV_CACHE_DTYPES = ("auto", "float8_e4m3fn")
 
 
 def cell_id_of(params: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the measurement parameters, 12 hex digits."""
-    hashed = {k: v for k, v in params.items() if k not in _ID_OMIT_AT or v != _ID_OMIT_AT[k]}
+    hashed = {k: v for k, v in params.items()
+              if k not in LATER_PARAM_DEFAULTS or v != LATER_PARAM_DEFAULTS[k]}
     return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:12]
 
 

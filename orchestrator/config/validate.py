@@ -9,10 +9,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestrator.contracts import GPU_PROFILES
+from orchestrator.contracts import GPU_PROFILES, KV_CACHE_DTYPES
 
 DTYPES = ("bfloat16", "float16", "float32")
-KV_CACHE_DTYPES = ("auto", "float8_e4m3fn")
 DATASETS = ("synthetic", "alpaca", "gsm8k")
 GPU_BACKENDS = ("auto", "nvml", "nvidia-smi", "capctl", "simulated")
 GPU_FAILS = ("permission", "range", "mismatch", "lost")

@@ -8,15 +8,10 @@ and counted, never fatal.
 from __future__ import annotations
 
 import json
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.contracts import CellParams, SweepPaths
-
-# Parameters added after the first planner, at their "as before" value: a plan
-# written before them reads as if it had them (summaries and compare match).
-LATER_PARAMS = {f.name: f.default for f in dataclasses.fields(CellParams) if f.default is not dataclasses.MISSING}
+from orchestrator.contracts import LATER_PARAM_DEFAULTS, SweepPaths
 
 
 @dataclass(frozen=True)
@@ -52,7 +47,7 @@ def _parse_line(line: str) -> PlanCell | None:
     if not isinstance(d, dict) or not isinstance(d.get("id"), str):
         return None
     params = d.get("params") if isinstance(d.get("params"), dict) else {}
-    if params:
-        params = {**LATER_PARAMS, **params}
+    if params:  # a plan written before a later parameter reads as if it had it
+        params = {**LATER_PARAM_DEFAULTS, **params}
     nodes = d.get("nodes")
     return PlanCell(d["id"], dict(params), int(nodes) if isinstance(nodes, int) else None, bool(d.get("feasible", True)))

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from fairscale.nn.model_parallel import initialize as mp
 
+from orchestrator.contracts import KV_CACHE_DTYPES
+
 from .args import ModelArgs
 from .transformer import Transformer
 
@@ -51,23 +53,21 @@ def _mp_rank_world() -> tuple[int, int]:
     raise RuntimeError("model parallel is not initialised: call workers.dist.init_distributed first")
 
 
-KV_DTYPES = {"auto": None, "float8_e4m3fn": torch.float8_e4m3fn}
-
-
 def build_model(args: ModelArgs, *, weights: str, dtype: str, device: str, seed: int,
                 max_batch_size: int, max_seq_len: int, kv_cache_dtype: str = "auto") -> Transformer:
     """The model for this rank, weights filled, in inference mode (no grads).
     ``kv_cache_dtype``: "auto" keeps keys and values in ``dtype``; "float8_e4m3fn" stores
     them in 8 bits (unscaled, as an inference server's fp8 cache), halving the bytes a
     decode step reads from the cache."""
-    if kv_cache_dtype not in KV_DTYPES:
-        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; valid: {sorted(KV_DTYPES)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; valid: {sorted(KV_CACHE_DTYPES)}")
     rank, world = _mp_rank_world()
     if weights != "random":
         args = _checkpoint_args(Path(weights), args)
     args.check_shards(world)
     model = Transformer(args, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                        device=device, dtype=torch_dtype(dtype), kv_dtype=KV_DTYPES[kv_cache_dtype])
+                        device=device, dtype=torch_dtype(dtype),
+                        kv_dtype=None if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype))
     with torch.no_grad():
         if weights == "random":
             _fill_random(model, seed=seed, mp_rank=rank)
