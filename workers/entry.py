@@ -219,10 +219,10 @@ def _maybe_fail_on_purpose(mode: str | None, rank: int) -> None:
     "raise-rank-N" on rank N only (cells with fewer ranks run normally)."""
     if not mode:
         return
-    if mode == "raise" or mode == f"raise-rank-{rank}":
-        raise RuntimeError(f"worker raised on purpose (fail_on_purpose={mode})")
     if mode != "raise" and not mode.startswith("raise-rank-"):
         raise ValueError(f"fail_on_purpose={mode!r} is not valid; valid: raise, raise-rank-N")
+    if mode in ("raise", f"raise-rank-{rank}"):
+        raise RuntimeError(f"worker raised on purpose (fail_on_purpose={mode})")
 
 
 def _sync(device: str) -> None:

@@ -182,20 +182,12 @@ class Sampler:
                 return
             if woken:  # a phase mark: read the counter now, keep the power cadence
                 self._energy_now.clear()
-                try:
-                    with self._lock:
-                        self._take_row(with_energy=True)
-                except Exception as e:  # noqa: BLE001 - see below
-                    self._error = f"{type(e).__name__}: {e}"
+                if not self._thread_row(with_energy=True):
                     return
                 continue
             now = time.monotonic()
             want_energy = now >= next_energy
-            try:
-                with self._lock:
-                    self._take_row(with_energy=want_energy)
-            except Exception as e:  # a lost GPU must not kill the worker's thread silently
-                self._error = f"{type(e).__name__}: {e}"
+            if not self._thread_row(with_energy=want_energy):
                 return
             if want_energy:
                 next_energy += self._energy_period_s
@@ -205,6 +197,17 @@ class Sampler:
             if next_power < time.monotonic():
                 # Late (energy read or a stall): keep the cadence, skip missed ticks.
                 next_power = time.monotonic() + self._period_s
+
+    def _thread_row(self, *, with_energy: bool) -> bool:
+        """One row from the sampler thread; False, with the error kept, once the GPU
+        stops answering (a lost GPU must not kill the worker's thread silently)."""
+        try:
+            with self._lock:
+                self._take_row(with_energy=with_energy)
+        except Exception as e:  # noqa: BLE001 - any backend failure ends sampling the same way
+            self._error = f"{type(e).__name__}: {e}"
+            return False
+        return True
 
     def _read_energy_raw(self) -> float | None:
         try:
