@@ -1,15 +1,10 @@
-"""Atomic writes of result files that other people can read (mode from the umask)."""
+"""The reducer's cheap atomic write for the many small files it rebuilds.
+
+Summaries, caches and reports go through ``contracts.atomic_write_bytes``.
+"""
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-from orchestrator.contracts import atomic_write_bytes
-
-
-def write_shared(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Temporary name in the same folder, optional fsync, rename; mode 0666 & ~umask."""
-    atomic_write_bytes(path, data, fsync=fsync)
 
 
 def write_derived(folder: str, name: str, data: bytes | memoryview) -> None:
@@ -18,7 +13,7 @@ def write_derived(folder: str, name: str, data: bytes | memoryview) -> None:
 
     For the many small files a reduce rebuilds: file-system calls cost as much
     as encoding such a file, so this makes four (mkdir, open, write, rename)
-    where ``write_shared`` makes about ten. The temporary name is unique per
+    where ``contracts.atomic_write_bytes`` makes about ten. The temporary name is unique per
     process, so two processes never write the same temporary file.
     """
     try:

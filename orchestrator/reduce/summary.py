@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
-from orchestrator.reduce.files import write_derived, write_shared
+from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths, atomic_write_bytes
+from orchestrator.reduce.files import write_derived
 from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import PlanCell, read_plan_cells
@@ -300,16 +300,16 @@ def _summary_table(rows: list[dict[str, Any]]) -> pa.Table:
 def _write_outputs(paths: SweepPaths, table: pa.Table, invalid: list[CellOutcome], tdir: Path) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="snappy")
-    write_shared(paths.summary_parquet, buf.getvalue())
+    atomic_write_bytes(paths.summary_parquet, buf.getvalue())
     cbuf = io.BytesIO()
     pacsv.write_csv(table, cbuf)
-    write_shared(paths.summary_csv, cbuf.getvalue())
+    atomic_write_bytes(paths.summary_csv, cbuf.getvalue())
     sio = io.StringIO()
     w = csv.writer(sio, lineterminator="\n")
     w.writerow(["cell_id", "reason"])
     for o in sorted(invalid, key=lambda o: o.cell_id):
         w.writerow([o.cell_id, o.verdict.reason])
-    write_shared(paths.results_dir / INVALID_CSV, sio.getvalue().encode())
+    atomic_write_bytes(paths.results_dir / INVALID_CSV, sio.getvalue().encode())
     _drop_stale_partitions(tdir, set(table.column("cell_id").to_pylist()))
 
 

@@ -22,8 +22,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.contracts import REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
-from orchestrator.reduce.files import write_shared
+from orchestrator.contracts import REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths, atomic_write_bytes
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import read_plan_cells
 from orchestrator.reduce.pqread import SmallParquet
@@ -380,7 +379,7 @@ def _load_cache(paths: SweepPaths) -> dict[str, Any]:
 def _save_cache(paths: SweepPaths, cells: dict[str, Any]) -> None:
     try:
         data = json.dumps({"version": CACHE_VERSION, "cells": cells}, sort_keys=True, separators=(",", ":"))
-        write_shared(_cache_path(paths), data.encode(), fsync=False)  # a cache: losing it costs only time
+        atomic_write_bytes(_cache_path(paths), data.encode(), fsync=False)  # a cache: losing it costs only time
     except OSError:
         pass  # a read-only sweep folder still validates, only slower next time
 

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator.contracts import SweepPaths
-from orchestrator.reduce.files import write_shared
+from orchestrator.contracts import SweepPaths, atomic_write_bytes
 from orchestrator.reduce.table import format_value
 from orchestrator.report.data import Row, data_label, is_simulated, load_summary
 from orchestrator.report.figures import ALL_FIGURES, Figure
@@ -81,7 +80,7 @@ def write_html(report: Report, out: Path) -> Path:
         parts.append("<h2>Invalid cells (not in any figure)</h2>" + _html_table(("cell_id", "reason"), report.invalid))
     parts.append("<p>Column definitions: docs/metrics.md.</p></body></html>\n")
     path = out / "index.html"
-    write_shared(path, "\n".join(parts).encode())
+    atomic_write_bytes(path, "\n".join(parts).encode())
     return path
 
 
@@ -103,7 +102,7 @@ def write_markdown(report: Report, out: Path) -> Path:
         lines += ["## Invalid cells (not in any figure)", "", _md_table(("cell_id", "reason"), report.invalid), ""]
     lines += ["Column definitions: docs/metrics.md.", ""]
     path = out / "index.md"
-    write_shared(path, "\n".join(lines).encode())
+    atomic_write_bytes(path, "\n".join(lines).encode())
     return path
 
 
