@@ -66,11 +66,15 @@ def format_counts(st: SweepStatus) -> str:
     return f"{len(st.cells)} cells: " + (", ".join(parts) if parts else "none")
 
 
+def bar(ended: int, total: int) -> str:
+    """``[####......]``: the share of cells that have ended."""
+    filled = round(BAR_WIDTH * ended / max(1, total))
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}]"
+
+
 def progress_line(st: SweepStatus) -> str:
-    total = len(st.cells) or 1
     ended = sum(n for s, n in st.counts.items() if s not in ("planned", "pending", "running"))
-    filled = round(BAR_WIDTH * ended / total)
-    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {ended}/{len(st.cells)} ended | " + \
+    return f"{bar(ended, len(st.cells))} {ended}/{len(st.cells)} ended | " + \
         " ".join(f"{s}={st.counts[s]}" for s in STATES if st.counts.get(s))
 
 

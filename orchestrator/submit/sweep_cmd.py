@@ -145,12 +145,12 @@ class _Progress:
             print(file=sys.stderr)
 
     def _line(self, elapsed_s: float) -> str:
+        from orchestrator.status.cmd import bar
+
         done = sum(self.paths.done_marker(c).exists() for c in self.cell_ids)
         failed = sum(self.paths.failed_marker(c).exists() for c in self.cell_ids)
         n = len(self.cell_ids)
-        width = 30
-        filled = int(width * (done + failed) / max(1, n))
-        return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{n} done, {failed} failed, {elapsed_s:.0f} s"
+        return f"{bar(done + failed, n)} {done}/{n} done, {failed} failed, {elapsed_s:.0f} s"
 
     def _loop(self) -> None:
         import time
