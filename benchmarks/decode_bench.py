@@ -19,12 +19,13 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.nvml_probe import Nvml  # noqa: E402
 from workers.dist import init_distributed, shutdown  # noqa: E402
 from workers.model import PRESETS, Generator, build_model, fused  # noqa: E402
 
@@ -48,16 +49,56 @@ def copy_bandwidth_bytes_s(device: torch.device, n_bytes: int = 2 << 30, reps: i
     return 2 * n_bytes / statistics.median(times[3:])
 
 
+@dataclass
+class Card:
+    """The benchmark's card through the worker's own NVML backend, in observe mode:
+    nothing on the card is ever set. No backend (a CPU run, no driver): times only."""
+
+    index: int = 0
+    backend: Any = None
+    name: str = "none"
+
+    @classmethod
+    def open(cls, device: torch.device) -> "Card":
+        if device.type != "cuda":
+            return cls()
+        from workers.gpu import gpu_index_for_rank
+        from workers.gpu.base import GpuError
+        from workers.gpu.nvml import NvmlBackend
+
+        try:
+            backend = NvmlBackend(observe_only=True)
+            index = gpu_index_for_rank(backend, device.index or 0)  # CUDA_VISIBLE_DEVICES as the worker reads it
+            name = next(d.name for d in backend.devices() if d.index == index)
+        except GpuError:
+            return cls()
+        return cls(index, backend, name)
+
+    def energy_j(self) -> float | None:
+        return None if self.backend is None else self.backend.energy_j(self.index)
+
+    def power_limit_w(self) -> float | None:
+        return None if self.backend is None else self.backend.get_power_limit_w(self.index)
+
+    def sampler(self, hz: float) -> Any:
+        """The worker's own telemetry sampler (every field it records, the energy counter
+        at 1 Hz and at each phase mark) on this card."""
+        from workers.telemetry.sampler import Sampler
+
+        return Sampler(self.backend, self.index, cell_id="decode-bench", host=platform.node(), rank=0,
+                       gpu_uuid="", hz=hz)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps: int, nvml: Nvml,
+def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps: int, card: Card,
                 device: torch.device, sampler_hz: float | None) -> dict:
     """``reps`` generate calls as one window; decode time summed from the phase marks."""
     marks: list[tuple[str, float]] = []
-    sampler = _worker_sampler(nvml, sampler_hz) if sampler_hz else None
+    sampler = card.sampler(sampler_hz) if sampler_hz else None
 
     def on_phase(phase: str) -> None:
         marks.append((phase, time.perf_counter()))
@@ -67,13 +108,13 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
     if sampler:
         sampler.start()
     _sync(device)
-    e0, t0 = nvml.energy_j(), time.perf_counter()
+    e0, t0 = card.energy_j(), time.perf_counter()
     tokens = 0
     for _ in range(reps):
         out = gen.generate(prompts, max_new_tokens=new_tokens, eos_id=None, on_phase=on_phase)
         marks.append(("end", time.perf_counter()))  # generate returns after a synchronise
         tokens += sum(len(o) for o in out)
-    t1, e1 = time.perf_counter(), nvml.energy_j()
+    t1, e1 = time.perf_counter(), card.energy_j()
     if sampler:
         sampler.stop()
     decode_s = sum(marks[i + 1][1] - marks[i][1] for i in range(len(marks) - 1) if marks[i][0] == "decode")
@@ -90,21 +131,6 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
     return res
 
 
-_BACKEND: list = []
-
-
-def _worker_sampler(nvml: Nvml, hz: float):
-    """The worker's own telemetry sampler (every field it records, the energy counter at
-    1 Hz and at each phase mark) on the NVML backend in observe mode: nothing is set."""
-    from workers.gpu.nvml import NvmlBackend
-    from workers.telemetry.sampler import Sampler
-
-    if not _BACKEND:
-        _BACKEND.append(NvmlBackend(observe_only=True))
-    return Sampler(_BACKEND[0], nvml.index, cell_id="decode-bench", host=platform.node(), rank=0,
-                   gpu_uuid="", hz=hz)
-
-
 def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.device, dynamic_kv: bool,
                  out: Path) -> None:
     """Kernel table of eager decode steps (same kernels the graph replays), to see where time goes."""
@@ -118,13 +144,11 @@ def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.de
     out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
-STEP_HELP = {"plain": "unfused, SDPA over key buckets", "fused-sdpa": "compiled elementwise kernels, SDPA over key buckets",
-             "fused": "compiled elementwise kernels, attention over used slots; the default"}
-# decode-step variants: (model.fuse, Generator dynamic_kv)
+# decode-step variants: (model.fuse, Generator dynamic_kv, what it is)
 STEPS = {
-    "plain": (False, False),  # unfused elementwise work, SDPA over 32-key buckets with a mask
-    "fused-sdpa": (True, False),  # compiled elementwise kernels, SDPA over buckets
-    "fused": (True, True),  # attention over each row's used slots (the default)
+    "plain": (False, False, "unfused, SDPA over key buckets"),
+    "fused-sdpa": (True, False, "compiled elementwise kernels, SDPA over key buckets"),
+    "fused": (True, True, "compiled elementwise kernels, attention over used slots; the default"),
 }
 
 
@@ -135,16 +159,15 @@ def _use_step(model, step: str) -> None:
 def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,
                     prompts: list[list[int]], graph: bool) -> tuple[Generator, float]:
     _use_step(model, step)
-    dynamic = STEPS[step][1]
     gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=graph,
-                    kv_bucket=args.kv_bucket, dynamic_kv=dynamic)
+                    kv_bucket=args.kv_bucket, dynamic_kv=STEPS[step][1])
     t = time.perf_counter()
     gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up, compile, graph capture
     return gen, time.perf_counter() - t
 
 
 def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, device: torch.device,
-                nvml: Nvml, bw: float, kv_dtype: str) -> list[dict]:
+                card: Card, bw: float, kv_dtype: str) -> list[dict]:
     shape = PRESETS[name]
     seq_len = args.prompt_tokens + args.new_tokens
     t = time.perf_counter()
@@ -158,7 +181,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
     rows = []
     steps = args.steps.split(",")
     sampler_variants = [("off", None)]
-    if args.compare_sampler and nvml.available:  # the sampler reads a real card
+    if args.compare_sampler and card.backend is not None:  # the sampler reads a real card
         sampler_variants.append(("on", args.sampler_hz))
 
     def row(b: int, graph: bool, step: str, sampler: str, warm_s: float, runs: list[dict]) -> None:
@@ -195,14 +218,14 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
                 _use_step(model, step)
                 for v, hz in sampler_variants:
                     results[(step, v)].append(time_window(gens[step][0], prompts, args.new_tokens, args.reps,
-                                                          nvml, device, hz))
+                                                          card, device, hz))
         for (step, v), runs in results.items():
             row(b, True, step, v, gens[step][1], runs)
         del gens, gen
         if args.compare_graph:
             gen, warm_s = _warm_generator(model, steps[-1], b, seq_len, device, args, prompts, graph=False)
             row(b, False, steps[-1], "off", warm_s,
-                [time_window(gen, prompts, args.new_tokens, args.reps, nvml, device, None)])
+                [time_window(gen, prompts, args.new_tokens, args.reps, card, device, None)])
             del gen
     del model
     if device.type == "cuda":
@@ -210,8 +233,8 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
     return rows
 
 
-def write_report(out: str, nvml: Nvml, bw: float, rows: list[dict]) -> None:
-    report = {"card": nvml.name, "power_limit_w": nvml.power_limit_w(), "copy_bandwidth_bytes_s": bw,
+def write_report(out: str, card: Card, bw: float, rows: list[dict]) -> None:
+    report = {"card": card.name, "power_limit_w": card.power_limit_w(), "copy_bandwidth_bytes_s": bw,
               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
               "host": platform.node(), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fused_status": fused.status(),
@@ -236,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-bucket", type=int, default=32, help="attention reads keys in multiples of this")
     p.add_argument("--steps", default="fused",
                    help=f"comma list of decode-step variants, measured in the same run with windows "
-                        f"interleaved: {', '.join(f'{k} ({v})' for k, v in STEP_HELP.items())}")
+                        f"interleaved: {', '.join(f'{k} ({v[2]})' for k, v in STEPS.items())}")
     p.add_argument("--compare-fused", action="store_true", help="same as --steps plain,fused")
     p.add_argument("--kv-dtypes", default="auto",
                    help="comma list of KV-cache dtypes, a model built for each: auto (the model dtype), "
@@ -250,15 +273,15 @@ def main(argv: list[str] | None = None) -> int:
 
     info = init_distributed(1)
     device = torch.device(info.device)
-    nvml = Nvml.open(device.index or 0) if device.type == "cuda" else Nvml()
+    card = Card.open(device)
     bw = copy_bandwidth_bytes_s(device)
-    print(f"card {nvml.name}, copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    print(f"card {card.name}, copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     rows: list[dict] = []
     for name in args.models.split(","):
         for kv_dtype in args.kv_dtypes.split(","):
-            rows += bench_model(name, [int(b) for b in args.batch_sizes.split(",")], args, device, nvml, bw,
+            rows += bench_model(name, [int(b) for b in args.batch_sizes.split(",")], args, device, card, bw,
                                 kv_dtype)
-            write_report(args.out, nvml, bw, rows)  # after each model: a cut-short run keeps what it measured
+            write_report(args.out, card, bw, rows)  # after each model: a cut-short run keeps what it measured
     print(f"fused: {fused.status()}")
     print(f"{'model':10} {'kv':>4} {'batch':>5} {'graph':>5} {'step':>10} {'smp':>3} {'tok/s':>8} {'step ms':>7} "
           f"{'roof':>5} {'J/tok':>7} {'W':>5}")
