@@ -155,3 +155,14 @@ def test_status_checks_checksums_and_deep_also_parses(sweep):
     deep = {c.cell_id: c for c in sweep_status(paths, query_queue=False, deep=True).cells}
     assert fast[ids[0]] == "done" and fast[ids[1]] == "invalid"
     assert deep[ids[0]].state == "invalid"
+
+
+def test_parameters_label_names_a_non_default_kv_cache():
+    from dataclasses import replace
+
+    from orchestrator.status.state import params_label
+
+    cell = make_cell(batch_size=64)
+    assert params_label(cell) == "llama-tiny x1 b64 uncapped synthetic"
+    fp8 = replace(cell, params=replace(cell.params, kv_cache_dtype="float8_e4m3fn"))
+    assert params_label(fp8) == "llama-tiny x1 b64 uncapped synthetic kv=float8_e4m3fn"

@@ -157,7 +157,8 @@ def _cell_state(
 def params_label(cell: PlannedCell) -> str:
     p = cell.params
     cap = "uncapped" if p.power_cap_w is None else f"{p.power_cap_w:g}W"
-    return f"{p.model} x{p.shards} b{p.batch_size} {cap} {p.dataset}"
+    kv = "" if p.kv_cache_dtype == "auto" else f" kv={p.kv_cache_dtype}"  # else two cells could read the same
+    return f"{p.model} x{p.shards} b{p.batch_size} {cap} {p.dataset}{kv}"
 
 
 def _replace(s: CellStatus, **kw: Any) -> CellStatus:
