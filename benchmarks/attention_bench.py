@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="attention_bench.json")
     args = p.parse_args(argv)
     dev = torch.device("cuda")
-    defaults = attention.BLOCK_N, None, attention.NUM_WARPS, attention.NUM_STAGES
+    defaults = attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES  # launch settings the bench varies
     rows = []
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         shape = (b, args.heads, args.max_seq_len, args.head_dim)
@@ -89,23 +89,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.fp8:  # what an 8-bit cache would read, through the same kernels
                 caches[" fp8"] = (k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn))
             for cfg in args.configs.split(","):
-                if cfg == "default":
-                    block_n, max_splits, warps, stages = defaults
-                    max_splits = None
-                    label = "default"
+                if cfg == "default":  # the module's own choice of splits for this batch
+                    settings, max_splits, label = defaults, None, "default"
                 else:
                     block_n, max_splits, warps, stages = (int(x) for x in cfg.split(":"))
+                    settings = (block_n, warps, stages)
                     splits, chunk = plan_splits(args.max_seq_len, block_n, max_splits)
                     label = f"{cfg} ({splits}x{chunk})"
                 for tag, (kc, vc) in caches.items():
                     variants[f"{label}{tag}"] = (
                         lambda ms=max_splits, kc=kc, vc=vc: decode_attention(q, kc, vc, pads, pos, splits=ms),
-                        (block_n, warps, stages))
-            for name, (fn, cfg) in variants.items():
-                if cfg:
-                    attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = cfg
+                        settings)
+            for name, (fn, settings) in variants.items():
+                attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = settings or defaults
                 us = _time_us(fn)
-                attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = defaults[0], defaults[2], defaults[3]
+                attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = defaults
                 rows.append({"batch_size": b, "pos": last, "variant": name, "us": us,
                              "used_kv_gb_s": used_bytes / us / 1e3})
                 print(f"b={b:3d} pos={last:4d} {name:36s} {us:8.2f} us  {used_bytes / us / 1e3:7.1f} GB/s", flush=True)
