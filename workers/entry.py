@@ -172,6 +172,7 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
     sampler.window_start()
     t0 = time.perf_counter()
     requests: list[dict[str, Any]] = []
+    generated: list[list[int]] = []  # each request's tokens, decoded to words after the window
     # A requeued attempt runs at full speed, so a cell slowed on purpose still finishes.
     pause_s = opt.sleep_s / max(1, len(batches)) if task.attempt == 0 else 0.0
     for batch in batches:
@@ -187,11 +188,11 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
                         "batch_index": batch.index,
                         "input_tokens": len(toks),
                         "output_tokens": len(out),
-                        "output_words": out,  # tokens for now: decoded after the window
                         "start_ns": start_ns,
                         "end_ns": end_ns,
                     }
                 )
+                generated.append(out)
         if pause_s:
             time.sleep(pause_s)  # tests: keeps a cell running long enough to be cancelled
     _sync(info.device)
@@ -199,8 +200,8 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
     sampler.window_end()
     duration_s = time.perf_counter() - t0
     sampler.mark("idle", load=0.0)
-    for row in requests:  # detokenising is host work that must not sit inside the measured window
-        row["output_words"] = count_words(tokenizer.decode(list(row["output_words"])))
+    for row, out in zip(requests, generated):  # detokenising is host work: outside the measured window
+        row["output_words"] = count_words(tokenizer.decode(list(out)))
     return {"requests": requests, "duration_s": duration_s}
 
 
