@@ -207,7 +207,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
             for step in steps:
                 _use_step(model, step)
                 profile_step(model, prompts, seq_len, device, STEPS[step][1],
-                             Path(args.profile_dir) / f"profile_{name}_b{b}_{step}.txt")
+                             Path(args.profile_dir) / f"profile_{name}_{kv_dtype}_b{b}_{step}.txt")
         gens: dict[str, tuple[Generator, float]] = {}
         for step in steps:  # the decode path is fixed when a generator captures its graphs
             gen, warm_s = _warm_generator(model, step, b, seq_len, device, args, prompts, graph=True)

@@ -1,0 +1,102 @@
+"""The decode step's matrix products alone: cuBLAS against a Triton skinny-matrix kernel.
+
+At batch 1 a decode step is a chain of matrix-vector products that each stream one
+weight matrix from memory; how close each comes to the card's bandwidth bounds the
+whole step. For LLaMA-7B's shapes (bf16) and a few batch sizes, this times
+``F.linear`` (cuBLAS) and ``workers.model.linear.skinny_linear`` (Triton) on
+weights that rotate through more memory than the L2 cache holds, inside a CUDA
+graph (as the generator runs them), and reports the weight bytes read per second.
+
+    python benchmarks/gemv_bench.py --batch-sizes 1,8,64 --out gemv_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from workers.model import linear  # noqa: E402
+
+# (name, out_features, in_features) of LLaMA-7B's decode products
+SHAPES_7B = [("wqkv", 3 * 4096, 4096), ("wo", 4096, 4096), ("w13", 2 * 11008, 4096),
+             ("w2", 4096, 11008), ("output", 32000, 4096)]
+
+
+def _graph_time_us(fns: list, reps: int = 15) -> float:
+    """GPU time per call of ``fns`` run once each inside one CUDA graph; median of reps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns[:3]:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(fns))
+    return statistics.median(times)
+
+
+def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int) -> dict:
+    copies = max(2, rotate_bytes // (n * k * 2))
+    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    ref = F.linear(x, weights[0]).float()
+    got = linear.skinny_linear(x, weights[0]).float()
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    out = {"m": m, "n": n, "k": k, "max_rel_err": err}
+    us = _graph_time_us([lambda w=w: F.linear(x, w) for w in weights])
+    out.update(cublas_us=us, cublas_tb_s=n * k * 2 / us / 1e6)
+    # every launch setting of the Triton kernel; the best one is reported as "triton"
+    per_config = {}
+    for cfg in linear.CONFIGS:
+        per_config[str(cfg)] = _graph_time_us([lambda w=w, c=cfg: linear.skinny_linear(x, w, c) for w in weights])
+    default_us = _graph_time_us([lambda w=w: linear.skinny_linear(x, w) for w in weights])
+    best = min(per_config, key=per_config.get)
+    out.update(triton_us=per_config[best], triton_tb_s=n * k * 2 / per_config[best] / 1e6, triton_config=best,
+               triton_default_us=default_us, triton_configs_us=per_config)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--rotate-gib", type=float, default=2.0, help="weights rotated through, per shape")
+    p.add_argument("--out", default="gemv_bench.json")
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    rows = []
+    for m in (int(b) for b in args.batch_sizes.split(",")):
+        for name, n, k in SHAPES_7B:
+            row = {"shape": name, **bench_shape(n, k, m, device, int(args.rotate_gib * 2**30))}
+            rows.append(row)
+            print(f"b{m:<3} {name:7s} cuBLAS {row['cublas_us']:8.1f} us {row['cublas_tb_s']:5.2f} TB/s | "
+                  f"Triton {row['triton_us']:8.1f} us {row['triton_tb_s']:5.2f} TB/s {row['triton_config']} "
+                  f"(default {row['triton_default_us']:.1f}) | err {row['max_rel_err']:.1e}",
+                  flush=True)
+            torch.cuda.empty_cache()
+    report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "command": " ".join(["python3", *sys.argv]), "settings": linear.settings(), "rows": rows}
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
