@@ -87,3 +87,66 @@ def test_fp8_cache_graph_decode_matches_eager():
     out_e = Generator(m, max_batch_size=2, max_seq_len=128, device="cuda:0", cuda_graph=False).generate(
         prompts, max_new_tokens=60, eos_id=None)
     assert out_g == out_e and all(len(o) == 60 for o in out_g)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 11008), (96, 200)])  # 7B's wo, w2-like, ragged
+def test_skinny_products_match_cublas(m, n, k):
+    from workers.model import linear, fused
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    ref = torch.nn.functional.linear(x, w).float()
+    torch.testing.assert_close(linear.skinny_linear(x, w).float(), ref, rtol=2e-2, atol=2e-2)
+    gate_up = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16, generator=g)
+    ref = torch.nn.functional.linear(fused.silu_mul(gate_up), w).float()
+    torch.testing.assert_close(linear.gated_linear(gate_up, w).float(), ref, rtol=2e-2, atol=2e-2)
+    assert linear.usable(x) and not linear.usable(x.float()) and not linear.usable(torch.zeros(17, k, device="cuda",
+                                                                                               dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("nq,nkv,cache_dtype", [(32, 32, torch.bfloat16), (8, 2, torch.bfloat16),
+                                                (4, 4, torch.float8_e4m3fn)])
+def test_rope_cache_kernel_matches_compiled_function(nq, nkv, cache_dtype):
+    from workers.model import fused
+
+    b, d, s, slot = 3, 128, 40, 17
+    g = torch.Generator(device="cuda").manual_seed(2)
+    qkv = torch.randn(b, 1, nq + 2 * nkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    angles = torch.rand(b, 1, 1, d // 2, device="cuda", generator=g) * 6.28
+    cos_sin = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    slots = torch.tensor([slot], device="cuda")
+    caches = [torch.zeros(b + 1, nkv, s, d, device="cuda", dtype=cache_dtype)[:b] for _ in range(4)]
+    q_ref = fused.rope_cache(qkv, cos_sin, caches[0], caches[1], slots, nq, nkv)
+    q = fused.rope_cache_triton(qkv, cos_sin, caches[2], caches[3], slots, nq, nkv)
+    torch.testing.assert_close(q, q_ref, rtol=1e-2, atol=1e-2)  # one bf16 rounding step apart at most
+    tol = dict(rtol=0.13, atol=0.02) if cache_dtype == torch.float8_e4m3fn else dict(rtol=1e-2, atol=1e-2)
+    for ref, got in ((caches[0], caches[2]), (caches[1], caches[3])):
+        torch.testing.assert_close(got.float(), ref.float(), **tol)
+        assert got[:, :, slot].float().abs().sum() > 0 and got[:, :, :slot].float().abs().sum() == 0
+
+
+def test_hand_kernels_step_matches_compiled_step(model):  # the fixture joins the process group
+    """One fused decode step of a bf16 model with the hand-written kernels and without:
+    the same logits up to bf16 rounding, the same cache contents."""
+    from workers.model import fused
+
+    try:
+        m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
+                        max_batch_size=4, max_seq_len=64)
+        tokens = torch.tensor([[5], [9], [200]], device="cuda")
+        positions = torch.tensor([[6], [3], [0]], device="cuda")
+        slots, pads = torch.tensor([6], device="cuda"), torch.tensor([0, 3, 6], device="cuda")
+        out = {}
+        for hand in (False, True):
+            fused.HAND_KERNELS = hand
+            for layer in m.layers:
+                layer.attention.cache_k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
+                layer.attention.cache_v.normal_(generator=torch.Generator(device="cuda").manual_seed(8))
+            out[hand] = (m(tokens, positions, slots, None, 0, pads=pads),
+                         m.layers[-1].attention.cache_k[:3, :, 6].clone())
+        torch.testing.assert_close(out[True][0], out[False][0], rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-2, atol=1e-2)
+    finally:
+        fused.HAND_KERNELS = True

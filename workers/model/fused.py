@@ -16,6 +16,10 @@ captures the whole step):
 
 The same functions run uncompiled where Inductor is not available (or on the
 CPU unless asked for): the result is the same computation, only not fused.
+
+Inductor splits ``rope_cache`` into three kernels (one per output it writes);
+``rope_cache_triton`` is the same work written by hand as one kernel, one
+program per (row, head), used for decode steps on CUDA (``rope_cache_fast``).
 """
 from __future__ import annotations
 
@@ -24,6 +28,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines: the compiled (or eager) rope_cache serves
+    triton = None
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -85,3 +95,64 @@ def status() -> dict[str, object]:
     fns = (ADD_RMS_NORM, ROPE_CACHE, SILU_MUL)
     return {"compile": COMPILE, "compiled": [f.name for f in fns if f._compiled is not None and f.error is None],
             "errors": {f.name: f.error for f in fns if f.error}}
+
+
+if triton is not None:
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, cs_ptr, ck_ptr, cv_ptr, slots_ptr, q_ptr,
+                           stride_qkv_b, stride_cs_b, stride_c_b, stride_c_h, stride_c_s, stride_q_b,
+                           NQ: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # query heads, then key heads
+        i = tl.arange(0, HALF)
+        src = qkv_ptr + b * stride_qkv_b + h * (2 * HALF)
+        x0 = tl.load(src + 2 * i).to(tl.float32)
+        x1 = tl.load(src + 2 * i + 1).to(tl.float32)
+        c = tl.load(cs_ptr + b * stride_cs_b + 2 * i)
+        s = tl.load(cs_ptr + b * stride_cs_b + 2 * i + 1)
+        # rounded to the activations' dtype first, as the compiled function does
+        r0 = (x0 * c - x1 * s).to(qkv_ptr.dtype.element_ty)
+        r1 = (x0 * s + x1 * c).to(qkv_ptr.dtype.element_ty)
+        if h < NQ:
+            dst = q_ptr + b * stride_q_b + h * (2 * HALF)
+            tl.store(dst + 2 * i, r0)
+            tl.store(dst + 2 * i + 1, r1)
+        else:
+            kv = h - NQ
+            at = b * stride_c_b + kv * stride_c_h + tl.load(slots_ptr) * stride_c_s
+            tl.store(ck_ptr + at + 2 * i, r0.to(ck_ptr.dtype.element_ty))
+            tl.store(ck_ptr + at + 2 * i + 1, r1.to(ck_ptr.dtype.element_ty))
+            d = tl.arange(0, 2 * HALF)
+            v = tl.load(qkv_ptr + b * stride_qkv_b + (NQ + NKV + kv) * (2 * HALF) + d)
+            tl.store(cv_ptr + at + d, v.to(cv_ptr.dtype.element_ty))
+
+
+def rope_cache_triton(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      slots: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    """``rope_cache`` for one token a row (T = 1) in one kernel; same arguments and result."""
+    b, _, _, d = qkv.shape
+    q = torch.empty((b, nq, 1, d), device=qkv.device, dtype=qkv.dtype)
+    _rope_cache_kernel[(b, nq + nkv)](
+        qkv, cos_sin, cache_k, cache_v, slots, q,
+        qkv.stride(0), cos_sin.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), q.stride(0),
+        NQ=nq, NKV=nkv, HALF=d // 2, num_warps=1)
+    return q
+
+
+def _triton_rope_serves(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    half = qkv.shape[-1] // 2
+    return (triton is not None and HAND_KERNELS and qkv.is_cuda and qkv.shape[1] == 1
+            and half >= 1 and half & (half - 1) == 0 and qkv.stride(-1) == 1 and qkv.stride(-2) == qkv.shape[-1]
+            and cos_sin.stride(-1) == 1 and cos_sin.stride(-2) == 2 and cache_k.stride(-1) == 1)
+
+
+def rope_cache_fast(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                    slots: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    """The hand-written kernel where it serves (CUDA, one token a row, head size a power
+    of two), else the compiled function."""
+    if _triton_rope_serves(qkv, cos_sin, cache_k) and cache_v.stride() == cache_k.stride():
+        return rope_cache_triton(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)
+    return ROPE_CACHE(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)
+
+
+HAND_KERNELS = True  # False: decode steps use only compiled kernels and cuBLAS (for comparison)

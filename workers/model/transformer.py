@@ -19,17 +19,21 @@ keys load as they are. Differences from Meta's file, and why:
   on CUDA): the elementwise work between the matrix products runs as three
   compiled kernels per call site (``fused.py``), and the residual add of one
   layer is done together with the next layer's RMSNorm. Prefill keeps the
-  plain path.
+  plain path. At few rows the fused path also takes hand-written Triton
+  kernels (``fused.HAND_KERNELS``): rotary + cache writes in one kernel, the
+  q/k/v and output products and the down projection (with SiLU x up on its
+  input) as skinny products (``linear.py``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as mp
+from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
-from . import fused
+from . import fused, linear
 from .args import ModelArgs
 from .attention import decode_attention, sdpa_over_cache
 
@@ -118,6 +122,18 @@ def _fuse(layers: list[ColumnLinear], device: torch.device, dtype: torch.dtype) 
     return whole
 
 
+def _skinny(x: torch.Tensor) -> bool:
+    """Whether a decode step's product takes the Triton skinny kernel (``linear.py``):
+    on CUDA, few rows, hand-written kernels on. cuBLAS splits the reduction of the
+    narrow products (``wo``, ``w2``) into two kernels at batch 1; this one does not."""
+    return fused.HAND_KERNELS and linear.usable(x, linear.MAX_ROWS)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A column-parallel product of a decode step (local, no communication)."""
+    return linear.skinny_linear(x, weight) if _skinny(x) else F.linear(x, weight)
+
+
 def _store_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     """cache[:, :, slots] = values, in place. index_copy_ has no 8-bit float kernels, so an
     fp8 cache is written through a byte view of itself."""
@@ -157,7 +173,7 @@ class Attention(nn.Module):
         # every row writes the same slots (left padding): one index_copy per cache
         _store_slots(self.cache_k[:b], slots, k.transpose(1, 2))
         _store_slots(self.cache_v[:b], slots, v.transpose(1, 2))
-        return self._attend(q.transpose(1, 2), slots, mask, kv_len, None)
+        return self.wo(self._attend(q.transpose(1, 2), slots, mask, kv_len, None))
 
     def forward_fused(self, x: torch.Tensor, cos_sin: torch.Tensor, slots: torch.Tensor,
                       mask: torch.Tensor | None, kv_len: int, pads: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,20 +183,24 @@ class Attention(nn.Module):
         and ``kv_len`` are not used."""
         b, t, _ = x.shape
         nq, nkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        qkv = F.linear(x, self._wqkv).view(b, t, nq + 2 * nkv, hd)
-        q = fused.ROPE_CACHE(qkv, cos_sin, self.cache_k[:b], self.cache_v[:b], slots, nq, nkv)
-        return self._attend(q, slots, mask, kv_len, pads)
+        qkv = _project(x, self._wqkv).view(b, t, nq + 2 * nkv, hd)
+        q = fused.rope_cache_fast(qkv, cos_sin, self.cache_k[:b], self.cache_v[:b], slots, nq, nkv)
+        out = self._attend(q, slots, mask, kv_len, pads)
+        if _skinny(out):
+            return reduce_from_model_parallel_region(linear.skinny_linear(out, self.wo.weight))
+        return self.wo(out)
 
     def _attend(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
                 pads: torch.Tensor | None) -> torch.Tensor:
-        """q (B, Hq, T, D) over this layer's cache, then the output projection: each row's
-        used slots (``pads`` given, one query a row) or the first ``kv_len`` under ``mask``."""
+        """q (B, Hq, T, D) over this layer's cache, as (B, T, Hq * D) ready for the output
+        projection: each row's used slots (``pads`` given, one query a row) or the first
+        ``kv_len`` under ``mask``."""
         b, _, t, _ = q.shape
         if pads is not None:
             out = decode_attention(q, self.cache_k[:b], self.cache_v[:b], pads, slots)
         else:
             out = sdpa_over_cache(q, self.cache_k[:b, :, :kv_len], self.cache_v[:b, :, :kv_len], mask)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class FeedForward(nn.Module):
@@ -197,7 +217,10 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(fused.SILU_MUL(F.linear(x, self._w13)))
+        gate_up = F.linear(x, self._w13)  # cuBLAS streams this wide product at full speed
+        if _skinny(gate_up):  # SiLU x up done while the down projection loads its input
+            return reduce_from_model_parallel_region(linear.gated_linear(gate_up, self.w2.weight))
+        return self.w2(fused.SILU_MUL(gate_up))
 
 
 class TransformerBlock(nn.Module):
