@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from workers.model import fused, linear  # noqa: E402
+from workers.model import linear  # noqa: E402
 
 # (name, out_features, in_features) of LLaMA-7B's decode products
 SHAPES_7B = [("wqkv", 3 * 4096, 4096), ("wo", 4096, 4096), ("w13", 2 * 11008, 4096),
@@ -53,14 +53,14 @@ def _graph_time_us(fns: list, reps: int = 15) -> float:
     return statistics.median(times)
 
 
-def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int, gated: bool = False) -> dict:
+def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int) -> dict:
     copies = max(2, rotate_bytes // (n * k * 2))
     weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     ref = F.linear(x, weights[0]).float()
     got = linear.skinny_linear(x, weights[0]).float()
     err = ((got - ref).abs().max() / ref.abs().max()).item()
-    out = {"m": m, "n": n, "k": k, "max_rel_err": err}
+    out = {"m": m, "n": n, "k": k, "max_rel_err": err, "decode_uses_triton": linear.usable(x, n)}
     us = _graph_time_us([lambda w=w: F.linear(x, w) for w in weights])
     out.update(cublas_us=us, cublas_tb_s=n * k * 2 / us / 1e6)
     # every launch setting of the Triton kernel; the best one is reported as "triton"
@@ -69,17 +69,10 @@ def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int,
         try:
             per_config[str(cfg)] = _graph_time_us([lambda w=w, c=cfg: linear.skinny_linear(x, w, c)
                                                    for w in weights])
-        except Exception as err:  # e.g. more shared memory than the card has at this row count
-            print(f"  {cfg}: {type(err).__name__}", flush=True)
+        except Exception as exc:  # e.g. more shared memory than the card has at this row count
+            print(f"  {cfg}: {type(exc).__name__}", flush=True)
     default_us = _graph_time_us([lambda w=w: linear.skinny_linear(x, w) for w in weights])
     best = min(per_config, key=per_config.get)
-    if gated:  # the down projection with SiLU x up: compiled silu_mul + cuBLAS against one kernel
-        gate_up = torch.randn(m, 2 * k, device=device, dtype=torch.bfloat16)
-        ref = F.linear(fused.silu_mul(gate_up), weights[0]).float()
-        got = linear.gated_linear(gate_up, weights[0]).float()
-        out["gated_max_rel_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
-        out["gated_cublas_us"] = _graph_time_us([lambda w=w: F.linear(fused.SILU_MUL(gate_up), w) for w in weights])
-        out["gated_triton_us"] = _graph_time_us([lambda w=w: linear.gated_linear(gate_up, w) for w in weights])
     out.update(triton_us=per_config[best], triton_tb_s=n * k * 2 / per_config[best] / 1e6, triton_config=best,
                triton_default_us=default_us, triton_configs_us=per_config)
     return out
@@ -95,15 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in (int(b) for b in args.batch_sizes.split(",")):
         for name, n, k in SHAPES_7B:
-            row = {"shape": name, **bench_shape(n, k, m, device, int(args.rotate_gib * 2**30), gated=name == "w2")}
+            row = {"shape": name, **bench_shape(n, k, m, device, int(args.rotate_gib * 2**30))}
             rows.append(row)
             print(f"b{m:<3} {name:7s} cuBLAS {row['cublas_us']:8.1f} us {row['cublas_tb_s']:5.2f} TB/s | "
                   f"Triton {row['triton_us']:8.1f} us {row['triton_tb_s']:5.2f} TB/s {row['triton_config']} "
-                  f"(default {row['triton_default_us']:.1f}) | err {row['max_rel_err']:.1e}",
+                  f"(default {row['triton_default_us']:.1f}) | decode uses {'Triton' if row['decode_uses_triton'] else 'cuBLAS'} | err {row['max_rel_err']:.1e}",
                   flush=True)
-            if "gated_triton_us" in row:
-                print(f"b{m:<3} w2+silu cuBLAS {row['gated_cublas_us']:8.1f} us | Triton {row['gated_triton_us']:8.1f} us"
-                      f" | err {row['gated_max_rel_err']:.1e}", flush=True)
             torch.cuda.empty_cache()
     report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -7,7 +7,11 @@ dimension, so there are many programs (enough to keep every SM's loads in
 flight) and each weight byte is read exactly once. The product itself runs on
 tensor cores (``tl.dot`` on a 16-row tile, rows beyond the batch masked off).
 
-Used only where it is measured to beat cuBLAS (``benchmarks/gemv_bench.py``).
+Used only where it was measured to beat cuBLAS (``benchmarks/gemv_bench.py``,
+``docs/performance.md``): the q/k/v product at up to 16 rows, the narrow output and
+down projections (``wo``, ``w2``) at up to 64. Applying SiLU x up while loading the
+down projection's input was tried and is 3-8 times slower (every program redoes
+the whole activation), so the feed-forward keeps a compiled kernel for it.
 """
 from __future__ import annotations
 
@@ -19,27 +23,33 @@ try:
 except ImportError:  # CPU machines: the callers keep F.linear
     triton = None
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) by batch rows; the bench sweeps CONFIGS
-DEFAULT = {16: (32, 256, 4, 4), 32: (32, 256, 4, 4), 64: (32, 256, 4, 3)}
+# launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages); the bench sweeps CONFIGS
 CONFIGS = [(16, 512, 4, 4), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4), (64, 256, 8, 3)]
-
-
-MAX_ROWS = 16  # the decode path uses the kernel up to this many rows (measured, docs/performance.md)
+MAX_ROWS = 16  # any product at up to this many rows ...
+MAX_ROWS_NARROW = 64  # ... and narrow ones (output <= NARROW_N features) up to this many
+NARROW_N = 8192
 
 
 def _rows_block(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
+def default_config(block_m: int, n: int) -> tuple[int, int, int, int]:
+    """Best of CONFIGS on an H200 for LLaMA-7B's shapes (``benchmarks/gemv_bench.py``):
+    wide bands for wide outputs at few rows, narrow deep-pipelined ones otherwise."""
+    if block_m == 16:
+        return (64, 128, 4, 4) if n > NARROW_N else (32, 256, 4, 4)
+    return (32, 128, 4, 6)
+
+
 def settings() -> dict:
-    return {"default": {str(k): v for k, v in DEFAULT.items()}, "configs": CONFIGS}
+    return {"configs": CONFIGS, "max_rows": MAX_ROWS, "max_rows_narrow": MAX_ROWS_NARROW, "narrow_n": NARROW_N}
 
 
 if triton is not None:
     @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GATED: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,13 +57,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
-            x_mask = (offs_m[:, None] < M) & (kk[None, :] < K)
-            x_at = x_ptr + offs_m[:, None] * stride_xm + kk[None, :]
-            x = tl.load(x_at, mask=x_mask, other=0.0)
-            if GATED:  # x holds [gate | up]: the input is silu(gate) * up, rounded as eager rounds it
-                gate = x.to(tl.float32)
-                up = tl.load(x_at + K, mask=x_mask, other=0.0)
-                x = ((gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up).to(up.dtype)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
                         mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
             acc += tl.dot(x, tl.trans(w))
@@ -61,15 +66,14 @@ if triton is not None:
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _launch(x2: torch.Tensor, w: torch.Tensor, k: int, gated: bool,
-            config: tuple[int, int, int, int] | None) -> torch.Tensor:
+def _launch(x2: torch.Tensor, w: torch.Tensor, k: int, config: tuple[int, int, int, int] | None) -> torch.Tensor:
     m, n = x2.shape[0], w.shape[0]
     block_m = _rows_block(m)
-    block_n, block_k, warps, stages = config or DEFAULT[block_m]
+    block_n, block_k, warps, stages = config or default_config(block_m, n)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _skinny_kernel[grid](x2, w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                          num_warps=warps, num_stages=stages)
     return y
 
@@ -84,22 +88,15 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int,
     if triton is None:
         raise RuntimeError("skinny_linear needs Triton (a CUDA build of PyTorch)")
     k = x.shape[-1]
-    return _launch(_rows(x), w, k, False, config).view(*x.shape[:-1], w.shape[0])
+    return _launch(_rows(x), w, k, config).view(*x.shape[:-1], w.shape[0])
 
 
-def gated_linear(gate_up: torch.Tensor, w: torch.Tensor,
-                 config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """``F.linear(silu(gate) * up, w)`` where ``gate_up`` is (..., 2K) = [gate | up]: the
-    feed-forward's down projection with SiLU x up done as the input is loaded, so no
-    kernel writes the product out and reads it back."""
-    if triton is None:
-        raise RuntimeError("gated_linear needs Triton (a CUDA build of PyTorch)")
-    k = gate_up.shape[-1] // 2
-    return _launch(_rows(gate_up), w, k, True, config).view(*gate_up.shape[:-1], w.shape[0])
-
-
-def usable(x: torch.Tensor, max_rows: int = 16) -> bool:
-    """Whether the skinny kernel serves this input: Triton present, on CUDA, 16-bit (in
-    float32 ``tl.dot`` would round through TF32, where cuBLAS does not), few rows."""
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() // x.shape[-1] <= max_rows)
+def usable(x: torch.Tensor, n: int) -> bool:
+    """Whether the skinny kernel is the faster choice for x (..., K) times an (n, K)
+    weight: Triton present, on CUDA, 16-bit (in float32 ``tl.dot`` would round through
+    TF32, where cuBLAS does not), and few rows (up to 64 for narrow outputs, where
+    cuBLAS splits the reduction over two kernels; up to 16 for wide ones)."""
+    if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows <= MAX_ROWS or (rows <= MAX_ROWS_NARROW and n <= NARROW_N)

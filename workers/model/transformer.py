@@ -20,9 +20,8 @@ keys load as they are. Differences from Meta's file, and why:
   compiled kernels per call site (``fused.py``), and the residual add of one
   layer is done together with the next layer's RMSNorm. Prefill keeps the
   plain path. At few rows the fused path also takes hand-written Triton
-  kernels (``fused.HAND_KERNELS``): rotary + cache writes in one kernel, the
-  q/k/v and output products and the down projection (with SiLU x up on its
-  input) as skinny products (``linear.py``).
+  kernels (``fused.HAND_KERNELS``): rotary + cache writes in one kernel, and
+  the q/k/v, output and down products as skinny products (``linear.py``).
 """
 from __future__ import annotations
 
@@ -122,16 +121,22 @@ def _fuse(layers: list[ColumnLinear], device: torch.device, dtype: torch.dtype) 
     return whole
 
 
-def _skinny(x: torch.Tensor) -> bool:
+def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a decode step's product takes the Triton skinny kernel (``linear.py``):
-    on CUDA, few rows, hand-written kernels on. cuBLAS splits the reduction of the
-    narrow products (``wo``, ``w2``) into two kernels at batch 1; this one does not."""
-    return fused.HAND_KERNELS and linear.usable(x, linear.MAX_ROWS)
+    hand-written kernels on, and where it was measured faster than cuBLAS."""
+    return fused.HAND_KERNELS and linear.usable(x, weight.shape[0])
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A column-parallel product of a decode step (local, no communication)."""
-    return linear.skinny_linear(x, weight) if _skinny(x) else F.linear(x, weight)
+    return linear.skinny_linear(x, weight) if _skinny(x, weight) else F.linear(x, weight)
+
+
+def _reduce_project(x: torch.Tensor, layer: RowLinear) -> torch.Tensor:
+    """A row-parallel product of a decode step: local product, then the all-reduce."""
+    if _skinny(x, layer.weight):
+        return reduce_from_model_parallel_region(linear.skinny_linear(x, layer.weight))
+    return layer(x)
 
 
 def _store_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
@@ -185,10 +190,7 @@ class Attention(nn.Module):
         nq, nkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         qkv = _project(x, self._wqkv).view(b, t, nq + 2 * nkv, hd)
         q = fused.rope_cache_fast(qkv, cos_sin, self.cache_k[:b], self.cache_v[:b], slots, nq, nkv)
-        out = self._attend(q, slots, mask, kv_len, pads)
-        if _skinny(out):
-            return reduce_from_model_parallel_region(linear.skinny_linear(out, self.wo.weight))
-        return self.wo(out)
+        return _reduce_project(self._attend(q, slots, mask, kv_len, pads), self.wo)
 
     def _attend(self, q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
                 pads: torch.Tensor | None) -> torch.Tensor:
@@ -218,9 +220,7 @@ class FeedForward(nn.Module):
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(x, self._w13)  # cuBLAS streams this wide product at full speed
-        if _skinny(gate_up):  # SiLU x up done while the down projection loads its input
-            return reduce_from_model_parallel_region(linear.gated_linear(gate_up, self.w2.weight))
-        return self.w2(fused.SILU_MUL(gate_up))
+        return _reduce_project(fused.SILU_MUL(gate_up), self.w2)
 
 
 class TransformerBlock(nn.Module):
