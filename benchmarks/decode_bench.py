@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workers.dist import init_distributed, shutdown  # noqa: E402
-from workers.model import PRESETS, Generator, build_model, fused  # noqa: E402
+from workers.model import PRESETS, Generator, build_model, fused, linear  # noqa: E402
 
 
 def copy_bandwidth_bytes_s(device: torch.device, n_bytes: int = 2 << 30, reps: int = 20) -> float:
@@ -144,19 +144,21 @@ def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.de
     out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
-# decode-step variants: (model.fuse, Generator dynamic_kv, fused.HAND_KERNELS, what it is)
+# decode-step variants: (model.fuse, Generator dynamic_kv, fused.HAND_KERNELS, linear.ONE_ROW_VECTOR, what it is)
 STEPS = {
-    "plain": (False, False, False, "unfused, SDPA over key buckets"),
-    "fused-sdpa": (True, False, False, "compiled elementwise kernels, SDPA over key buckets"),
-    "fused-compiled": (True, True, False, "compiled elementwise kernels, cuBLAS products, attention over used slots"),
-    "fused": (True, True, True, "as fused-compiled, with hand-written rotary/cache and skinny-product kernels"
-                                " at few rows; the default"),
+    "plain": (False, False, False, True, "unfused, SDPA over key buckets"),
+    "fused-sdpa": (True, False, False, True, "compiled elementwise kernels, SDPA over key buckets"),
+    "fused-compiled": (True, True, False, True,
+                       "compiled elementwise kernels, cuBLAS products, attention over used slots"),
+    "fused-tile": (True, True, True, False, "as fused, one row on a 16-row tensor-core tile"),
+    "fused": (True, True, True, True, "as fused-compiled, with hand-written rotary/cache and skinny-product kernels"
+                                      " at few rows; the default"),
 }
 
 
 def _use_step(model, step: str) -> None:
     """Set the decode path; a generator's graph keeps the one set when it was captured."""
-    model.fuse, fused.HAND_KERNELS = STEPS[step][0], STEPS[step][2]
+    model.fuse, _, fused.HAND_KERNELS, linear.ONE_ROW_VECTOR = STEPS[step][:4]
 
 
 def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-bucket", type=int, default=32, help="attention reads keys in multiples of this")
     p.add_argument("--steps", default="fused",
                    help=f"comma list of decode-step variants, measured in the same run with windows "
-                        f"interleaved: {', '.join(f'{k} ({v[3]})' for k, v in STEPS.items())}")
+                        f"interleaved: {', '.join(f'{k} ({v[-1]})' for k, v in STEPS.items())}")
     p.add_argument("--compare-fused", action="store_true", help="same as --steps plain,fused")
     p.add_argument("--kv-dtypes", default="auto",
                    help="comma list of KV-cache dtypes, a model built for each: auto (the model dtype), "

@@ -12,14 +12,14 @@ nvidia-smi --query-gpu=index,name,power.limit,power.min_limit,power.max_limit,dr
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 if has gputests; then
   (export PATH=$PWD/tests/device:$PATH PYTHONPATH=$PYTHONPATH:$PWD/tests/device
-   timeout 240 python3 -m pytest -q -p no_card_writes tests/test_model_gpu.py tests/test_gpu_nvml.py tests/test_gpu_select.py \
-     tests/test_telemetry_sampler.py tests/test_caps_behaviour.py -k "not (wrig or simulated or nvidia-smi or capctl)" 2>&1 | tail -8)
+   timeout 240 python3 -m pytest -q -p no_card_writes tests/test_model_gpu.py ${GPU_TESTS:-tests/test_gpu_nvml.py tests/test_gpu_select.py \
+     tests/test_telemetry_sampler.py tests/test_caps_behaviour.py} -k "not (wrig or simulated or nvidia-smi or capctl)" 2>&1 | tail -8)
 fi
 if has gemv; then
-  timeout 240 python3 benchmarks/gemv_bench.py --batch-sizes 1,8,64 --out "$OUT/r/gemv_bench.json" 2>&1 | tail -40
+  timeout 240 python3 benchmarks/gemv_bench.py --batch-sizes ${GEMV_BATCHES:-1,8,64} ${GEMV_ARGS:-} --out "$OUT/r/gemv_bench.json" 2>&1 | tail -40
 fi
 if has decode7b; then
-  timeout 420 python3 benchmarks/decode_bench.py --models llama-7b --batch-sizes 1,8,64 --kv-dtypes auto,float8_e4m3fn \
+  timeout 420 python3 benchmarks/decode_bench.py --models llama-7b --batch-sizes 1,8,64 --kv-dtypes ${KV:-auto,float8_e4m3fn} \
     --steps "${STEPS:-fused}" ${BENCH_ARGS:-} --no-compare-graph --rounds 3 --reps 2 --profile-dir "$OUT/r" --out "$OUT/r/decode_7b.json" 2>&1 | grep -v Warning | tail -30
 fi
 if has decode13b; then

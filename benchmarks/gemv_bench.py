@@ -53,7 +53,31 @@ def _graph_time_us(fns: list, reps: int = 15) -> float:
     return statistics.median(times)
 
 
-def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int) -> dict:
+def _graph_energy_uj(fns: list, card, seconds: float = 1.5) -> float | None:
+    """Energy per call (microjoules) from the card's energy counter over ~``seconds`` of
+    back-to-back graph replays, after as long again of warm-up (power settles)."""
+    if card.backend is None:
+        return None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    start = time.perf_counter()
+    replays = 0
+    while time.perf_counter() - start < seconds:
+        graph.replay()
+        replays += 1
+        if replays % 50 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    e0 = card.energy_j()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (card.energy_j() - e0) * 1e6 / (replays * len(fns))
+
+
+def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int, card=None) -> dict:
     copies = max(2, rotate_bytes // (n * k * 2))
     weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -65,17 +89,33 @@ def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int)
     out.update(cublas_us=us, cublas_tb_s=n * k * 2 / us / 1e6)
     # every launch setting of the Triton kernel; the best one is reported as "triton"
     per_config = {}
-    for cfg in linear.CONFIGS:
+    for cfg in (linear.VECTOR_CONFIGS if m == 1 and linear.ONE_ROW_VECTOR else linear.CONFIGS):
         try:
             per_config[str(cfg)] = _graph_time_us([lambda w=w, c=cfg: linear.skinny_linear(x, w, c)
                                                    for w in weights])
         except Exception as exc:  # e.g. more shared memory than the card has at this row count
             print(f"  {cfg}: {type(exc).__name__}", flush=True)
     default_us = _graph_time_us([lambda w=w: linear.skinny_linear(x, w) for w in weights])
+    if m == 1:  # the tensor-core tile with 15 zero rows, for the record
+        linear.ONE_ROW_VECTOR = False
+        out["triton_tile_us"] = _graph_time_us([lambda w=w: linear.skinny_linear(x, w) for w in weights])
+        if card is not None:
+            out["triton_tile_uj"] = _graph_energy_uj([lambda w=w: linear.skinny_linear(x, w) for w in weights], card)
+        linear.ONE_ROW_VECTOR = True
+    if card is not None:
+        out["cublas_uj"] = _graph_energy_uj([lambda w=w: F.linear(x, w) for w in weights], card)
+        out["triton_default_uj"] = _graph_energy_uj([lambda w=w: linear.skinny_linear(x, w) for w in weights], card)
     best = min(per_config, key=per_config.get)
     out.update(triton_us=per_config[best], triton_tb_s=n * k * 2 / per_config[best] / 1e6, triton_config=best,
                triton_default_us=default_us, triton_configs_us=per_config)
     return out
+
+
+def _energy(row: dict) -> str:
+    if row.get("cublas_uj") is None:
+        return ""
+    tile = f", tile {row['triton_tile_us']:.1f} us {row['triton_tile_uj']:.0f} uJ" if "triton_tile_uj" in row else ""
+    return f"; energy cuBLAS {row['cublas_uj']:.0f} uJ, default {row['triton_default_uj']:.0f} uJ{tile}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,16 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1,8,64")
     p.add_argument("--rotate-gib", type=float, default=2.0, help="weights rotated through, per shape")
     p.add_argument("--out", default="gemv_bench.json")
+    p.add_argument("--energy", action="store_true", help="also energy per call from the NVML counter (observe only)")
     args = p.parse_args(argv)
     device = torch.device("cuda")
+    card = None
+    if args.energy:
+        from benchmarks.decode_bench import Card
+
+        card = Card.open(device)
     rows = []
     for m in (int(b) for b in args.batch_sizes.split(",")):
         for name, n, k in SHAPES_7B:
-            row = {"shape": name, **bench_shape(n, k, m, device, int(args.rotate_gib * 2**30))}
+            row = {"shape": name, **bench_shape(n, k, m, device, int(args.rotate_gib * 2**30), card)}
             rows.append(row)
             print(f"b{m:<3} {name:7s} cuBLAS {row['cublas_us']:8.1f} us {row['cublas_tb_s']:5.2f} TB/s | "
                   f"Triton {row['triton_us']:8.1f} us {row['triton_tb_s']:5.2f} TB/s {row['triton_config']} "
-                  f"(default {row['triton_default_us']:.1f}) | decode uses {'Triton' if row['decode_uses_triton'] else 'cuBLAS'} | err {row['max_rel_err']:.1e}",
+                  f"(default {row['triton_default_us']:.1f}{_energy(row)}) | decode uses {'Triton' if row['decode_uses_triton'] else 'cuBLAS'} | err {row['max_rel_err']:.1e}",
                   flush=True)
             torch.cuda.empty_cache()
     report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,

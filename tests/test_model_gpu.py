@@ -99,6 +99,12 @@ def test_skinny_products_match_cublas(m, n, k):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
     ref = torch.nn.functional.linear(x, w).float()
     torch.testing.assert_close(linear.skinny_linear(x, w).float(), ref, rtol=2e-2, atol=2e-2)
+    if m == 1:  # one row: plain multiply-adds by default; the padded tensor-core tile too
+        try:
+            linear.ONE_ROW_VECTOR = False
+            torch.testing.assert_close(linear.skinny_linear(x, w).float(), ref, rtol=2e-2, atol=2e-2)
+        finally:
+            linear.ONE_ROW_VECTOR = True
     wide = torch.zeros(9000, k, device="cuda", dtype=torch.bfloat16)
     rows = lambda r: torch.zeros(r, k, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     assert linear.usable(x, n) and not linear.usable(x.float(), n)  # float32 stays on cuBLAS (no TF32)
