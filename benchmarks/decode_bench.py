@@ -144,21 +144,20 @@ def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.de
     out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
-# decode-step variants: (model.fuse, Generator dynamic_kv, fused.HAND_KERNELS, linear.ONE_ROW_VECTOR, what it is)
+# decode-step variants: (model.fuse, Generator dynamic_kv, fused.HAND_KERNELS, linear.SKINNY, what it is)
 STEPS = {
-    "plain": (False, False, False, True, "unfused, SDPA over key buckets"),
-    "fused-sdpa": (True, False, False, True, "compiled elementwise kernels, SDPA over key buckets"),
-    "fused-compiled": (True, True, False, True,
-                       "compiled elementwise kernels, cuBLAS products, attention over used slots"),
-    "fused-tile": (True, True, True, False, "as fused, one row on a 16-row tensor-core tile"),
-    "fused": (True, True, True, True, "as fused-compiled, with hand-written rotary/cache and skinny-product kernels"
-                                      " at few rows; the default"),
+    "plain": (False, False, False, False, "unfused, SDPA over key buckets"),
+    "fused-sdpa": (True, False, False, False, "compiled elementwise kernels, SDPA over key buckets"),
+    "fused-compiled": (True, True, False, False, "compiled elementwise kernels, attention over used slots"),
+    "fused": (True, True, True, False, "as fused-compiled, rotary + cache writes in one hand-written kernel;"
+                                       " the default"),
+    "fused-skinny": (True, True, True, True, "as fused, with Triton skinny products where faster than cuBLAS"),
 }
 
 
 def _use_step(model, step: str) -> None:
     """Set the decode path; a generator's graph keeps the one set when it was captured."""
-    model.fuse, _, fused.HAND_KERNELS, linear.ONE_ROW_VECTOR = STEPS[step][:4]
+    model.fuse, _, fused.HAND_KERNELS, linear.SKINNY = STEPS[step][:4]
 
 
 def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,

@@ -89,19 +89,13 @@ def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int,
     out.update(cublas_us=us, cublas_tb_s=n * k * 2 / us / 1e6)
     # every launch setting of the Triton kernel; the best one is reported as "triton"
     per_config = {}
-    for cfg in (linear.VECTOR_CONFIGS if m == 1 and linear.ONE_ROW_VECTOR else linear.CONFIGS):
+    for cfg in linear.CONFIGS:
         try:
             per_config[str(cfg)] = _graph_time_us([lambda w=w, c=cfg: linear.skinny_linear(x, w, c)
                                                    for w in weights])
         except Exception as exc:  # e.g. more shared memory than the card has at this row count
             print(f"  {cfg}: {type(exc).__name__}", flush=True)
     default_us = _graph_time_us([lambda w=w: linear.skinny_linear(x, w) for w in weights])
-    if m == 1:  # the tensor-core tile with 15 zero rows, for the record
-        linear.ONE_ROW_VECTOR = False
-        out["triton_tile_us"] = _graph_time_us([lambda w=w: linear.skinny_linear(x, w) for w in weights])
-        if card is not None:
-            out["triton_tile_uj"] = _graph_energy_uj([lambda w=w: linear.skinny_linear(x, w) for w in weights], card)
-        linear.ONE_ROW_VECTOR = True
     if card is not None:
         out["cublas_uj"] = _graph_energy_uj([lambda w=w: F.linear(x, w) for w in weights], card)
         out["triton_default_uj"] = _graph_energy_uj([lambda w=w: linear.skinny_linear(x, w) for w in weights], card)
@@ -114,8 +108,7 @@ def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int,
 def _energy(row: dict) -> str:
     if row.get("cublas_uj") is None:
         return ""
-    tile = f", tile {row['triton_tile_us']:.1f} us {row['triton_tile_uj']:.0f} uJ" if "triton_tile_uj" in row else ""
-    return f"; energy cuBLAS {row['cublas_uj']:.0f} uJ, default {row['triton_default_uj']:.0f} uJ{tile}"
+    return f"; energy cuBLAS {row['cublas_uj']:.0f} uJ, default {row['triton_default_uj']:.0f} uJ"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,12 +99,6 @@ def test_skinny_products_match_cublas(m, n, k):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
     ref = torch.nn.functional.linear(x, w).float()
     torch.testing.assert_close(linear.skinny_linear(x, w).float(), ref, rtol=2e-2, atol=2e-2)
-    if m == 1:  # one row: plain multiply-adds by default; the padded tensor-core tile too
-        try:
-            linear.ONE_ROW_VECTOR = False
-            torch.testing.assert_close(linear.skinny_linear(x, w).float(), ref, rtol=2e-2, atol=2e-2)
-        finally:
-            linear.ONE_ROW_VECTOR = True
     wide = torch.zeros(9000, k, device="cuda", dtype=torch.bfloat16)
     rows = lambda r: torch.zeros(r, k, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     assert linear.usable(x, n) and not linear.usable(x.float(), n)  # float32 stays on cuBLAS (no TF32)
@@ -136,7 +130,7 @@ def test_rope_cache_kernel_matches_compiled_function(nq, nkv, cache_dtype):
 def test_hand_kernels_step_matches_compiled_step(model):  # the fixture joins the process group
     """One fused decode step of a bf16 model with the hand-written kernels and without:
     the same logits up to bf16 rounding, the same cache contents."""
-    from workers.model import fused
+    from workers.model import fused, linear
 
     try:
         m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
@@ -145,8 +139,8 @@ def test_hand_kernels_step_matches_compiled_step(model):  # the fixture joins th
         positions = torch.tensor([[6], [3], [0]], device="cuda")
         slots, pads = torch.tensor([6], device="cuda"), torch.tensor([0, 3, 6], device="cuda")
         out = {}
-        for hand in (False, True):
-            fused.HAND_KERNELS = hand
+        for hand in (False, True):  # with the hand-written kernels: rotary/cache and skinny products
+            fused.HAND_KERNELS = linear.SKINNY = hand
             for layer in m.layers:
                 layer.attention.cache_k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
                 layer.attention.cache_v.normal_(generator=torch.Generator(device="cuda").manual_seed(8))
@@ -155,4 +149,4 @@ def test_hand_kernels_step_matches_compiled_step(model):  # the fixture joins th
         torch.testing.assert_close(out[True][0], out[False][0], rtol=3e-2, atol=3e-2)
         torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-2, atol=1e-2)
     finally:
-        fused.HAND_KERNELS = True
+        fused.HAND_KERNELS, linear.SKINNY = True, False

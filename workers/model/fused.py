@@ -155,4 +155,4 @@ def rope_cache_fast(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Ten
     return ROPE_CACHE(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)
 
 
-HAND_KERNELS = True  # False: decode steps use only compiled kernels and cuBLAS (for comparison)
+HAND_KERNELS = True  # False: rotary and cache writes take the compiled function (for comparison)

@@ -7,11 +7,14 @@ dimension, so there are many programs (enough to keep every SM's loads in
 flight) and each weight byte is read exactly once. The product itself runs on
 tensor cores (``tl.dot`` on a 16-row tile, rows beyond the batch masked off).
 
-Used only where it was measured to beat cuBLAS (``benchmarks/gemv_bench.py``,
-``docs/performance.md``): the q/k/v product at up to 16 rows, the narrow output and
-down projections (``wo``, ``w2``) at up to 64. Applying SiLU x up while loading the
-down projection's input was tried and is 3-8 times slower (every program redoes
-the whole activation), so the feed-forward keeps a compiled kernel for it.
+With ``SKINNY`` on, the decode step uses it where it was measured faster than
+cuBLAS (``benchmarks/gemv_bench.py``, ``docs/performance.md``): the q/k/v product
+at up to 16 rows, the narrow output and down projections (``wo``, ``w2``) at up to
+64. It is off by default because faster is not cheaper here: the energy counter
+says cuBLAS moves the same bytes for less energy. Tried and dropped: SiLU x up
+applied while loading the down projection's input (3-8 times slower: every program
+redoes the whole activation) and one row on plain multiply-adds instead of a
+padded tensor-core tile (slower and no cheaper).
 """
 from __future__ import annotations
 
@@ -28,12 +31,10 @@ CONFIGS = [(16, 512, 4, 4), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4), (
 MAX_ROWS = 16  # any product at up to this many rows ...
 MAX_ROWS_NARROW = 64  # ... and narrow ones (output <= NARROW_N features) up to this many
 NARROW_N = 8192
-# One row runs on plain multiply-adds, not on a 16-row tensor-core tile padded with
-# zero rows: measured on an H200, the padded tile drew more power than its speed-up
-# saved (docs/performance.md). False puts one row on the tile too (for comparison).
-ONE_ROW_VECTOR = True
-VECTOR_DEFAULT = (16, 256, 4, 4)
-VECTOR_CONFIGS = [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 8, 3), (32, 128, 4, 4)]
+# Off by default: faster than cuBLAS but not cheaper in energy. On an H200 the kernel
+# drew 10-20% more power than cuBLAS streaming the same weight, so a decode step
+# with it ran 5% faster at 5-10% more joules per token (docs/performance.md).
+SKINNY = False
 
 
 def _rows_block(m: int) -> int:
@@ -50,7 +51,7 @@ def default_config(block_m: int, n: int) -> tuple[int, int, int, int]:
 
 def settings() -> dict:
     return {"configs": CONFIGS, "max_rows": MAX_ROWS, "max_rows_narrow": MAX_ROWS_NARROW, "narrow_n": NARROW_N,
-            "one_row_vector": ONE_ROW_VECTOR, "vector_default": VECTOR_DEFAULT, "vector_configs": VECTOR_CONFIGS}
+            "skinny": SKINNY}
 
 
 if triton is not None:
@@ -72,31 +73,9 @@ if triton is not None:
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
-    @triton.jit
-    def _vector_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One row: plain multiply-adds into a (BLOCK_N, BLOCK_K) accumulator, summed
-        once at the end; no tensor-core tile, so no work on padding rows."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                        mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=offs_n < N)
-
 
 def _launch(x2: torch.Tensor, w: torch.Tensor, k: int, config: tuple[int, int, int, int] | None) -> torch.Tensor:
     m, n = x2.shape[0], w.shape[0]
-    if m == 1 and ONE_ROW_VECTOR:
-        block_n, block_k, warps, stages = config or VECTOR_DEFAULT
-        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-        _vector_kernel[(triton.cdiv(n, block_n),)](x2, w, y, n, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                                    num_warps=warps, num_stages=stages)
-        return y
     block_m = _rows_block(m)
     block_n, block_k, warps, stages = config or default_config(block_m, n)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)

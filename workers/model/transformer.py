@@ -19,9 +19,9 @@ keys load as they are. Differences from Meta's file, and why:
   on CUDA): the elementwise work between the matrix products runs as three
   compiled kernels per call site (``fused.py``), and the residual add of one
   layer is done together with the next layer's RMSNorm. Prefill keeps the
-  plain path. At few rows the fused path also takes hand-written Triton
-  kernels (``fused.HAND_KERNELS``): rotary + cache writes in one kernel, and
-  the q/k/v, output and down products as skinny products (``linear.py``).
+  plain path. Rotary and both cache writes run as one hand-written Triton
+  kernel (``fused.HAND_KERNELS``); the matrix products stay on cuBLAS unless
+  ``linear.SKINNY`` is set (faster, but not cheaper in energy: ``linear.py``).
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def _fuse(layers: list[ColumnLinear], device: torch.device, dtype: torch.dtype) 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a decode step's product takes the Triton skinny kernel (``linear.py``):
-    hand-written kernels on, and where it was measured faster than cuBLAS."""
-    return fused.HAND_KERNELS and linear.usable(x, weight.shape[0])
+    switched on (``linear.SKINNY``), and where it was measured faster than cuBLAS."""
+    return linear.SKINNY and linear.usable(x, weight.shape[0])
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
