@@ -49,7 +49,7 @@ def _step(root: Path, step: str) -> dict:
     if step in ("validate-cold", "reduce"):
         shutil.rmtree(paths.results_dir, ignore_errors=True)  # cold: no cache, no earlier results
     t0 = time.perf_counter()
-    c0 = _cpu_s()
+    c0, s0 = _cpu_s(), _sys_s()
     if step.startswith("validate"):
         ids = sorted(read_plan_cells(paths))
         verdicts = validate_cells(paths, ids)
@@ -57,19 +57,29 @@ def _step(root: Path, step: str) -> dict:
     else:
         n_ok = reduce_sweep(root).num_rows
     dt = time.perf_counter() - t0
-    cpu = _cpu_s() - c0
+    cpu, sys_s = _cpu_s() - c0, _sys_s() - s0
     # Peak resident memory of this process and of the largest worker process.
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"step": step, "seconds": round(dt, 3), "cpu_s": round(cpu, 3), "valid_cells": n_ok, "peak_rss_mib": round(rss_mib, 1),
-            "peak_worker_rss_mib": round(child_mib, 1)}
+    return {"step": step, "seconds": round(dt, 3), "cpu_s": round(cpu, 3), "sys_s": round(sys_s, 3), "valid_cells": n_ok,
+            "peak_rss_mib": round(rss_mib, 1), "peak_worker_rss_mib": round(child_mib, 1)}
 
 
 def _cpu_s() -> float:
     """User + system CPU of this process and its finished workers: a shared,
-    busy machine stretches wall time, much less the CPU a step needs."""
+    busy machine stretches wall time more than the CPU a step needs (which
+    still varies: docs/performance.md, "Reducer")."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _sys_s() -> float:
+    """The kernel's share of _cpu_s: mostly file-system work. On an ext4 without
+    a journal it grows when many files were deleted in the last minutes (the
+    benchmark deletes the previous results before each cold step):
+    docs/performance.md, "Reducer"."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_stime + kids.ru_stime
 
 
 def _digest(root: Path) -> str:

@@ -309,3 +309,91 @@ def test_kv_cache_dtype_column_and_plans_written_before_it(tmp_path):
     assert rows[ids[0]]["kv_cache_dtype"] == "auto"
     assert rows[ids[1]]["kv_cache_dtype"] == "float8_e4m3fn"
     assert SUMMARY_SCHEMA.field("kv_cache_dtype").type == pa.string()
+
+
+def test_compacted_file_has_the_telemetry_schema_and_the_ranks_metadata(tmp_path):
+    """Strings reach the writer as dictionaries; a reader still gets the
+    documented types (TELEMETRY_SCHEMA less cell_id) and each rank's metadata."""
+    from orchestrator.contracts import TELEMETRY_SCHEMA
+
+    paths, cid = _one(tmp_path, CellSpec(seconds=3.0, warmup_s=1.0), shards=2)
+    reduce_sweep(paths.root)
+    f = paths.results_dir / "telemetry" / f"cell_id={cid}" / "part-0.parquet"
+    t = pq.read_table(f)
+    assert t.schema.remove_metadata().equals(pa.schema([x for x in TELEMETRY_SCHEMA if x.name != "cell_id"]))
+    meta = json.loads(t.schema.metadata[TELEMETRY_META_KEY])
+    assert [r["rank"] for r in meta["ranks"]] == [0, 1] and all("window_start_ns" in r for r in meta["ranks"])
+    assert t.column("gpu_uuid").to_pylist()[::31] == ["GPU-synthetic-0", "GPU-synthetic-1"]
+    assert set(t.column("phase").to_pylist()) == {"load", "warmup", "decode"}
+
+
+def test_cache_written_from_worker_fragments_is_plain_sorted_json(tmp_path):
+    from orchestrator.reduce.validate import CACHE_VERSION
+
+    paths = SweepPaths.of(tmp_path / "sweep")
+    params = [cell_params(seed=i) for i in range(3)]
+    write_plan(paths, params)
+    for p in params:
+        write_cell(paths, p, CellSpec(seconds=3.0, warmup_s=1.0))
+    reduce_sweep(paths.root)
+    text = (paths.results_dir / ".validation-cache.json").read_text()
+    parsed = json.loads(text)
+    assert parsed["version"] == CACHE_VERSION and len(parsed["cells"]) == 3
+    assert text == json.dumps(parsed, sort_keys=True, separators=(",", ":"))
+
+
+def test_chunks_shrink_to_one_item_at_the_end():
+    from orchestrator.reduce.parallel import MAX_CHUNK, chunk_sizes
+
+    for n_items, n_workers in ((1000, 2), (70, 2), (64, 16), (5, 2)):
+        sizes = chunk_sizes(n_items, n_workers)
+        assert sum(sizes) == n_items and max(sizes) <= MAX_CHUNK
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
+    assert chunk_sizes(1000, 2)[0] == MAX_CHUNK and chunk_sizes(0, 2) == []
+
+
+def test_whole_cell_integration_at_the_edges():
+    """Windows before, after and between samples, on a sample, empty or
+    reversed: the whole-cell version gives the per-rank definitions' numbers.
+    (Not repeated timestamps: np.interp, in the definition, is undefined there.)"""
+    from orchestrator.reduce.metrics import CellTelemetry, _fast_integrals
+
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        tables, metas = [], []
+        for rank in range(int(rng.integers(1, 5))):
+            n = int(rng.integers(2, 25))
+            steps = rng.integers(1, 3, n) * 50_000_000 if trial % 2 else rng.integers(1, 150_000_000, n)
+            # Small times: the per-rank definitions difference times as floats.
+            ts = (10**9 + np.cumsum(steps)).astype(np.int64)
+            p = rng.uniform(50, 300, n)
+            lo, hi = int(ts[0]) - 10**9, int(ts[-1]) + 10**9
+            ws = int(rng.choice([rng.integers(lo, hi), ts[rng.integers(0, n)]]))
+            we = int(rng.choice([rng.integers(lo, hi), ts[rng.integers(0, n)], ws + int(rng.integers(0, 10**9))]))
+            tables.append(pa.table({"timestamp_ns": ts, "power_w": p}))
+            metas.append({"window_start_ns": ws, "window_end_ns": we})
+        cell = CellTelemetry.of(tables, list(range(len(tables))), metas)
+        ts_all, p_all = cell.table.column("timestamp_ns").to_numpy(), cell.table.column("power_w").to_numpy()
+        fast = _fast_integrals(cell, ts_all, p_all)
+        assert fast is not None
+        for i, (t, m) in enumerate(zip(tables, metas)):
+            ts, p = t.column("timestamp_ns").to_numpy(), t.column("power_w").to_numpy()
+            ws, we = m["window_start_ns"], m["window_end_ns"]
+            assert fast[0][i] == pytest.approx(integrate_power_j(ts, p, ws, we), rel=1e-9, abs=1e-9)
+            assert fast[1][i] == pytest.approx(max_gap_s(ts, ws, we), rel=1e-12)
+
+
+def test_reduce_leaves_the_garbage_collector_as_it_found_it(tmp_path):
+    import gc
+
+    paths, cid = _one(tmp_path, CellSpec(seconds=3.0, warmup_s=1.0))
+    assert gc.get_freeze_count() == 0
+    reduce_sweep(paths.root)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze stays
+    try:
+        frozen = gc.get_freeze_count()
+        reduce_sweep(paths.root)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -243,6 +243,7 @@ def test_cache_key_is_taken_while_the_files_are_read(tmp_path, monkeypatch):
     check stops early (later files are stat'ed, not read), so both valid and
     invalid verdicts are reused until a file changes."""
     import orchestrator.reduce.validate as v
+    from orchestrator.reduce.cache import stat_key
 
     paths, (good, bad) = _sweep(tmp_path)
     f = paths.telemetry_file(bad, 0)
@@ -252,10 +253,10 @@ def test_cache_key_is_taken_while_the_files_are_read(tmp_path, monkeypatch):
     verdicts = validate_cells(paths, [good, bad])
     assert verdicts[good].ok and verdicts[bad].reason == "checksum mismatch in telemetry/rank-0.parquet"
     cache = json.loads((paths.results_dir / ".validation-cache.json").read_text())["cells"]
-    assert cache[good]["key"] == v._stat_key(paths, good) and cache[bad]["key"] == v._stat_key(paths, bad)
+    assert cache[good]["key"] == stat_key(paths, good) and cache[bad]["key"] == stat_key(paths, bad)
     reduce_sweep(paths.root)
     cache = json.loads((paths.results_dir / ".validation-cache.json").read_text())["cells"]
-    assert cache[good]["key"] == v._stat_key(paths, good) and cache[bad]["key"] == v._stat_key(paths, bad)
+    assert cache[good]["key"] == stat_key(paths, good) and cache[bad]["key"] == stat_key(paths, bad)
     calls = []
     monkeypatch.setattr(v, "check_cell", lambda *a, **k: calls.append(a[1]))
     assert validate_cells(paths, [good, bad]) == verdicts and calls == []
@@ -268,3 +269,38 @@ def test_row_count_that_is_not_a_number(tmp_path):
     paths.done_marker(bad).write_text(json.dumps(done))
     assert validate_cell(paths, bad).reason.startswith("row count of requests/rank-0.parquet is 8, DONE.json says many")
     _assert_only_good_cell_reduced(paths, good, bad, "DONE.json says many")
+
+
+@pytest.mark.parametrize("arrow_type, shown", [
+    (pa.large_string(), "large_string"),
+    (pa.dictionary(pa.int32(), pa.string()), "dictionary<values=string, indices=int32, ordered=0>"),
+])
+def test_string_column_stored_as_another_arrow_type(tmp_path, arrow_type, shown):
+    """The reducer decodes strings as dictionaries, which hides the type a file
+    stores; the schema check still sees it, with the reason validate_cells gives."""
+    paths, (good, bad) = _sweep(tmp_path)
+    f = paths.telemetry_file(bad, 1)
+    t = pq.read_table(f)
+    i = t.schema.get_field_index("host")
+    _rewrite(f, t.set_column(i, "host", t.column(i).cast(arrow_type)))
+    _redo_done(paths, bad)
+    reason = f"column host in telemetry/rank-1.parquet is {shown}, expected string"
+    assert validate_cell(paths, bad).reason == reason
+    _assert_only_good_cell_reduced(paths, good, bad, reason)
+
+
+def test_file_without_a_stored_arrow_schema_is_judged_by_its_parquet_schema(tmp_path):
+    """A writer that stores no Arrow schema (not pyarrow): the types come from
+    the Parquet schema, the metadata from the file's key-value metadata."""
+    paths, (good, other) = _sweep(tmp_path)
+    f = paths.telemetry_file(other, 0)
+    t = pq.read_table(f)
+    with pq.ParquetWriter(f, t.schema.remove_metadata(), store_schema=False) as w:
+        w.write_table(t)
+        w.add_key_value_metadata({b"wattsweep": t.schema.metadata[b"wattsweep"]})
+    _bump_mtime(f)
+    _redo_done(paths, other)
+    assert b"ARROW:schema" not in pq.read_metadata(f).metadata
+    assert validate_cell(paths, other).ok
+    rows = {r["cell_id"]: r for r in reduce_sweep(paths.root).to_pylist()}
+    assert rows[other]["energy_j"] == pytest.approx(rows[good]["energy_j"])

@@ -12,6 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from orchestrator.reduce.integrate import RankWindows, integrate_power_j, max_gap_s, window_integrals
+
+# integrate_power_j and max_gap_s (the per-rank definitions) live in integrate.py.
+__all__ = ["CellTelemetry", "integrate_power_j", "max_gap_s", "percentiles", "request_metrics", "telemetry_metrics"]
+
 # Flags (docs/metrics.md "flags").
 GAP_PERIODS = 2.0  # a gap longer than this many sample periods inside the window
 CROSS_CHECK_MAX_PCT = 5.0  # |integrated - counter| / counter above this
@@ -23,8 +28,10 @@ class CellTelemetry:
     """All ranks' telemetry of one cell, concatenated in rank order.
 
     ``offsets[i]:offsets[i+1]`` are rank ``ranks[i]``'s rows; ``metas[i]`` is the
-    window/energy metadata of that rank's file. Keeping one table lets every
-    column be converted to numpy once per cell rather than once per rank.
+    window/energy metadata of that rank's file. One table of one chunk per
+    column: numpy views its numeric columns without a copy, and the Parquet
+    writer takes each column in one piece instead of one per rank (both
+    cheaper than the copy that joining the chunks costs).
     """
 
     table: pa.Table
@@ -39,7 +46,7 @@ class CellTelemetry:
             offsets.append(offsets[-1] + t.num_rows)
         # concat_tables ignores schema metadata when it compares schemas: one
         # replace on the result instead of one per rank.
-        table = pa.concat_tables(tables).replace_schema_metadata(None)
+        table = pa.concat_tables(tables).replace_schema_metadata(None).combine_chunks()
         return cls(table, list(ranks), offsets, list(metas))
 
 
@@ -50,36 +57,10 @@ class RankEnergy:
     max_gap_s: float
 
 
-def integrate_power_j(ts_ns: np.ndarray, power_w: np.ndarray, ws_ns: int, we_ns: int) -> float:
-    """Trapezoid of power over [ws, we]; the edges are interpolated from the
-    nearest samples so the window's energy does not depend on where ticks fell."""
-    ok = ~np.isnan(power_w)
-    ts, p = ts_ns[ok], power_w[ok]
-    if ts.size == 0 or we_ns <= ws_ns:
-        return 0.0
-    if ts.size > 1 and np.any(ts[1:] < ts[:-1]):
-        order = np.argsort(ts, kind="stable")
-        ts, p = ts[order], p[order]
-    inside = (ts > ws_ns) & (ts < we_ns)
-    t = np.concatenate(([ws_ns], ts[inside], [we_ns])).astype(np.float64)
-    edge = np.interp([ws_ns, we_ns], ts.astype(np.float64), p)
-    y = np.concatenate(([edge[0]], p[inside], [edge[1]]))
-    return float(np.dot(y[1:] + y[:-1], np.diff(t)) * 0.5e-9)
-
-
-def max_gap_s(ts_ns: np.ndarray, ws_ns: int, we_ns: int) -> float:
-    """Longest stretch of the window with no sample (edges count)."""
-    inside = ts_ns[(ts_ns >= ws_ns) & (ts_ns <= we_ns)]
-    t = np.concatenate(([ws_ns], np.sort(inside), [we_ns]))
-    return float(np.max(np.diff(t))) * 1e-9
-
-
-def _rank_energies(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray) -> list[RankEnergy]:
-    fast = _fast_integrals(cell, ts, power)
+def _rank_energies(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, windows: RankWindows) -> list[RankEnergy]:
+    fast = window_integrals(ts, power, windows)
     out = []
     for i, meta in enumerate(cell.metas):
-        a, b = cell.offsets[i], cell.offsets[i + 1]
-        ws, we = int(meta["window_start_ns"]), int(meta["window_end_ns"])
         es, ee = meta.get("energy_start_j"), meta.get("energy_end_j")
         counter = float(ee) - float(es) if es is not None and ee is not None else None
         if counter is not None and counter < 0:
@@ -87,75 +68,21 @@ def _rank_energies(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray) -> li
         if fast is not None:
             integrated, gap = fast[0][i], fast[1][i]
         else:
+            a, b = cell.offsets[i], cell.offsets[i + 1]
+            ws, we = int(meta["window_start_ns"]), int(meta["window_end_ns"])
             integrated, gap = integrate_power_j(ts[a:b], power[a:b], ws, we), max_gap_s(ts[a:b], ws, we)
         out.append(RankEnergy(counter, integrated, gap))
     return out
 
 
+def _windows(cell: CellTelemetry) -> RankWindows:
+    return RankWindows.of(cell.offsets, [int(m["window_start_ns"]) for m in cell.metas],
+                          [int(m["window_end_ns"]) for m in cell.metas])
+
+
 def _fast_integrals(cell: CellTelemetry, ts: np.ndarray, p: np.ndarray) -> tuple[list[float], list[float]] | None:
-    """integrate_power_j and max_gap_s of every rank at once (same results).
-
-    The per-rank versions spend their time in numpy call overhead on a few
-    hundred rows; here the inner sums run once over the whole cell and only
-    the window edges are handled per rank. Returns None (use the per-rank
-    versions) for the unusual inputs: null power, unsorted time, a rank with
-    fewer than two rows.
-    """
-    off = np.asarray(cell.offsets)
-    counts = np.diff(off)
-    if ts.size < 2 or np.any(counts < 2) or np.isnan(p).any():
-        return None
-    d = np.diff(ts)
-    same = np.ones(ts.size - 1, bool)
-    same[off[1:-1] - 1] = False  # pairs that straddle two ranks
-    if np.any(d[same] < 0):
-        return None
-    ws = np.array([int(m["window_start_ns"]) for m in cell.metas], np.int64)
-    we = np.array([int(m["window_end_ns"]) for m in cell.metas], np.int64)
-    ws_row, we_row = np.repeat(ws, counts), np.repeat(we, counts)
-    inside = (ts > ws_row) & (ts < we_row)
-    pair = same & inside[:-1] & inside[1:]
-    seg = np.repeat(np.arange(len(counts)), counts)[:-1]
-    body = np.bincount(seg[pair], weights=((p[:-1] + p[1:]) * d)[pair], minlength=len(counts)) * 0.5e-9
-    incl = (ts >= ws_row) & (ts <= we_row)
-    gaps_in = np.where(same & incl[:-1] & incl[1:], d, 0)
-    inner_gap = np.maximum.reduceat(gaps_in, off[:-1])
-    energies, gaps = [], []
-    for i in range(len(counts)):
-        a, b = int(off[i]), int(off[i + 1])
-        t, pw = ts[a:b], p[a:b]
-        w0, w1 = int(ws[i]), int(we[i])
-        if w1 <= w0:
-            energies.append(0.0)
-        else:
-            j = int(np.searchsorted(t, w0, "right"))
-            k = int(np.searchsorted(t, w1, "left"))
-            p0, p1 = _interp_at(t, pw, w0, j), _interp_at(t, pw, w1, k)
-            if j < k:
-                edge = (p0 + pw[j]) * (t[j] - w0) + (pw[k - 1] + p1) * (w1 - t[k - 1])
-            else:
-                edge = (p0 + p1) * (w1 - w0)
-            energies.append(float(body[i] + edge * 0.5e-9))
-        lo = int(np.searchsorted(t, w0, "left"))
-        hi = int(np.searchsorted(t, w1, "right"))
-        if lo < hi:
-            g = max(int(inner_gap[i]), int(t[lo]) - w0, w1 - int(t[hi - 1]))
-        else:
-            g = w1 - w0
-        gaps.append(g * 1e-9)
-    return energies, gaps
-
-
-def _interp_at(t: np.ndarray, p: np.ndarray, x: int, j: int) -> float:
-    """Power at time x, where t[j] is the first sample after x (np.interp's clamping)."""
-    if j <= 0:
-        return float(p[0])
-    if j >= t.size:
-        return float(p[-1])
-    t0, t1 = int(t[j - 1]), int(t[j])
-    if t1 == t0:
-        return float(p[j])
-    return float(p[j - 1] + (p[j] - p[j - 1]) * ((x - t0) / (t1 - t0)))
+    """integrate_power_j and max_gap_s of every rank at once (integrate.window_integrals)."""
+    return window_integrals(ts, p, _windows(cell))
 
 
 def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | None) -> dict[str, Any]:
@@ -164,7 +91,8 @@ def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | Non
     duration_s = (we - ws) * 1e-9
     ts = cell.table.column("timestamp_ns").to_numpy()
     power = _floats(cell.table.column("power_w"))
-    energies = _rank_energies(cell, ts, power)
+    windows = _windows(cell)
+    energies = _rank_energies(cell, ts, power, windows)
     counters = [e.counter_j for e in energies]
     integrated_j = sum(e.integrated_j for e in energies)
     if all(c is not None for c in counters):
@@ -201,18 +129,15 @@ def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | Non
         "max_gap_s": gap,
         "sample_period_s": period,
         "flags": ",".join(sorted(flags)),
-        **_window_stats(cell, ts, power),
+        **_window_stats(cell, ts, power, windows),
     }
 
 
-def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray) -> dict[str, Any]:
+def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, windows: RankWindows) -> dict[str, Any]:
     """Utilisation over decode rows, memory and power peaks over the window."""
     t = cell.table
-    counts = np.diff(cell.offsets)
-    ws = np.repeat([int(m["window_start_ns"]) for m in cell.metas], counts)
-    we = np.repeat([int(m["window_end_ns"]) for m in cell.metas], counts)
-    win = (ts >= ws) & (ts <= we)
-    decode = win & pc.equal(t.column("phase"), "decode").to_numpy(zero_copy_only=False)
+    win = windows.in_window(ts)
+    decode = win & _equals(t.column("phase"), "decode")
     return {
         "sm_util_pct": _nanmean(_floats(t.column("sm_util_pct"))[decode]),
         "mem_util_pct": _nanmean(_floats(t.column("mem_util_pct"))[decode]),
@@ -244,6 +169,23 @@ def request_metrics(req: pa.Table, duration_s: float, energy_j: float) -> dict[s
     }
 
 
+def _equals(col: pa.ChunkedArray, value: str) -> np.ndarray:
+    """Rows of a string column equal to value (numpy bools).
+
+    A dictionary column (the reducer reads strings as dictionaries) is
+    compared through its few distinct values, then its row codes; anything
+    else, nulls included, goes through pc.equal as before (which, on a
+    dictionary column, decodes every row first: ten times the cost)."""
+    arr = col.chunk(0) if col.num_chunks == 1 else None
+    if arr is not None and pa.types.is_dictionary(arr.type) and arr.null_count == 0:
+        codes = [i for i, v in enumerate(arr.dictionary.to_pylist()) if v == value]
+        idx = arr.indices.to_numpy()
+        if len(codes) == 1:
+            return idx == codes[0]
+        return np.isin(idx, codes)
+    return pc.equal(col, value).to_numpy(zero_copy_only=False)
+
+
 def _int_sum(col: pa.ChunkedArray) -> int:
     """Sum of an integer column, nulls skipped, 0 when empty (pc.sum's
     definition); numpy's sum where there are no nulls costs less than the
@@ -268,12 +210,15 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def _clean(a: np.ndarray) -> np.ndarray:
-    return a[~np.isnan(a)]
+    """a without NaN (nulls); a itself when it has none. A NaN makes the sum
+    NaN, and one sum costs less than the mask and copy that removing them takes."""
+    return a[~np.isnan(a)] if np.isnan(a.sum()) else a
 
 
 def _nanmean(a: np.ndarray) -> float | None:
     a = _clean(a)
-    return float(a.mean()) if a.size else None
+    # np.mean's definition (pairwise sum over the count) without its Python wrapper.
+    return float(a.sum() / a.size) if a.size else None
 
 
 def _nanmax(a: np.ndarray) -> float | None:
