@@ -36,7 +36,7 @@ class SmallParquet:
     ``plain_schema``, never that reader's own.
     """
 
-    __slots__ = ("_r", "_data", "_plain", "metadata", "kv")
+    __slots__ = ("_r", "_data", "plain", "metadata", "kv")
 
     def __init__(self, data: bytes, read_dictionary: Sequence[int] | None = None) -> None:
         if _LowReader is not None:
@@ -46,7 +46,7 @@ class SmallParquet:
             r = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False, read_dictionary=read_dictionary).reader
         self._r = r
         self._data = data
-        self._plain = not read_dictionary
+        self.plain = not read_dictionary  # no column read as a dictionary: the reader's schema is the file's
         self.metadata: pq.FileMetaData = r.metadata
         self.kv: dict[bytes, bytes] = self.metadata.metadata or {}  # the file's key-value metadata
 
@@ -72,7 +72,7 @@ class SmallParquet:
         """The Arrow schema a reader without ``read_dictionary`` reports (what
         every check compares); with ``read_dictionary``, derived on a second
         reader that reuses the parsed footer."""
-        if self._plain:
+        if self.plain:
             return self._r.schema_arrow
         if _LowReader is None:  # pragma: no cover - depends on the installed pyarrow
             return pq.ParquetFile(pa.BufferReader(self._data), metadata=self.metadata).schema_arrow

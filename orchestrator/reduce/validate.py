@@ -209,8 +209,8 @@ def _check_file(cdir: str, cell_id: str, rel: str, entry: Any, keep_data: bool, 
         raise InvalidCell(f"checksum mismatch in {rel}")
     telemetry = kind == "telemetry"
     # The reducer decodes telemetry strings as dictionaries (a few distinct
-    # values per file): decoding and re-encoding them one row at a time was
-    # about a seventh of a cell's CPU.
+    # values per file): decoding them one value per row and hashing them
+    # again to write them was an eighth of a cell's instructions.
     pf = _open_parquet(rel, data, DICTIONARY_COLUMNS if keep_data and telemetry else None)
     expected = TELEMETRY_SCHEMA if telemetry else REQUESTS_SCHEMA
     schema = _arrow_schema(rel, pf, kind, expected)
@@ -240,15 +240,19 @@ _GOOD_PARQUET_SCHEMAS: dict[str, list[pq.ParquetSchema]] = {}
 def _arrow_schema(rel: str, pf: SmallParquet, kind: str, expected: pa.Schema) -> pa.Schema:
     """The Arrow schema a plain reader derives for the file, metadata included.
 
-    pyarrow derives it from two things only: the file's Parquet schema and the
-    Arrow schema the writer stored beside it (ARROW:schema), whose metadata
-    it keeps as it is. So once one file of a Parquet schema with a stored
-    schema of the expected fields was derived to the expected schema, any
-    file with an equal Parquet schema and a stored schema of the expected
-    fields derives the same: its stored schema is the answer, parsed for a
-    third of the cost of deriving (nine files a cell). Anything else is
-    derived, as validate_cells always did.
+    A plain reader (validate_cells) reports it itself. A reader that decodes
+    strings as dictionaries (the reducer) reports dictionary types instead,
+    and deriving the plain schema again costs a second reader; parsing the
+    stored schema costs less. pyarrow derives the schema from two things
+    only: the file's Parquet schema and the Arrow schema the writer stored
+    beside it (ARROW:schema), whose metadata it keeps as it is. So once one
+    file of a Parquet schema with a stored schema of the expected fields was
+    derived to the expected schema, any file with an equal Parquet schema and
+    a stored schema of the expected fields derives the same: its stored
+    schema is the answer. Anything else is derived.
     """
+    if pf.plain:
+        return _plain_schema(rel, pf)
     stored = pf.stored_schema(expected)
     good = _GOOD_PARQUET_SCHEMAS.setdefault(kind, [])
     if stored is not None and any(pf.metadata.schema.equals(p) for p in good):
