@@ -312,8 +312,7 @@ def test_kv_cache_dtype_column_and_plans_written_before_it(tmp_path):
 
 
 def test_compacted_file_has_the_telemetry_schema_and_the_ranks_metadata(tmp_path):
-    """Strings reach the writer as dictionaries; a reader still gets the
-    documented types (TELEMETRY_SCHEMA less cell_id) and each rank's metadata."""
+    """A reader gets the documented types (TELEMETRY_SCHEMA less cell_id) and each rank's metadata."""
     from orchestrator.contracts import TELEMETRY_SCHEMA
 
     paths, cid = _one(tmp_path, CellSpec(seconds=3.0, warmup_s=1.0), shards=2)
@@ -327,7 +326,7 @@ def test_compacted_file_has_the_telemetry_schema_and_the_ranks_metadata(tmp_path
     assert set(t.column("phase").to_pylist()) == {"load", "warmup", "decode"}
 
 
-def test_cache_written_from_worker_fragments_is_plain_sorted_json(tmp_path):
+def test_cache_is_plain_sorted_json(tmp_path):
     from orchestrator.reduce.validate import CACHE_VERSION
 
     paths = SweepPaths.of(tmp_path / "sweep")
@@ -397,3 +396,15 @@ def test_reduce_leaves_the_garbage_collector_as_it_found_it(tmp_path):
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_workers_follow_the_cpus_this_process_may_use(monkeypatch):
+    """Under Slurm or in a container the process may use fewer CPUs than the machine has."""
+    import os
+
+    from orchestrator.reduce.parallel import worker_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert worker_count() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5}, raising=False)
+    assert worker_count() == 4

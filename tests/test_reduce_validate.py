@@ -276,8 +276,8 @@ def test_row_count_that_is_not_a_number(tmp_path):
     (pa.dictionary(pa.int32(), pa.string()), "dictionary<values=string, indices=int32, ordered=0>"),
 ])
 def test_string_column_stored_as_another_arrow_type(tmp_path, arrow_type, shown):
-    """The reducer decodes strings as dictionaries, which hides the type a file
-    stores; the schema check still sees it, with the reason validate_cells gives."""
+    """A string column stored as another Arrow type of the same Parquet type is
+    retyped: both the reducer and validate_cells name it."""
     paths, (good, bad) = _sweep(tmp_path)
     f = paths.telemetry_file(bad, 1)
     t = pq.read_table(f)

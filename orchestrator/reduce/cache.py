@@ -51,22 +51,9 @@ def load_cache(paths: SweepPaths) -> dict[str, Any]:
     return dict(cells) if isinstance(cells, dict) else {}
 
 
-def save_cache(paths: SweepPaths, cells: dict[str, Any], encoded: dict[str, str] | None = None) -> None:
-    """Write the cache: ``cells`` (cell id -> entry) and ``encoded`` (cell id ->
-    an entry already as JSON, ``cache_entry_json``; it wins over ``cells``).
-
-    The reducer's workers encode their cells' entries while they run, so the
-    main process only joins strings here; the text is what one ``json.dumps``
-    of the whole cache (sorted keys) gives."""
-    encoded = encoded or {}
-    parts = [f"{json.dumps(cid)}:{encoded[cid] if cid in encoded else cache_entry_json(cells[cid])}"
-             for cid in sorted(cells.keys() | encoded.keys())]
-    data = '{"cells":{' + ",".join(parts) + '},"version":' + json.dumps(CACHE_VERSION) + "}"
+def save_cache(paths: SweepPaths, cells: dict[str, Any]) -> None:
     try:
+        data = json.dumps({"version": CACHE_VERSION, "cells": cells}, sort_keys=True, separators=(",", ":"))
         atomic_write_bytes(cache_path(paths), data.encode(), fsync=False)  # a cache: losing it costs only time
     except OSError:
         pass  # a read-only sweep folder still validates, only slower next time
-
-
-def cache_entry_json(entry: dict[str, Any]) -> str:
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"))

@@ -46,13 +46,11 @@ class CellOutcome:
 @dataclass(frozen=True)
 class CellDone:
     """What a worker hands back: the outcome, the stat key it was computed
-    for (the cache key), whether it came from the cache and, for a fresh
-    outcome with a key, its cache entry as JSON (encoded by the worker)."""
+    for (the cache key) and whether it came from the cache."""
 
     outcome: CellOutcome
     key: Any
     reused: bool
-    cache_json: str | None = None
 
 
 def partition_dir(tdir: str | Path, cell_id: str) -> str:
@@ -63,11 +61,10 @@ def reduce_cell(paths: SweepPaths, cell_id: str, plan_cell: PlanCell | None, tdi
     """Validate one cell and, if valid, summarise it and write its compacted telemetry."""
     params = plan_cell.params if plan_cell else {}
     key = StatKey()
-    decoded = _Decoded()
     try:
-        done, _ = check_cell(paths, cell_id, int(params["shards"]) if "shards" in params else None,
-                             keep_data=True, key=key, on_file=decoded.add)
-        cell, requests = decoded.tables()
+        done, files = check_cell(paths, cell_id, int(params["shards"]) if "shards" in params else None,
+                                 keep_data=True, key=key)
+        cell, requests = _read_tables(files)
         row = cell_row(cell_id, params, plan_cell, done, cell, requests)
         write_compacted(tdir, cell_id, cell)
     except InvalidCell as e:
@@ -77,47 +74,20 @@ def reduce_cell(paths: SweepPaths, cell_id: str, plan_cell: PlanCell | None, tdi
     return CellDone(outcome, key.value(paths.cell_dir(cell_id)), False)
 
 
-class _Decoded:
-    """Each file's table, decoded as soon as the file passes its checks.
+def _read_tables(files: list[CellFile]) -> tuple[CellTelemetry, pa.Table]:
+    """Decode every file once, after all checks passed (so a file that cannot
+    be decoded is the reason only when validate_cells finds none)."""
+    tel = sorted((f for f in files if f.kind == "telemetry"), key=lambda f: f.rank)
+    tables = [_read(f, _TELEMETRY_COLUMNS) for f in tel]
+    requests = pa.concat_tables([_read(f, None) for f in files if f.kind == "requests"])
+    return CellTelemetry.of(tables, [f.rank for f in tel], [f.meta for f in tel]), requests
 
-    Decoding right after the checks reads bytes the checksum has just brought
-    into the CPU cache, and the file's reader and bytes are freed at once
-    instead of all nine staying alive until the last check. A file that
-    cannot be decoded is only the cell's reason once every check has passed
-    (``tables``): the reason stays the one validate_cells gives, which never
-    decodes.
-    """
 
-    __slots__ = ("_telemetry", "_requests", "_errors")
-
-    def __init__(self) -> None:
-        self._telemetry: list[tuple[int, pa.Table, dict[str, Any]]] = []
-        self._requests: list[pa.Table] = []
-        self._errors: list[tuple[tuple[int, int], str]] = []
-
-    def add(self, f: CellFile) -> None:
-        telemetry = f.kind == "telemetry"
-        try:
-            table = f.pf.read(_TELEMETRY_COLUMNS if telemetry else None)
-        except Exception as e:  # noqa: BLE001 - corrupt pages behind a valid footer
-            # Ranked as the reducer always read them: telemetry by rank, then requests.
-            self._errors.append(((0 if telemetry else 1, f.rank), f"unreadable data in {f.rel} ({type(e).__name__})"))
-            return
-        finally:
-            f.pf = None
-        if telemetry:
-            self._telemetry.append((f.rank, table, f.meta))
-        else:
-            self._requests.append(table)
-
-    def tables(self) -> tuple[CellTelemetry, pa.Table]:
-        """The cell's telemetry (ranks in order) and requests; InvalidCell
-        naming the first file that could not be decoded."""
-        if self._errors:
-            raise InvalidCell(min(self._errors)[1])
-        tel = sorted(self._telemetry, key=lambda t: t[0])
-        cell = CellTelemetry.of([t[1] for t in tel], [t[0] for t in tel], [t[2] for t in tel])
-        return cell, pa.concat_tables(self._requests)
+def _read(f: CellFile, columns: list[int] | None) -> pa.Table:
+    try:
+        return f.pf.read(columns)
+    except Exception as e:  # noqa: BLE001 - corrupt pages behind a valid footer
+        raise InvalidCell(f"unreadable data in {f.rel} ({type(e).__name__})") from None
 
 
 def cell_row(cell_id: str, params: dict[str, Any], plan_cell: PlanCell | None, done: dict[str, Any],
@@ -164,18 +134,11 @@ def _sources(cell: CellTelemetry) -> str:
 def write_compacted(tdir: str | Path, cell_id: str, cell: CellTelemetry) -> None:
     """``tdir/cell_id=<id>/part-0.parquet``: every rank's rows, in rank order."""
     meta = json.dumps({"ranks": [{"rank": r, **m} for r, m in zip(cell.ranks, cell.metas)]}, sort_keys=True)
-    table = cell.table
+    table = cell.table.replace_schema_metadata({TELEMETRY_META_KEY: meta.encode()})
     # An Arrow buffer, not io.BytesIO: the writer then appends in C++ rather
     # than calling back into Python for every page.
     sink = pa.BufferOutputStream()
-    # The strings arrive as dictionaries (validate.DICTIONARY_COLUMNS), which
-    # the writer stores as they are instead of hashing every row. No stored
-    # Arrow schema (it would name the dictionary type): a reader derives the
-    # documented one, strings included, from the Parquet schema; the metadata
-    # goes into the file's key-value metadata, where readers find it.
-    with pq.ParquetWriter(sink, table.schema.remove_metadata(), store_schema=False, **COMPACT_OPTIONS) as writer:
-        writer.write_table(table)
-        writer.add_key_value_metadata({TELEMETRY_META_KEY: meta.encode()})
+    pq.write_table(table, sink, **COMPACT_OPTIONS)
     # No fsync: the compacted copy is derived data that a rerun of reduce
     # rebuilds, and an fsync per cell cost more than writing it.
     write_derived(partition_dir(tdir, cell_id), PART_NAME, sink.getvalue())

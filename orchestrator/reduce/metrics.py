@@ -28,10 +28,8 @@ class CellTelemetry:
     """All ranks' telemetry of one cell, concatenated in rank order.
 
     ``offsets[i]:offsets[i+1]`` are rank ``ranks[i]``'s rows; ``metas[i]`` is the
-    window/energy metadata of that rank's file. One table of one chunk per
-    column: numpy views its numeric columns without a copy, and the Parquet
-    writer takes each column in one piece instead of one per rank (both
-    cheaper than the copy that joining the chunks costs).
+    window/energy metadata of that rank's file. Keeping one table lets every
+    column be converted to numpy once per cell rather than once per rank.
     """
 
     table: pa.Table
@@ -46,7 +44,7 @@ class CellTelemetry:
             offsets.append(offsets[-1] + t.num_rows)
         # concat_tables ignores schema metadata when it compares schemas: one
         # replace on the result instead of one per rank.
-        table = pa.concat_tables(tables).replace_schema_metadata(None).combine_chunks()
+        table = pa.concat_tables(tables).replace_schema_metadata(None)
         return cls(table, list(ranks), offsets, list(metas))
 
 
@@ -137,7 +135,7 @@ def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, window
     """Utilisation over decode rows, memory and power peaks over the window."""
     t = cell.table
     win = windows.in_window(ts)
-    decode = win & _equals(t.column("phase"), "decode")
+    decode = win & pc.equal(t.column("phase"), "decode").to_numpy(zero_copy_only=False)
     return {
         "sm_util_pct": _nanmean(_floats(t.column("sm_util_pct"))[decode]),
         "mem_util_pct": _nanmean(_floats(t.column("mem_util_pct"))[decode]),
@@ -167,23 +165,6 @@ def request_metrics(req: pa.Table, duration_s: float, energy_j: float) -> dict[s
         "latency_p90_s": p90,
         "latency_p99_s": p99,
     }
-
-
-def _equals(col: pa.ChunkedArray, value: str) -> np.ndarray:
-    """Rows of a string column equal to value (numpy bools).
-
-    A dictionary column (the reducer reads strings as dictionaries) is
-    compared through its few distinct values, then its row codes; anything
-    else, nulls included, goes through pc.equal as before (which, on a
-    dictionary column, decodes every row first: ten times the cost)."""
-    arr = col.chunk(0) if col.num_chunks == 1 else None
-    if arr is not None and pa.types.is_dictionary(arr.type) and arr.null_count == 0:
-        codes = [i for i, v in enumerate(arr.dictionary.to_pylist()) if v == value]
-        idx = arr.indices.to_numpy()
-        if len(codes) == 1:
-            return idx == codes[0]
-        return np.isin(idx, codes)
-    return pc.equal(col, value).to_numpy(zero_copy_only=False)
 
 
 def _int_sum(col: pa.ChunkedArray) -> int:

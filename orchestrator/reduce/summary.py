@@ -9,7 +9,6 @@ the same bytes.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import gc
 import hashlib
 import io
@@ -25,7 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from orchestrator.contracts import SweepPaths, atomic_write_bytes
-from orchestrator.reduce.cache import cache_entry_json, load_cache, save_cache, stat_key
+from orchestrator.reduce.cache import load_cache, save_cache, stat_key
 from orchestrator.reduce.cell import PART_NAME, CellDone, CellOutcome, partition_dir, reduce_cell
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import PlanCell, read_plan_cells
@@ -82,9 +81,9 @@ def _frozen_heap() -> Iterator[None]:
 
     The main process collects a row per cell; with 1,000 cells that set off a
     full collection, which re-read every object of the interpreter: 40 ms on
-    one core while the other waited. Frozen before the workers fork, the
-    objects are also not re-read (and their memory pages not copied) in the
-    workers. gc.freeze() is what Python's documentation advises before fork.
+    one core, after the workers, while the other core waited. Frozen before
+    the workers fork, the objects are not re-read by the workers' collections
+    either (gc.freeze() before fork is what Python's documentation advises).
     A caller that froze objects itself keeps them frozen: nothing is done then.
     """
     if gc.get_freeze_count():
@@ -111,9 +110,12 @@ def _reduce(paths: SweepPaths, progress: bool) -> pa.Table:
     _write_outputs(paths, table, [o for o in outcomes if not o.verdict.ok])
     if not fresh_tdir:
         _drop_stale_partitions(tdir, set(table.column("cell_id").to_pylist()))
-    fresh = {d.outcome.cell_id: d.cache_json for d in done if not d.reused and d.cache_json is not None}
+    fresh = {d.outcome.cell_id: d for d in done if not d.reused and d.key is not None}
     if fresh:
-        save_cache(paths, cache, fresh)
+        for cid, d in fresh.items():
+            cache[cid] = {"key": d.key, "ok": d.outcome.verdict.ok, "reason": d.outcome.verdict.reason,
+                          "reduced": REDUCE_VERSION, "row": d.outcome.row}
+        save_cache(paths, cache)
     return table
 
 
@@ -197,14 +199,7 @@ def _reduce_job(cid: str) -> CellDone:
         cached = _reuse(cid, hit, stat_key(paths, cid), tdir)
         if cached is not None:
             return CellDone(cached, hit["key"], True)
-    d = reduce_cell(paths, cid, _JOB["plan"].get(cid), tdir)
-    if d.key is None:
-        return d
-    # The cache entry is encoded here, in the worker, while the other cells
-    # run: encoding 1,000 entries in the main process after them took 40-60 ms.
-    o = d.outcome
-    entry = {"key": d.key, "ok": o.verdict.ok, "reason": o.verdict.reason, "reduced": REDUCE_VERSION, "row": o.row}
-    return dataclasses.replace(d, cache_json=cache_entry_json(entry))
+    return reduce_cell(paths, cid, _JOB["plan"].get(cid), tdir)
 
 
 # ---------------------------------------------------------------------------

@@ -17,13 +17,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.contracts import REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
-from orchestrator.reduce.cache import CACHE_NAME, CACHE_VERSION, cache_entry_json, load_cache, save_cache, stat_key
+from orchestrator.reduce.cache import CACHE_NAME, CACHE_VERSION, load_cache, save_cache, stat_key
 from orchestrator.reduce.files import read_with_stat
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import read_plan_cells
@@ -40,10 +40,9 @@ class InvalidCell(Exception):
     """Raised inside the checks; its message is the one-line reason."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CellFile:
-    """One checked output file: which rank, what kind, and its bytes (kept for
-    reading; the reader drops ``pf`` once it has decoded them)."""
+    """One checked output file: which rank, what kind, and its bytes (kept for reading)."""
 
     rel: str
     kind: str  # "telemetry" | "requests"
@@ -104,15 +103,11 @@ def _verdict_job(job: tuple[str, int | None]) -> tuple[CellValidation, list[Any]
 
 
 def check_cell(paths: SweepPaths, cell_id: str, plan_shards: int | None, *, keep_data: bool,
-               key: "StatKey | None" = None,
-               on_file: Callable[[CellFile], None] | None = None) -> tuple[dict[str, Any], list[CellFile]]:
+               key: "StatKey | None" = None) -> tuple[dict[str, Any], list[CellFile]]:
     """All checks; returns (DONE.json, files). Raises InvalidCell with the reason.
 
     ``key``, when given, collects the (size, mtime_ns) of DONE.json and of
-    each file as it is opened, before it is read (see StatKey). ``on_file``,
-    when given, is called with each file as soon as its own checks pass, so
-    that the reducer decodes it while its bytes are fresh in the CPU cache;
-    it must not raise (the verdict is decided by the checks, in this order)."""
+    each file as it is opened, before it is read (see StatKey)."""
     cdir = str(paths.cell_dir(cell_id))  # plain strings: pathlib costs more than hashing a file here
     key = key if key is not None else StatKey()
     done = _read_done(cdir, cell_id, key)
@@ -120,12 +115,7 @@ def check_cell(paths: SweepPaths, cell_id: str, plan_shards: int | None, *, keep
     if not isinstance(listed, dict) or not listed:
         raise InvalidCell("DONE.json lists no files")
     key.rels = sorted(listed)
-    files = []
-    for rel in key.rels:
-        f = _check_file(cdir, cell_id, rel, listed[rel], keep_data, key)
-        if on_file is not None:
-            on_file(f)
-        files.append(f)
+    files = [_check_file(cdir, cell_id, rel, listed[rel], keep_data, key) for rel in key.rels]
     _check_complete(done, files, plan_shards)
     return done, files
 
@@ -208,12 +198,9 @@ def _check_file(cdir: str, cell_id: str, rel: str, entry: Any, keep_data: bool, 
     if hashlib.sha256(data).hexdigest() != want:
         raise InvalidCell(f"checksum mismatch in {rel}")
     telemetry = kind == "telemetry"
-    # The reducer decodes telemetry strings as dictionaries (a few distinct
-    # values per file): decoding them one value per row and hashing them
-    # again to write them was an eighth of a cell's instructions.
-    pf = _open_parquet(rel, data, DICTIONARY_COLUMNS if keep_data and telemetry else None)
+    pf = _open_parquet(rel, data)
+    schema = pf.schema_arrow
     expected = TELEMETRY_SCHEMA if telemetry else REQUESTS_SCHEMA
-    schema = _arrow_schema(rel, pf, kind, expected)
     if not schema.equals(expected, check_metadata=False):
         _check_schema(rel, schema, expected)
     md = pf.metadata
@@ -228,39 +215,6 @@ def _check_file(cdir: str, cell_id: str, rel: str, entry: Any, keep_data: bool, 
         meta = telemetry_meta(schema)
         _check_window(rel, meta)
     return CellFile(rel, kind, rank, pf if keep_data else None, meta)
-
-
-# Telemetry columns the reducer decodes as dictionaries: its strings.
-DICTIONARY_COLUMNS = [i for i, f in enumerate(TELEMETRY_SCHEMA) if f.type == pa.string()]
-# Per kind of file, Parquet schemas seen to give the expected Arrow schema
-# together with a stored Arrow schema of the expected fields (_arrow_schema).
-_GOOD_PARQUET_SCHEMAS: dict[str, list[pq.ParquetSchema]] = {}
-
-
-def _arrow_schema(rel: str, pf: SmallParquet, kind: str, expected: pa.Schema) -> pa.Schema:
-    """The Arrow schema a plain reader derives for the file, metadata included.
-
-    A plain reader (validate_cells) reports it itself. A reader that decodes
-    strings as dictionaries (the reducer) reports dictionary types instead,
-    and deriving the plain schema again costs a second reader; parsing the
-    stored schema costs less. pyarrow derives the schema from two things
-    only: the file's Parquet schema and the Arrow schema the writer stored
-    beside it (ARROW:schema), whose metadata it keeps as it is. So once one
-    file of a Parquet schema with a stored schema of the expected fields was
-    derived to the expected schema, any file with an equal Parquet schema and
-    a stored schema of the expected fields derives the same: its stored
-    schema is the answer. Anything else is derived.
-    """
-    if pf.plain:
-        return _plain_schema(rel, pf)
-    stored = pf.stored_schema(expected)
-    good = _GOOD_PARQUET_SCHEMAS.setdefault(kind, [])
-    if stored is not None and any(pf.metadata.schema.equals(p) for p in good):
-        return stored
-    schema = _plain_schema(rel, pf)
-    if stored is not None and schema.equals(expected, check_metadata=False):
-        good.append(pf.metadata.schema)
-    return schema
 
 
 def _as_int(x: Any) -> int | None:
@@ -280,17 +234,10 @@ def _kind_and_rank(rel: str) -> tuple[str, int]:
     raise InvalidCell(f"unexpected file {rel} in DONE.json")
 
 
-def _open_parquet(rel: str, data: bytes, read_dictionary: list[int] | None) -> SmallParquet:
+def _open_parquet(rel: str, data: bytes) -> SmallParquet:
     try:
-        return SmallParquet(data, read_dictionary)
+        return SmallParquet(data)
     except Exception as e:  # noqa: BLE001 - any footer error is the same verdict
-        raise InvalidCell(f"not a valid Parquet file {rel} ({type(e).__name__})") from None
-
-
-def _plain_schema(rel: str, pf: SmallParquet) -> pa.Schema:
-    try:
-        return pf.plain_schema()
-    except Exception as e:  # noqa: BLE001 - a footer whose schema cannot be derived
         raise InvalidCell(f"not a valid Parquet file {rel} ({type(e).__name__})") from None
 
 
@@ -377,6 +324,5 @@ def _plan_shards(paths: SweepPaths) -> dict[str, int]:
     return {cid: int(c.params.get("shards", 1)) for cid, c in read_plan_cells(paths).items()}
 
 
-__all__ = ["CACHE_NAME", "CACHE_VERSION", "CellFile", "CellValidation", "InvalidCell", "StatKey", "cache_entry_json",
-           "check_cell", "load_cache", "read_done", "read_with_stat", "save_cache", "stat_key", "validate_cell",
-           "validate_cells"]
+__all__ = ["CACHE_NAME", "CACHE_VERSION", "CellFile", "CellValidation", "InvalidCell", "StatKey", "check_cell",
+           "load_cache", "read_done", "read_with_stat", "save_cache", "stat_key", "validate_cell", "validate_cells"]
