@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,33 +20,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.graph_timing import graph_time_us  # noqa: E402
 from workers.model import attention  # noqa: E402
 from workers.model.attention import decode_attention, plan_splits  # noqa: E402
 
 
-def _time_us(fn, calls: int = 32, reps: int = 15) -> float:
-    """GPU time of one call: ``calls`` calls captured in a CUDA graph (as the decode
-    step runs them, no host work between kernels), replayed ``reps`` times; median."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+def _time_us(fn, calls: int = 32) -> float:
+    """GPU time of one call: ``calls`` calls in one CUDA graph (as the decode step runs
+    them, no host work between kernels), median over replays."""
+    return graph_time_us([fn] * calls)
 
 
 def sdpa_bucket(q, k, v, pads, pos, n: int):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.graph_timing import capture, graph_time_us  # noqa: E402
 from workers.model import linear  # noqa: E402
 
 # (name, out_features, in_features) of LLaMA-7B's decode products
@@ -29,39 +29,12 @@ SHAPES_7B = [("wqkv", 3 * 4096, 4096), ("wo", 4096, 4096), ("w13", 2 * 11008, 40
              ("w2", 4096, 11008), ("output", 32000, 4096)]
 
 
-def _graph_time_us(fns: list, reps: int = 15) -> float:
-    """GPU time per call of ``fns`` run once each inside one CUDA graph; median of reps."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns[:3]:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
-    return statistics.median(times)
-
-
 def _graph_energy_uj(fns: list, card, seconds: float = 1.5) -> float | None:
     """Energy per call (microjoules) from the card's energy counter over ~``seconds`` of
     back-to-back graph replays, after as long again of warm-up (power settles)."""
     if card.backend is None:
         return None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
+    graph = capture(fns)
     start = time.perf_counter()
     replays = 0
     while time.perf_counter() - start < seconds:
@@ -85,17 +58,17 @@ def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int,
     got = linear.skinny_linear(x, weights[0]).float()
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     out = {"m": m, "n": n, "k": k, "max_rel_err": err, "decode_uses_triton": linear.usable(x, n)}
-    us = _graph_time_us([lambda w=w: F.linear(x, w) for w in weights])
+    us = graph_time_us([lambda w=w: F.linear(x, w) for w in weights])
     out.update(cublas_us=us, cublas_tb_s=n * k * 2 / us / 1e6)
     # every launch setting of the Triton kernel; the best one is reported as "triton"
     per_config = {}
     for cfg in linear.CONFIGS:
         try:
-            per_config[str(cfg)] = _graph_time_us([lambda w=w, c=cfg: linear.skinny_linear(x, w, c)
+            per_config[str(cfg)] = graph_time_us([lambda w=w, c=cfg: linear.skinny_linear(x, w, c)
                                                    for w in weights])
         except Exception as exc:  # e.g. more shared memory than the card has at this row count
             print(f"  {cfg}: {type(exc).__name__}", flush=True)
-    default_us = _graph_time_us([lambda w=w: linear.skinny_linear(x, w) for w in weights])
+    default_us = graph_time_us([lambda w=w: linear.skinny_linear(x, w) for w in weights])
     if card is not None:
         out["cublas_uj"] = _graph_energy_uj([lambda w=w: F.linear(x, w) for w in weights], card)
         out["triton_default_uj"] = _graph_energy_uj([lambda w=w: linear.skinny_linear(x, w) for w in weights], card)
