@@ -186,7 +186,8 @@ def test_format_table_and_cli(tmp_path, capsys):
 
 
 def test_whole_cell_integration_matches_the_per_rank_definition():
-    from orchestrator.reduce.metrics import CellTelemetry, _fast_integrals
+    from orchestrator.reduce.integrate import window_integrals
+    from orchestrator.reduce.metrics import CellTelemetry, rank_windows
 
     rng = np.random.default_rng(7)
     tables, metas = [], []
@@ -204,7 +205,7 @@ def test_whole_cell_integration_matches_the_per_rank_definition():
     cell = CellTelemetry.of(tables, [0, 1, 2, 3], metas)
     ts_all = cell.table.column("timestamp_ns").to_numpy()
     p_all = cell.table.column("power_w").to_numpy()
-    energies, gaps = _fast_integrals(cell, ts_all, p_all)
+    energies, gaps = window_integrals(ts_all, p_all, rank_windows(cell))
     for i, (t, m) in enumerate(zip(tables, metas)):
         ts, p = t.column("timestamp_ns").to_numpy(), t.column("power_w").to_numpy()
         assert energies[i] == pytest.approx(integrate_power_j(ts, p, m["window_start_ns"], m["window_end_ns"]), rel=1e-12)
@@ -355,7 +356,8 @@ def test_whole_cell_integration_at_the_edges():
     """Windows before, after and between samples, on a sample, empty or
     reversed: the whole-cell version gives the per-rank definitions' numbers.
     (Not repeated timestamps: np.interp, in the definition, is undefined there.)"""
-    from orchestrator.reduce.metrics import CellTelemetry, _fast_integrals
+    from orchestrator.reduce.integrate import window_integrals
+    from orchestrator.reduce.metrics import CellTelemetry, rank_windows
 
     rng = np.random.default_rng(11)
     for trial in range(300):
@@ -373,7 +375,7 @@ def test_whole_cell_integration_at_the_edges():
             metas.append({"window_start_ns": ws, "window_end_ns": we})
         cell = CellTelemetry.of(tables, list(range(len(tables))), metas)
         ts_all, p_all = cell.table.column("timestamp_ns").to_numpy(), cell.table.column("power_w").to_numpy()
-        fast = _fast_integrals(cell, ts_all, p_all)
+        fast = window_integrals(ts_all, p_all, rank_windows(cell))
         assert fast is not None
         for i, (t, m) in enumerate(zip(tables, metas)):
             ts, p = t.column("timestamp_ns").to_numpy(), t.column("power_w").to_numpy()

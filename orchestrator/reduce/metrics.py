@@ -73,14 +73,10 @@ def _rank_energies(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, windo
     return out
 
 
-def _windows(cell: CellTelemetry) -> RankWindows:
+def rank_windows(cell: CellTelemetry) -> RankWindows:
+    """Each rank's measured window, located in the cell's concatenated rows."""
     return RankWindows.of(cell.offsets, [int(m["window_start_ns"]) for m in cell.metas],
                           [int(m["window_end_ns"]) for m in cell.metas])
-
-
-def _fast_integrals(cell: CellTelemetry, ts: np.ndarray, p: np.ndarray) -> tuple[list[float], list[float]] | None:
-    """integrate_power_j and max_gap_s of every rank at once (integrate.window_integrals)."""
-    return window_integrals(ts, p, _windows(cell))
 
 
 def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | None) -> dict[str, Any]:
@@ -89,7 +85,7 @@ def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | Non
     duration_s = (we - ws) * 1e-9
     ts = cell.table.column("timestamp_ns").to_numpy()
     power = _floats(cell.table.column("power_w"))
-    windows = _windows(cell)
+    windows = rank_windows(cell)
     energies = _rank_energies(cell, ts, power, windows)
     counters = [e.counter_j for e in energies]
     integrated_j = sum(e.integrated_j for e in energies)
