@@ -410,3 +410,40 @@ def test_workers_follow_the_cpus_this_process_may_use(monkeypatch):
     assert worker_count() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5}, raising=False)
     assert worker_count() == 4
+
+
+def _source_rows(paths, cid, shards):
+    from orchestrator.contracts import TELEMETRY_SCHEMA
+
+    names = [f.name for f in TELEMETRY_SCHEMA if f.name != "cell_id"]
+    return pa.concat_tables([pq.read_table(paths.telemetry_file(cid, r)).select(names) for r in range(shards)])
+
+
+@pytest.mark.parametrize("rewrite", ["statistics", "no_statistics", "host_varies"])
+def test_compacted_rows_equal_the_source_rows(tmp_path, rewrite):
+    """Identity columns (host, rank, gpu_index, gpu_uuid, source) are rebuilt
+    from footer statistics when those prove them constant, decoded otherwise:
+    either way the compacted rows are the source rows."""
+    paths, cid = _one(tmp_path, CellSpec(seconds=3.0, warmup_s=1.0), shards=2)
+
+    def change(t, m):
+        if rewrite == "host_varies":
+            hosts = ["node-0"] * (t.num_rows - 1) + ["node-9"]
+            t = t.set_column(t.schema.get_field_index("host"), "host", pa.array(hosts))
+        return t, m
+
+    _tamper(paths, cid, 1, change)
+    if rewrite == "no_statistics":
+        f = paths.telemetry_file(cid, 1)
+        t = pq.read_table(f)
+        pq.write_table(t, f, write_statistics=False)
+        assert pq.read_metadata(f).row_group(0).column(1).statistics is None
+        done = read_json(paths.done_marker(cid))
+        write_done(paths, cid, {rel: e["rows"] for rel, e in done["files"].items()},
+                   {k: done[k] for k in ("world_size", "nodes", "gpu_name", "weights", "telemetry_source")})
+    assert reduce_sweep(paths.root).num_rows == 1
+    got = pq.read_table(paths.results_dir / "telemetry" / f"cell_id={cid}" / "part-0.parquet")
+    want = _source_rows(paths, cid, 2)
+    assert got.replace_schema_metadata(None).equals(want.replace_schema_metadata(None))
+    if rewrite == "host_varies":
+        assert got.column("host").to_pylist()[-1] == "node-9"

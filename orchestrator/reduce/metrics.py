@@ -47,6 +47,14 @@ class CellTelemetry:
         table = pa.concat_tables(tables).replace_schema_metadata(None)
         return cls(table, list(ranks), offsets, list(metas))
 
+    @classmethod
+    def of_table(cls, table: pa.Table, ranks: list[int], rows: list[int], metas: list[dict[str, Any]]) -> "CellTelemetry":
+        """From the ranks' rows already in one table, ``rows[i]`` of rank ``ranks[i]`` in order."""
+        offsets = [0]
+        for n in rows:
+            offsets.append(offsets[-1] + n)
+        return cls(table, list(ranks), offsets, list(metas))
+
 
 @dataclass(frozen=True)
 class RankEnergy:
