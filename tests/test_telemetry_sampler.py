@@ -255,11 +255,24 @@ def test_login_side_modules_never_import_torch():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_synthetic_files_are_written_like_the_samplers():
-    from orchestrator.reduce.synthetic import PARQUET_OPTIONS as synthetic_options
-    from workers.telemetry.writer import PARQUET_OPTIONS as sampler_options
+def test_sampler_and_synthetic_files_store_no_arrow_schema_and_keep_the_metadata(tmp_path):
+    """Both writers go through one function: the types come from the Parquet
+    schema (no ARROW:schema key, the cheaper file to open), the wattsweep key
+    is in the footer, and the file reads back with TELEMETRY_SCHEMA."""
+    from orchestrator.contracts import SweepPaths
+    from orchestrator.reduce.synthetic import CellSpec, cell_params, write_cell
+    from workers.telemetry.writer import write_telemetry
 
-    assert synthetic_options == sampler_options
+    paths = SweepPaths.of(tmp_path / "sweep")
+    cid = write_cell(paths, cell_params(shards=1), CellSpec(seconds=2.0, warmup_s=1.0))
+    synthetic = paths.telemetry_file(cid, 0)
+    sampler = tmp_path / "sampler.parquet"
+    write_telemetry(sampler, pq.read_table(synthetic), {"window_start_ns": 1, "window_end_ns": 2})
+    for f in (synthetic, sampler):
+        kv = pq.read_metadata(f).metadata
+        assert b"ARROW:schema" not in kv and TELEMETRY_META_KEY in kv
+        assert pq.read_table(f).schema.remove_metadata().equals(TELEMETRY_SCHEMA)
+    assert json.loads(pq.read_metadata(sampler).metadata[TELEMETRY_META_KEY]) == {"window_start_ns": 1, "window_end_ns": 2}
 
 
 def test_phase_marks_leave_the_counter_read_to_the_sampler_thread(tmp_path):

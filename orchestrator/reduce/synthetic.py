@@ -22,16 +22,10 @@ import pyarrow.parquet as pq
 
 from orchestrator.contracts import (
     REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETRY_SCHEMA, CellParams, SweepPaths, atomic_write_bytes, cell_id_of,
+    telemetry_parquet_bytes,
 )
 
 SOURCE = "synthetic"
-# The sampler's writer options (workers/telemetry/writer.py PARQUET_OPTIONS; a
-# test keeps the two equal), so the benchmark reads files like real ones.
-PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "snappy",
-    "write_statistics": True,
-    "use_dictionary": ["cell_id", "host", "gpu_uuid", "phase", "source"],
-}
 T0_NS = 1_790_000_000_000_000_000  # a fixed epoch so files are byte-stable
 
 
@@ -154,6 +148,9 @@ def write_synthetic_sweep(root: str | Path, n_cells: int, *, shards: int = 8, sp
 
 
 def _write(path: Path, table: pa.Table) -> None:
+    if table.schema.metadata and TELEMETRY_META_KEY in table.schema.metadata:
+        atomic_write_bytes(path, telemetry_parquet_bytes(table))  # as the sampler writes it
+        return
     buf = io.BytesIO()
-    pq.write_table(table, buf, **PARQUET_OPTIONS)
+    pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())

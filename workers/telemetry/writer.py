@@ -9,18 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, atomic_write_with
-
-# Fixed so that the reducer can trust footer statistics (cell_id and rank
-# min/max prove a file belongs to its cell and rank without decoding it).
-# Dictionary encoding only for the repeated strings: dictionary-encoded floats
-# decode at half the speed and a sweep's reduce is mostly decoding.
-PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "snappy",
-    "write_statistics": True,
-    "use_dictionary": ["cell_id", "host", "gpu_uuid", "phase", "source"],
-}
-
+from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, atomic_write_bytes, telemetry_parquet_bytes
 
 @dataclass
 class TelemetryRows:
@@ -82,12 +71,8 @@ def write_telemetry(path: Path, rows: TelemetryRows | pa.Table, meta: dict[str, 
     """Write rows with ``meta`` (JSON) under TELEMETRY_META_KEY: temp name, fsync, rename."""
     table = rows.to_table() if isinstance(rows, TelemetryRows) else rows.cast(TELEMETRY_SCHEMA)
     table = table.replace_schema_metadata({TELEMETRY_META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    write_parquet_atomic(path, table)
+    atomic_write_bytes(path, telemetry_parquet_bytes(table))
     return table.num_rows
-
-
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
 
 
 def read_telemetry_meta(path: Path) -> dict[str, Any]:
