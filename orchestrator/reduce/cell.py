@@ -17,24 +17,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
+from orchestrator.contracts import REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
 from orchestrator.reduce.files import write_derived
 from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.plan_io import PlanCell
 from orchestrator.reduce.validate import CellFile, CellValidation, InvalidCell, StatKey, check_cell
 
 # Dictionary-encode only the repeated strings and keep statistics only where a
-# reader filters (rank, time, phase): half the encode time of the defaults.
+# reader filters (rank, time): half the encode time of the defaults. No stored
+# Arrow schema: readers take the types from the Parquet schema, so columns
+# built as dictionary arrays read back as the plain strings of COMPACT_SCHEMA.
 COMPACT_OPTIONS: dict[str, Any] = {
     "compression": "snappy",
     "use_dictionary": ["host", "gpu_uuid", "phase", "source"],
-    "write_statistics": ["rank", "timestamp_ns", "phase"],
+    "write_statistics": ["rank", "timestamp_ns"],
+    "store_schema": False,
 }
 PART_NAME = "part-0.parquet"
 
 # cell_id is not decoded: validation proved every row holds this cell (footer
 # statistics), and in the compacted files it is the partition key.
 _TELEMETRY_COLUMNS = [i for i, f in enumerate(TELEMETRY_SCHEMA) if f.name != "cell_id"]
+# Of the requests file, only what request_metrics reads (cell_id was proved
+# by the footer statistics; prompt and batch ids do not enter the summary).
+_REQUEST_COLUMNS = [REQUESTS_SCHEMA.get_field_index(n)
+                    for n in ("input_tokens", "output_tokens", "output_words", "start_ns", "end_ns")]
 COMPACT_SCHEMA = pa.schema([TELEMETRY_SCHEMA.field(i) for i in _TELEMETRY_COLUMNS])
 # Columns that name the GPU and where its samples came from: one value per
 # file. When the footer statistics say so (min == max, no nulls) they are
@@ -94,8 +101,9 @@ def _read_tables(files: list[CellFile]) -> tuple[CellTelemetry, pa.Table]:
     by_name = {TELEMETRY_SCHEMA.field(i).name: table.column(j) for j, i in enumerate(decoded)}
     for i, values in constant.items():
         by_name[TELEMETRY_SCHEMA.field(i).name] = _repeat(values, rows, TELEMETRY_SCHEMA.field(i).type)
-    table = pa.Table.from_arrays([by_name[n] for n in COMPACT_SCHEMA.names], schema=COMPACT_SCHEMA)
-    requests = pa.concat_tables([_read(f, None) for f in files if f.kind == "requests"])
+    # Names, not COMPACT_SCHEMA: the schema would cast the dictionary arrays to plain strings.
+    table = pa.Table.from_arrays([by_name[n] for n in COMPACT_SCHEMA.names], names=COMPACT_SCHEMA.names)
+    requests = pa.concat_tables([_read(f, _REQUEST_COLUMNS) for f in files if f.kind == "requests"])
     return CellTelemetry.of_table(table, [f.rank for f in tel], rows, [f.meta for f in tel]), requests
 
 
@@ -133,15 +141,17 @@ def _stat_constant(md: pq.FileMetaData, col: int) -> Any:
 def _repeat(values: list[Any], rows: list[int], typ: pa.DataType) -> pa.Array:
     """values[k] repeated rows[k] times, as a column of type ``typ``.
 
-    Strings are assembled from their buffers (offsets, then the bytes):
-    a fifth of the time of ``take`` on a one-value array."""
+    Strings as a dictionary array (the values, then an index per row): the
+    Parquet writer stores it as it is, where plain strings would be hashed
+    row by row into a dictionary, a fifth of a cell's write cost. Written
+    without the stored Arrow schema, the column reads back as plain strings."""
     if not pa.types.is_string(typ):
         return pa.array(np.repeat(np.asarray(values, dtype=typ.to_pandas_dtype()), rows), typ)
-    lengths = np.repeat(np.fromiter(map(len, values), np.int32, len(values)), rows)
-    offsets = np.zeros(len(lengths) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    data = b"".join(v * n for v, n in zip(values, rows))
-    return pa.Array.from_buffers(typ, len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    # A dictionary of distinct values (the hosts of an 8-GPU node are one):
+    # the writer stores the dictionary as given.
+    distinct, which = np.unique(np.array(values, dtype=object), return_inverse=True)
+    index = pa.array(np.repeat(which.astype(np.int32), rows))
+    return pa.DictionaryArray.from_arrays(index, pa.array([v.decode() for v in distinct], typ))
 
 
 def _read(f: CellFile, columns: list[int] | None) -> pa.Table:
@@ -193,13 +203,17 @@ def _sources(cell: CellTelemetry) -> str:
 
 
 def write_compacted(tdir: str | Path, cell_id: str, cell: CellTelemetry) -> None:
-    """``tdir/cell_id=<id>/part-0.parquet``: every rank's rows, in rank order."""
+    """``tdir/cell_id=<id>/part-0.parquet``: every rank's rows, in rank order,
+    and each rank's metadata under the wattsweep key."""
     meta = json.dumps({"ranks": [{"rank": r, **m} for r, m in zip(cell.ranks, cell.metas)]}, sort_keys=True)
-    table = cell.table.replace_schema_metadata({TELEMETRY_META_KEY: meta.encode()})
     # An Arrow buffer, not io.BytesIO: the writer then appends in C++ rather
     # than calling back into Python for every page.
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **COMPACT_OPTIONS)
+    with pq.ParquetWriter(sink, cell.table.schema, **COMPACT_OPTIONS) as writer:
+        writer.write_table(cell.table)
+        # Without a stored Arrow schema the schema metadata is not written:
+        # the key goes into the footer directly.
+        writer.add_key_value_metadata({TELEMETRY_META_KEY: meta.encode()})
     # No fsync: the compacted copy is derived data that a rerun of reduce
     # rebuilds, and an fsync per cell cost more than writing it.
     write_derived(partition_dir(tdir, cell_id), PART_NAME, sink.getvalue())

@@ -139,7 +139,7 @@ def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, window
     """Utilisation over decode rows, memory and power peaks over the window."""
     t = cell.table
     win = windows.in_window(ts)
-    decode = win & pc.equal(t.column("phase"), "decode").to_numpy(zero_copy_only=False)
+    decode = win & _equals(t.column("phase"), "decode")
     return {
         "sm_util_pct": _nanmean(_floats(t.column("sm_util_pct"))[decode]),
         "mem_util_pct": _nanmean(_floats(t.column("mem_util_pct"))[decode]),
@@ -147,6 +147,25 @@ def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, window
         "gpu_power_p99_w": _nanpct(power[win], 99.0),
         "power_limit_w": _nanmedian(_floats(t.column("power_limit_w"))[win]),
     }
+
+
+def _equals(col: pa.ChunkedArray, value: str) -> np.ndarray:
+    """Boolean mask of the rows equal to ``value`` (null rows: False).
+
+    A dictionary chunk (the reducer reads phase so) is compared by its
+    indices: comparing it as strings would first rebuild a string per row."""
+    parts = []
+    for chunk in col.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            hits = np.flatnonzero(chunk.dictionary.to_numpy(zero_copy_only=False) == value)
+            idx = chunk.indices.to_numpy(zero_copy_only=False)
+            mask = np.isin(idx, hits) if len(hits) != 1 else idx == hits[0]
+            if chunk.null_count:
+                mask &= chunk.is_valid().to_numpy(zero_copy_only=False)
+        else:
+            mask = pc.fill_null(pc.equal(chunk, value), False).to_numpy(zero_copy_only=False)
+        parts.append(mask)
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
 def request_metrics(req: pa.Table, duration_s: float, energy_j: float) -> dict[str, Any]:

@@ -27,12 +27,13 @@ class SmallParquet:
 
     __slots__ = ("_r", "metadata", "schema_arrow")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, dictionary: Sequence[str] | None = None) -> None:
+        """``dictionary``: string columns to decode as dictionary arrays."""
         if _LowReader is not None:
             r = _LowReader()
-            r.open(pa.BufferReader(data), pre_buffer=False)
+            r.open(pa.BufferReader(data), pre_buffer=False, read_dictionary=dictionary)
         else:
-            r = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).reader
+            r = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False, read_dictionary=dictionary).reader
         self._r = r
         self.metadata: pq.FileMetaData = r.metadata
         self.schema_arrow: pa.Schema = r.schema_arrow
