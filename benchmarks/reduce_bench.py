@@ -30,7 +30,9 @@ def _generate(root: Path, cells: int, shards: int, hz: float, seconds: float) ->
     from orchestrator.reduce.synthetic import CellSpec, write_synthetic_sweep
 
     stamp = root / "bench-shape.json"
-    shape = {"cells": cells, "shards": shards, "hz": hz, "seconds": seconds}
+    # "format": how the files are written (contracts.telemetry_parquet_bytes); a
+    # sweep written by an earlier version is generated again.
+    shape = {"cells": cells, "shards": shards, "hz": hz, "seconds": seconds, "format": 2}
     if stamp.exists() and json.loads(stamp.read_text()) == shape:
         return
     t0 = time.perf_counter()
