@@ -447,3 +447,10 @@ def test_compacted_rows_equal_the_source_rows(tmp_path, rewrite):
     assert got.replace_schema_metadata(None).equals(want.replace_schema_metadata(None))
     if rewrite == "host_varies":
         assert got.column("host").to_pylist()[-1] == "node-9"
+
+
+def test_short_window_flag(tmp_path):
+    """A window under 5 s is flagged: the energy counter's 100 ms steps are a large part of it."""
+    paths, _ = _one(tmp_path, CellSpec(seconds=4.0, warmup_s=1.0), shards=1)
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert row["duration_s"] < 5.0 and row["flags"] == "short_window"

@@ -21,6 +21,11 @@ __all__ = ["CellTelemetry", "integrate_power_j", "max_gap_s", "percentiles", "re
 GAP_PERIODS = 2.0  # a gap longer than this many sample periods inside the window
 CROSS_CHECK_MAX_PCT = 5.0  # |integrated - counter| / counter above this
 CAP_MARGIN = 0.05  # mean power per GPU below cap * (1 - margin): the cap did not bind
+# The energy counter advances in steps: on an H200 it updates every 100 ms, so a
+# reading at either end of the window can be up to 100 ms of energy stale. Over a
+# window shorter than this, that step alone can move the cell's energy by more
+# than 4% (4 repeats of a 0.42 s cell on an H200 spread 25%, docs/results).
+SHORT_WINDOW_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,8 @@ def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | Non
         flags.append("cap_not_binding")
     if gap > GAP_PERIODS * period:
         flags.append("gap")
+    if duration_s < SHORT_WINDOW_S:
+        flags.append("short_window")
     return {
         "duration_s": duration_s,
         "energy_j": energy_j,
