@@ -454,3 +454,16 @@ def test_short_window_flag(tmp_path):
     paths, _ = _one(tmp_path, CellSpec(seconds=4.0, warmup_s=1.0), shards=1)
     row = reduce_sweep(paths.root).to_pylist()[0]
     assert row["duration_s"] < 5.0 and row["flags"] == "short_window"
+
+
+def test_phase_mask_over_dictionary_and_plain_chunks():
+    """The decode-row mask: shared or differing dictionaries, null rows never a hit."""
+    from orchestrator.reduce.metrics import _equals
+
+    d1 = pa.DictionaryArray.from_arrays(pa.array([0, 1, None, 2], pa.int32()), pa.array(["load", "decode", "warmup"]))
+    same = pa.DictionaryArray.from_arrays(pa.array([1, 1], pa.int32()), pa.array(["load", "decode", "warmup"]))
+    other = pa.DictionaryArray.from_arrays(pa.array([1, 0], pa.int32()), pa.array(["decode", "load"]))
+    assert _equals(pa.chunked_array([d1, same]), "decode").tolist() == [False, True, False, False, True, True]
+    assert _equals(pa.chunked_array([d1, other]), "decode").tolist() == [False, True, False, False, False, True]
+    assert _equals(pa.chunked_array([pa.array(["decode", None, "load"])]), "decode").tolist() == [True, False, False]
+    assert _equals(pa.chunked_array([], pa.string()), "decode").tolist() == []

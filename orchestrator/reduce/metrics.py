@@ -159,20 +159,25 @@ def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, window
 def _equals(col: pa.ChunkedArray, value: str) -> np.ndarray:
     """Boolean mask of the rows equal to ``value`` (null rows: False).
 
-    A dictionary chunk (the reducer reads phase so) is compared by its
-    indices: comparing it as strings would first rebuild a string per row."""
+    Dictionary chunks (the reducer reads phase so) are compared by their
+    indices: comparing them as strings would first rebuild a string per row.
+    The ranks' files normally share one dictionary: then one comparison."""
+    chunks = col.chunks
+    if not chunks:
+        return np.zeros(0, bool)
+    if not all(pa.types.is_dictionary(c.type) for c in chunks):
+        return pc.fill_null(pc.equal(col, value), False).to_numpy(zero_copy_only=False)
+    first = chunks[0].dictionary
+    if all(c.dictionary.equals(first) for c in chunks[1:]):
+        groups = [(first, pa.chunked_array([c.indices for c in chunks]), col.null_count)]
+    else:
+        groups = [(c.dictionary, pa.chunked_array([c.indices]), c.null_count) for c in chunks]
     parts = []
-    for chunk in col.chunks:
-        if pa.types.is_dictionary(chunk.type):
-            hits = np.flatnonzero(chunk.dictionary.to_numpy(zero_copy_only=False) == value)
-            idx = chunk.indices.to_numpy(zero_copy_only=False)
-            mask = np.isin(idx, hits) if len(hits) != 1 else idx == hits[0]
-            if chunk.null_count:
-                mask &= chunk.is_valid().to_numpy(zero_copy_only=False)
-        else:
-            mask = pc.fill_null(pc.equal(chunk, value), False).to_numpy(zero_copy_only=False)
-        parts.append(mask)
-    return np.concatenate(parts) if parts else np.zeros(0, bool)
+    for dictionary, indices, nulls in groups:
+        hits = np.flatnonzero(dictionary.to_numpy(zero_copy_only=False) == value)
+        idx = indices.to_numpy()  # nulls (none in telemetry written by the sampler) become NaN: never a hit
+        parts.append(np.isin(idx, hits) if len(hits) != 1 else idx == hits[0])
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def request_metrics(req: pa.Table, duration_s: float, energy_j: float) -> dict[str, Any]:
