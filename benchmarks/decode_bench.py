@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workers.dist import init_distributed, shutdown  # noqa: E402
-from workers.model import PRESETS, Generator, build_model, fused, linear  # noqa: E402
+from workers.model import PRESETS, Generator, attention, build_model, fused, linear  # noqa: E402
 
 
 def copy_bandwidth_bytes_s(device: torch.device, n_bytes: int = 2 << 30, reps: int = 20) -> float:
@@ -152,12 +152,18 @@ STEPS = {
     "fused": (True, True, True, False, "as fused-compiled, rotary + cache writes in one hand-written kernel;"
                                        " the default"),
     "fused-skinny": (True, True, True, True, "as fused, with Triton skinny products where faster than cuBLAS"),
+    "fused-split4": (True, True, True, False, "as fused, attention in up to four key chunks per head at"
+                                              " large batch (the default before 2026-11-27 09:20)"),
 }
+# attention.MAX_SPLITS_BUSY for the variants that change it (the others keep the module's)
+_SPLITS_BUSY = {"fused-split4": 4}
+_DEFAULT_SPLITS_BUSY = attention.MAX_SPLITS_BUSY
 
 
 def _use_step(model, step: str) -> None:
     """Set the decode path; a generator's graph keeps the one set when it was captured."""
     model.fuse, _, fused.HAND_KERNELS, linear.SKINNY = STEPS[step][:4]
+    attention.MAX_SPLITS_BUSY = _SPLITS_BUSY.get(step, _DEFAULT_SPLITS_BUSY)
 
 
 def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,

@@ -37,7 +37,11 @@ except ImportError:  # pragma: no cover - depends on the install
 # Launch settings, chosen with benchmarks/attention_bench.py on an H100 (docs/performance.md)
 BLOCK_N = 64  # keys per loop iteration of a program
 MAX_SPLITS = 16  # key chunks per head at most, where rows x heads are few (batch 1)
-MAX_SPLITS_BUSY = 4  # ... and where they fill the card (>= BUSY programs without splitting)
+# ... and where they fill the card (>= BUSY programs without splitting): one chunk,
+# no merge kernel. On an H100 at 384 slots (255 used) that took the kernel from 104 to
+# 94 us at batch 64 (67 -> 58 us with an 8-bit cache) and from 13.6 to 9.0 us at batch 8,
+# and the whole 7B step 4% faster at batch 64 (docs/performance.md); 4 chunks before.
+MAX_SPLITS_BUSY = 1
 BUSY = 256
 NUM_WARPS = 4
 NUM_STAGES = 3  # software pipelining of the key/value loads
