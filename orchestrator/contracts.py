@@ -200,6 +200,11 @@ GPU_PROFILES: dict[str, GpuProfile] = {
 # ---------------------------------------------------------------------------
 
 
+# The markers' names in a cell folder (SweepPaths.done_marker / failed_marker).
+DONE_NAME = "DONE.json"
+FAILED_NAME = "FAILED.json"
+
+
 @dataclass(frozen=True)
 class SweepPaths:
     root: Path
@@ -241,10 +246,10 @@ class SweepPaths:
         return self.cell_dir(cell_id) / "caps.jsonl"
 
     def done_marker(self, cell_id: str) -> Path:
-        return self.cell_dir(cell_id) / "DONE.json"
+        return self.cell_dir(cell_id) / DONE_NAME
 
     def failed_marker(self, cell_id: str) -> Path:
-        return self.cell_dir(cell_id) / "FAILED.json"
+        return self.cell_dir(cell_id) / FAILED_NAME
 
     def attempts_dir(self, cell_id: str) -> Path:
         """Where partial outputs of an earlier attempt are moved before a rerun."""
@@ -451,7 +456,7 @@ def write_failed(paths: SweepPaths, cell_id: str, error: str, traceback_text: st
 
 
 # caps.jsonl stays: the ledger is append-only across attempts.
-OUTPUT_NAMES = ("telemetry", "requests", "DONE.json", "FAILED.json")
+OUTPUT_NAMES = ("telemetry", "requests", DONE_NAME, FAILED_NAME)
 
 
 def move_aside_outputs(paths: SweepPaths, cell_id: str) -> Path | None:

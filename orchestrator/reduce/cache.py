@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orchestrator.contracts import SweepPaths, atomic_write_bytes
+from orchestrator.contracts import DONE_NAME, SweepPaths, atomic_write_bytes
 from orchestrator.reduce.files import read_with_stat
 
 CACHE_NAME = ".validation-cache.json"
@@ -25,7 +25,7 @@ def stat_key(paths: SweepPaths, cell_id: str) -> list[Any] | None:
     listed files: what a cache hit costs."""
     cdir = str(paths.cell_dir(cell_id))
     try:
-        done_raw, st = read_with_stat(f"{cdir}/DONE.json")
+        done_raw, st = read_with_stat(f"{cdir}/{DONE_NAME}")
         rels = sorted(json.loads(done_raw).get("files", {}))
         key: list[Any] = [[st.st_size, st.st_mtime_ns]]
         for rel in rels:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from orchestrator.contracts import SweepPaths, atomic_write_bytes
+from orchestrator.contracts import DONE_NAME, SweepPaths, atomic_write_bytes
 from orchestrator.reduce.cache import load_cache, save_cache, stat_key
 from orchestrator.reduce.cell import PART_NAME, CellDone, CellOutcome, partition_dir, reduce_cell
 from orchestrator.reduce.parallel import ordered_map
@@ -167,7 +167,7 @@ def _done_ids(paths: SweepPaths, plan: dict[str, PlanCell]) -> list[str]:
             ids.update(e.name for e in it if e.is_dir())
     except OSError:
         pass
-    return sorted(cid for cid in ids if os.path.exists(f"{cells}/{cid}/DONE.json"))
+    return sorted(cid for cid in ids if os.path.exists(f"{cells}/{cid}/{DONE_NAME}"))
 
 
 def _reduce_cells(paths: SweepPaths, plan: dict[str, PlanCell], cache: dict[str, Any], ids: list[str],

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.contracts import REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
+from orchestrator.contracts import DONE_NAME, REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETRY_SCHEMA, SweepPaths
 from orchestrator.reduce.cache import CACHE_NAME, CACHE_VERSION, load_cache, save_cache, stat_key
 from orchestrator.reduce.files import read_with_stat
 from orchestrator.reduce.parallel import ordered_map
@@ -138,7 +138,7 @@ def read_done(paths: SweepPaths, cell_id: str) -> dict[str, Any]:
 
 def _read_done(cdir: str, cell_id: str, key: "StatKey | None") -> dict[str, Any]:
     try:
-        raw, st = read_with_stat(f"{cdir}/DONE.json")
+        raw, st = read_with_stat(f"{cdir}/{DONE_NAME}")
         done = json.loads(raw)
     except FileNotFoundError:
         raise InvalidCell("DONE.json missing") from None
