@@ -21,6 +21,7 @@ from orchestrator.contracts import REQUESTS_SCHEMA, TELEMETRY_META_KEY, TELEMETR
 from orchestrator.reduce.files import write_derived
 from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.plan_io import PlanCell
+from orchestrator.reduce.pqread import UNKNOWN, stats_constant
 from orchestrator.reduce.validate import CellFile, CellValidation, InvalidCell, StatKey, check_cell
 
 # Dictionary-encode only the repeated strings and keep statistics only where a
@@ -44,11 +45,12 @@ _REQUEST_COLUMNS = [REQUESTS_SCHEMA.get_field_index(n)
                     for n in ("input_tokens", "output_tokens", "output_words", "start_ns", "end_ns")]
 COMPACT_SCHEMA = pa.schema([TELEMETRY_SCHEMA.field(i) for i in _TELEMETRY_COLUMNS])
 # Columns that name the GPU and where its samples came from: one value per
-# file. When the footer statistics say so (min == max, no nulls) they are
-# rebuilt from that value instead of decoded: a third of the decode time of a
-# telemetry file. Only strings and integers: float statistics skip NaN, so
-# min == max would not prove a float column constant.
-_IDENTITY_COLUMNS = [TELEMETRY_SCHEMA.get_field_index(n) for n in ("host", "rank", "gpu_index", "gpu_uuid", "source")]
+# file. They are rebuilt from that value instead of decoded (with rank, a
+# third of the decode time of a telemetry file): rank from the file's name,
+# which validation proved every row holds; the others when the footer
+# statistics prove them constant (pqread.stats_constant).
+_RANK_COLUMN = TELEMETRY_SCHEMA.get_field_index("rank")
+_IDENTITY_COLUMNS = [TELEMETRY_SCHEMA.get_field_index(n) for n in ("host", "gpu_index", "gpu_uuid", "source")]
 
 
 @dataclass(frozen=True)
@@ -108,34 +110,27 @@ def _read_tables(files: list[CellFile]) -> tuple[CellTelemetry, pa.Table]:
 
 
 def _constant_columns(tel: list[CellFile]) -> dict[int, list[Any]]:
-    """Identity columns whose footer statistics prove them constant in every
-    file, with the value per file (raw: bytes for strings, int for integers)."""
-    out: dict[int, list[Any]] = {}
+    """Columns known to hold one value per file, with that value per file
+    (raw: bytes for strings, int for integers)."""
+    out: dict[int, list[Any]] = {_RANK_COLUMN: [f.rank for f in tel]}
     for i in _IDENTITY_COLUMNS:
-        values = [_stat_constant(f.pf.metadata, i) for f in tel]  # type: ignore[union-attr]
-        if tel and all(v is not None for v in values):
+        values = [stats_constant(f.pf.metadata, i) for f in tel]  # type: ignore[union-attr]
+        if all(map(_rebuildable, values)):
             out[i] = values
     return out
 
 
-def _stat_constant(md: pq.FileMetaData, col: int) -> Any:
-    """The one value of column ``col`` when the statistics of every row group
-    show min == max and no nulls; None when they do not prove it (or a string
-    value is not UTF-8: then decoding the column gives the verdict)."""
-    value = None
-    for rg in range(md.num_row_groups):
-        st = md.row_group(rg).column(col).statistics
-        if st is None or not st.has_min_max or st.null_count != 0 or st.min_raw != st.max_raw:
-            return None
-        if value is not None and st.min_raw != value:
-            return None
-        value = st.min_raw
+def _rebuildable(value: object) -> bool:
+    """A value the statistics proved, usable as it is (a string that is not
+    UTF-8 is left to the decoder, which gives the verdict)."""
+    if value is None or value is UNKNOWN:
+        return False
     if isinstance(value, bytes):
         try:
             value.decode()
         except UnicodeDecodeError:
-            return None
-    return value
+            return False
+    return True
 
 
 def _repeat(values: list[Any], rows: list[int], typ: pa.DataType) -> pa.Array:

@@ -41,3 +41,31 @@ class SmallParquet:
     def read(self, column_indices: Sequence[int] | None = None) -> pa.Table:
         idx = list(range(len(self.schema_arrow))) if column_indices is None else list(column_indices)
         return self._r.read_all(column_indices=idx, use_threads=False)
+
+
+# stats_constant's answer when the statistics cannot tell.
+UNKNOWN = object()
+
+
+def stats_constant(md: pq.FileMetaData, col: int) -> object:
+    """What column ``col``'s footer statistics say about it holding one value.
+
+    That value, raw (bytes for a string column, int for an integer one), when
+    every row group shows the same min == max and no nulls; None when they show
+    nulls or more than one value; UNKNOWN when a row group has no min/max or
+    null count (or the file has no row group). Raw min/max rather than
+    ``min``/``max``: those convert through the logical type, which costs more
+    than the rest of the check. Float statistics skip NaN, so for a float
+    column min == max does not prove it constant: callers ask only of string
+    and integer columns."""
+    value: object = UNKNOWN
+    for rg in range(md.num_row_groups):
+        st = md.row_group(rg).column(col).statistics
+        if st is None or not st.has_min_max or st.null_count is None:
+            return UNKNOWN
+        lo = st.min_raw
+        if st.null_count or lo != st.max_raw or (value is not UNKNOWN and lo != value):
+            return None
+        value = lo
+    return value
+

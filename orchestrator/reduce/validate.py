@@ -27,7 +27,7 @@ from orchestrator.reduce.cache import CACHE_NAME, CACHE_VERSION, load_cache, sav
 from orchestrator.reduce.files import read_with_stat
 from orchestrator.reduce.parallel import ordered_map
 from orchestrator.reduce.plan_io import read_plan_cells
-from orchestrator.reduce.pqread import SmallParquet
+from orchestrator.reduce.pqread import UNKNOWN, SmallParquet, stats_constant
 
 
 # The phase column is decoded as a dictionary array: a few distinct strings
@@ -290,32 +290,18 @@ def _check_constant(pf: SmallParquet, md: pq.FileMetaData, rel: str, column: str
     writer kept them (no data read), else from the column itself."""
     if md.num_rows == 0:
         return
-    verdict = _constant_from_stats(md, col_idx, want)
-    if verdict is None:
+    value = stats_constant(md, col_idx)
+    if value is UNKNOWN:
         try:
             values = pf.read([col_idx]).column(0).unique().to_pylist()
         except Exception as e:  # noqa: BLE001 - corrupt pages
             raise InvalidCell(f"unreadable column {column} in {rel} ({type(e).__name__})") from None
         verdict = values == [want]
+    else:
+        verdict = value == (want.encode() if isinstance(want, str) else want)
     if not verdict:
         what = "cell" if column == "cell_id" else column
         raise InvalidCell(f"{rel} holds rows of another {what}")
-
-
-def _constant_from_stats(md: pq.FileMetaData, col_idx: int, want: Any) -> bool | None:
-    """True/False when the statistics decide, None when they cannot.
-
-    The raw min/max (bytes for a string column, int for an integer one) are
-    compared, not ``min``/``max``: those convert through the logical type,
-    which costs more than the rest of this check."""
-    raw = want.encode() if isinstance(want, str) else want
-    for rg in range(md.num_row_groups):
-        st = md.row_group(rg).column(col_idx).statistics
-        if st is None or not st.has_min_max or st.null_count is None:
-            return None
-        if st.null_count or st.min_raw != raw or st.max_raw != raw:
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------
