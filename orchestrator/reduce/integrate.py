@@ -75,12 +75,10 @@ def window_integrals(ts: np.ndarray, p: np.ndarray, w: RankWindows) -> tuple[lis
     if ts.size < 2 or counts.min() < 2 or np.isnan(p.sum()):
         return None
     d = ts[1:] - ts[:-1]
-    backwards = d < 0
-    backwards[start[1:] - 1] = False  # a pair that straddles two ranks may go back
-    if backwards.any():
+    same = np.ones(ts.size - 1, bool)  # pairs of rows of one rank
+    same[start[1:] - 1] = False  # a pair that straddles two ranks may go back
+    if (same & (d < 0)).any():
         return None
-    same = np.ones(ts.size - 1, bool)
-    same[start[1:] - 1] = False
     le_ws, lt_we = ts <= w.ws_row_ns, ts < w.we_row_ns
     lt_ws, le_we = ts < w.ws_row_ns, ts <= w.we_row_ns
     inside = ~le_ws & lt_we

@@ -44,13 +44,10 @@ class CellTelemetry:
 
     @classmethod
     def of(cls, tables: list[pa.Table], ranks: list[int], metas: list[dict[str, Any]]) -> "CellTelemetry":
-        offsets = [0]
-        for t in tables:
-            offsets.append(offsets[-1] + t.num_rows)
         # concat_tables ignores schema metadata when it compares schemas: one
         # replace on the result instead of one per rank.
         table = pa.concat_tables(tables).replace_schema_metadata(None)
-        return cls(table, list(ranks), offsets, list(metas))
+        return cls.of_table(table, ranks, [t.num_rows for t in tables], metas)
 
     @classmethod
     def of_table(cls, table: pa.Table, ranks: list[int], rows: list[int], metas: list[dict[str, Any]]) -> "CellTelemetry":
@@ -169,11 +166,11 @@ def _equals(col: pa.ChunkedArray, value: str) -> np.ndarray:
         return pc.fill_null(pc.equal(col, value), False).to_numpy(zero_copy_only=False)
     first = chunks[0].dictionary
     if all(c.dictionary.equals(first) for c in chunks[1:]):
-        groups = [(first, pa.chunked_array([c.indices for c in chunks]), col.null_count)]
+        groups = [(first, pa.chunked_array([c.indices for c in chunks]))]
     else:
-        groups = [(c.dictionary, pa.chunked_array([c.indices]), c.null_count) for c in chunks]
+        groups = [(c.dictionary, pa.chunked_array([c.indices])) for c in chunks]
     parts = []
-    for dictionary, indices, nulls in groups:
+    for dictionary, indices in groups:
         hits = np.flatnonzero(dictionary.to_numpy(zero_copy_only=False) == value)
         idx = indices.to_numpy()  # nulls (none in telemetry written by the sampler) become NaN: never a hit
         parts.append(np.isin(idx, hits) if len(hits) != 1 else idx == hits[0])
