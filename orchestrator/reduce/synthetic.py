@@ -82,7 +82,7 @@ def write_cell(paths: SweepPaths, params: dict[str, Any], spec: CellSpec = CellS
     for rank in range(shards):
         rel = f"telemetry/rank-{rank}.parquet"
         table = telemetry_table(cid, rank, spec)
-        _write(paths.cell_dir(cid) / rel, table)
+        atomic_write_bytes(paths.cell_dir(cid) / rel, telemetry_parquet_bytes(table))  # as the sampler writes it
         files[rel] = table.num_rows
     req = requests_table(cid, spec)
     _write(paths.requests_file(cid), req)
@@ -148,9 +148,6 @@ def write_synthetic_sweep(root: str | Path, n_cells: int, *, shards: int = 8, sp
 
 
 def _write(path: Path, table: pa.Table) -> None:
-    if table.schema.metadata and TELEMETRY_META_KEY in table.schema.metadata:
-        atomic_write_bytes(path, telemetry_parquet_bytes(table))  # as the sampler writes it
-        return
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())

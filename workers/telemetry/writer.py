@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA, atomic_write_bytes, telemetry_parquet_bytes
 
+
 @dataclass
 class TelemetryRows:
     """Rows kept as columns: appending a sample is a handful of list appends."""
