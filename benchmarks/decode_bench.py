@@ -144,33 +144,42 @@ def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.de
     out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
-# decode-step variants: (model.fuse, Generator dynamic_kv, fused.HAND_KERNELS, linear.SKINNY, what it is)
+@dataclass(frozen=True)
+class Step:
+    """A decode-step variant: the switches it sets before its generator captures a graph."""
+
+    what: str
+    fuse: bool = True  # model.fuse: compiled elementwise kernels
+    dynamic_kv: bool = True  # Generator(dynamic_kv=...): attention over used slots, not key buckets
+    hand_kernels: bool = True  # fused.HAND_KERNELS: rotary + cache writes in one Triton kernel
+    skinny: bool = False  # linear.SKINNY: Triton products for few rows
+    splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
+
+
 STEPS = {
-    "plain": (False, False, False, False, "unfused, SDPA over key buckets"),
-    "fused-sdpa": (True, False, False, False, "compiled elementwise kernels, SDPA over key buckets"),
-    "fused-compiled": (True, True, False, False, "compiled elementwise kernels, attention over used slots"),
-    "fused": (True, True, True, False, "as fused-compiled, rotary + cache writes in one hand-written kernel;"
-                                       " the default"),
-    "fused-skinny": (True, True, True, True, "as fused, with Triton skinny products where faster than cuBLAS"),
-    "fused-split4": (True, True, True, False, "as fused, attention in up to four key chunks per head at"
-                                              " large batch (the default before 2026-11-27 09:20)"),
+    "plain": Step("unfused, SDPA over key buckets", fuse=False, dynamic_kv=False, hand_kernels=False),
+    "fused-sdpa": Step("compiled elementwise kernels, SDPA over key buckets", dynamic_kv=False, hand_kernels=False),
+    "fused-compiled": Step("compiled elementwise kernels, attention over used slots", hand_kernels=False),
+    "fused": Step("as fused-compiled, rotary + cache writes in one hand-written kernel; the default"),
+    "fused-skinny": Step("as fused, with Triton skinny products where faster than cuBLAS", skinny=True),
+    "fused-split4": Step("as fused, attention in up to four key chunks per head at large batch"
+                         " (the default before 2026-11-27 09:20)", splits_busy=4),
 }
-# attention.MAX_SPLITS_BUSY for the variants that change it (the others keep the module's)
-_SPLITS_BUSY = {"fused-split4": 4}
 _DEFAULT_SPLITS_BUSY = attention.MAX_SPLITS_BUSY
 
 
 def _use_step(model, step: str) -> None:
     """Set the decode path; a generator's graph keeps the one set when it was captured."""
-    model.fuse, _, fused.HAND_KERNELS, linear.SKINNY = STEPS[step][:4]
-    attention.MAX_SPLITS_BUSY = _SPLITS_BUSY.get(step, _DEFAULT_SPLITS_BUSY)
+    v = STEPS[step]
+    model.fuse, fused.HAND_KERNELS, linear.SKINNY = v.fuse, v.hand_kernels, v.skinny
+    attention.MAX_SPLITS_BUSY = v.splits_busy or _DEFAULT_SPLITS_BUSY
 
 
 def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,
                     prompts: list[list[int]], graph: bool) -> tuple[Generator, float]:
     _use_step(model, step)
     gen = Generator(model, max_batch_size=b, max_seq_len=seq_len, device=str(device), cuda_graph=graph,
-                    kv_bucket=args.kv_bucket, dynamic_kv=STEPS[step][1])
+                    kv_bucket=args.kv_bucket, dynamic_kv=STEPS[step].dynamic_kv)
     t = time.perf_counter()
     gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up, compile, graph capture
     return gen, time.perf_counter() - t
@@ -197,7 +206,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
     def row(b: int, graph: bool, step: str, sampler: str, warm_s: float, runs: list[dict]) -> None:
         best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # median window
         rows.append({
-            "model": name, "batch_size": b, "cuda_graph": graph, "step": step, "fused": STEPS[step][0],
+            "model": name, "batch_size": b, "cuda_graph": graph, "step": step, "fused": STEPS[step].fuse,
             "kv_cache_dtype": kv_dtype,
             "sampler": sampler,
             "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
@@ -216,7 +225,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
         if args.profile_dir and device.type == "cuda":
             for step in steps:
                 _use_step(model, step)
-                profile_step(model, prompts, seq_len, device, STEPS[step][1],
+                profile_step(model, prompts, seq_len, device, STEPS[step].dynamic_kv,
                              Path(args.profile_dir) / f"profile_{name}_{kv_dtype}_b{b}_{step}.txt")
         gens: dict[str, tuple[Generator, float]] = {}
         for step in steps:  # the decode path is fixed when a generator captures its graphs
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-bucket", type=int, default=32, help="attention reads keys in multiples of this")
     p.add_argument("--steps", default="fused",
                    help=f"comma list of decode-step variants, measured in the same run with windows "
-                        f"interleaved: {', '.join(f'{k} ({v[-1]})' for k, v in STEPS.items())}")
+                        f"interleaved: {', '.join(f'{k} ({v.what})' for k, v in STEPS.items())}")
     p.add_argument("--compare-fused", action="store_true", help="same as --steps plain,fused")
     p.add_argument("--kv-dtypes", default="auto",
                    help="comma list of KV-cache dtypes, a model built for each: auto (the model dtype), "
