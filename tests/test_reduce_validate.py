@@ -149,6 +149,26 @@ def test_column_of_the_wrong_type(tmp_path):
     _assert_only_good_cell_reduced(paths, good, bad, "column power_w")
 
 
+@pytest.mark.parametrize("moved, found, belongs", [
+    (["energy_j", "power_w"], "sm_util_pct", "power_w"),
+    (["phase", "source"], "power_w", "phase"),
+])
+def test_columns_out_of_order_on_every_rank(tmp_path, moved, found, belongs):
+    """The right columns in another order, on every rank alike: columns are
+    read by position, so the cell is refused by name, not read into the wrong
+    names (two swapped doubles; phase, which is read as a dictionary by its
+    position, moved away)."""
+    paths, (good, bad) = _sweep(tmp_path)
+    for rank in (0, 1):
+        f = paths.telemetry_file(bad, rank)
+        t = pq.read_table(f)
+        _rewrite(f, t.select([n for n in t.schema.names if n not in moved] + moved))
+    _redo_done(paths, bad)
+    reason = f"columns of telemetry/rank-0.parquet are out of order: {found} where {belongs} belongs"
+    assert validate_cell(paths, bad).reason == reason
+    _assert_only_good_cell_reduced(paths, good, bad, "out of order")
+
+
 def test_missing_column(tmp_path):
     paths, (good, bad) = _sweep(tmp_path)
     f = paths.requests_file(bad)

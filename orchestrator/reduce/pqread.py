@@ -27,8 +27,8 @@ class SmallParquet:
 
     __slots__ = ("_r", "metadata", "schema_arrow")
 
-    def __init__(self, data: bytes, dictionary: Sequence[str] | None = None) -> None:
-        """``dictionary``: string columns to decode as dictionary arrays."""
+    def __init__(self, data: bytes, dictionary: Sequence[int] | None = None) -> None:
+        """``dictionary``: positions of string columns to decode as dictionary arrays."""
         if _LowReader is not None:
             r = _LowReader()
             r.open(pa.BufferReader(data), pre_buffer=False, read_dictionary=dictionary)

@@ -36,6 +36,11 @@ from orchestrator.reduce.pqread import UNKNOWN, SmallParquet, stats_constant
 # schema as it reads (phase a dictionary of strings); messages name the
 # documented type.
 DICTIONARY_COLUMNS = ("phase",)
+# Asked for by position: by name, pyarrow builds a name-to-index map of the
+# whole file for each file opened (2% of a cell's reduce). A file whose
+# columns are elsewhere fails the schema check, which judges a column read
+# as a dictionary by its stored type.
+_DICTIONARY_INDICES = tuple(TELEMETRY_SCHEMA.get_field_index(n) for n in DICTIONARY_COLUMNS)
 _TELEMETRY_READ_SCHEMA = pa.schema([
     pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in DICTIONARY_COLUMNS else f
     for f in TELEMETRY_SCHEMA
@@ -210,11 +215,12 @@ def _check_file(cdir: str, cell_id: str, rel: str, entry: Any, keep_data: bool, 
     if hashlib.sha256(data).hexdigest() != want:
         raise InvalidCell(f"checksum mismatch in {rel}")
     telemetry = kind == "telemetry"
-    pf = _open_parquet(rel, data, DICTIONARY_COLUMNS if telemetry else None)
+    dictionary = _DICTIONARY_INDICES if telemetry else ()
+    pf = _open_parquet(rel, data, dictionary)
     schema = pf.schema_arrow
     expected = TELEMETRY_SCHEMA if telemetry else REQUESTS_SCHEMA
     if not schema.equals(_TELEMETRY_READ_SCHEMA if telemetry else expected, check_metadata=False):
-        _check_schema(rel, schema, expected)
+        _check_schema(rel, schema, expected, dictionary)
     md = pf.metadata
     if isinstance(entry, dict) and "rows" in entry and _as_int(entry["rows"]) != md.num_rows:
         raise InvalidCell(f"row count of {rel} is {md.num_rows}, DONE.json says {entry['rows']}")
@@ -246,14 +252,14 @@ def _kind_and_rank(rel: str) -> tuple[str, int]:
     raise InvalidCell(f"unexpected file {rel} in DONE.json")
 
 
-def _open_parquet(rel: str, data: bytes, dictionary: tuple[str, ...] | None) -> SmallParquet:
+def _open_parquet(rel: str, data: bytes, dictionary: tuple[int, ...]) -> SmallParquet:
     try:
         return SmallParquet(data, dictionary)
     except Exception as e:  # noqa: BLE001 - any footer error is the same verdict
         raise InvalidCell(f"not a valid Parquet file {rel} ({type(e).__name__})") from None
 
 
-def _check_schema(rel: str, got: pa.Schema, expected: pa.Schema) -> None:
+def _check_schema(rel: str, got: pa.Schema, expected: pa.Schema, dictionary: tuple[int, ...]) -> None:
     extra = [n for n in got.names if n not in expected.names]
     if extra:
         raise InvalidCell(f"unexpected column {extra[0]} in {rel}")
@@ -262,10 +268,15 @@ def _check_schema(rel: str, got: pa.Schema, expected: pa.Schema) -> None:
         if idx < 0:
             raise InvalidCell(f"missing column {f.name} in {rel}")
         typ = got.field(idx).type
-        if pa.types.is_dictionary(typ) and f.name in DICTIONARY_COLUMNS:
+        if pa.types.is_dictionary(typ) and idx in dictionary:
             typ = typ.value_type  # read as a dictionary on purpose: judge the stored type
         if not typ.equals(f.type):
             raise InvalidCell(f"column {f.name} in {rel} is {typ}, expected {f.type}")
+    # The reducer reads columns by position, so a file with the right columns
+    # in another order is refused by name rather than read into wrong names.
+    for have, want in zip(got.names, expected.names):
+        if have != want:
+            raise InvalidCell(f"columns of {rel} are out of order: {have} where {want} belongs")
 
 
 def telemetry_meta(schema: pa.Schema) -> dict[str, Any]:
