@@ -15,7 +15,8 @@ from orchestrator.contracts import DONE_NAME, SweepPaths, atomic_write_bytes
 from orchestrator.reduce.files import read_with_stat
 
 CACHE_NAME = ".validation-cache.json"
-CACHE_VERSION = 1
+# Bump when a check is added: verdicts of the earlier checks are judged again.
+CACHE_VERSION = 2
 
 
 def stat_key(paths: SweepPaths, cell_id: str) -> list[Any] | None:

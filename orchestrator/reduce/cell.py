@@ -13,15 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import math
+
 import numpy as np
 import pyarrow as pa
 
-from orchestrator.contracts import REQUESTS_SCHEMA, TELEMETRY_SCHEMA, SweepPaths, parquet_without_arrow_schema
+from orchestrator.contracts import PHASES, REQUESTS_SCHEMA, TELEMETRY_SCHEMA, SweepPaths, parquet_without_arrow_schema
 from orchestrator.reduce.files import write_derived
-from orchestrator.reduce.metrics import CellTelemetry, request_metrics, telemetry_metrics
+from orchestrator.reduce.metrics import BadValue, CellTelemetry, request_metrics, telemetry_metrics
 from orchestrator.reduce.plan_io import PlanCell
 from orchestrator.reduce.pqread import UNKNOWN, stats_constant
-from orchestrator.reduce.validate import CellFile, CellValidation, InvalidCell, StatKey, check_cell
+from orchestrator.reduce.validate import TELEMETRY_READ_SCHEMA, CellFile, CellValidation, InvalidCell, StatKey, check_cell
 
 # Dictionary-encode only the repeated strings and keep statistics only where a
 # reader filters (rank, time): half the encode time of the defaults. Written
@@ -49,6 +51,8 @@ COMPACT_SCHEMA = pa.schema([TELEMETRY_SCHEMA.field(i) for i in _TELEMETRY_COLUMN
 # statistics prove them constant (pqread.stats_constant).
 _RANK_COLUMN = TELEMETRY_SCHEMA.get_field_index("rank")
 _IDENTITY_COLUMNS = [TELEMETRY_SCHEMA.get_field_index(n) for n in ("host", "gpu_index", "gpu_uuid", "source")]
+_IDENTITY_TEXT = ("host", "gpu_uuid", "source")
+_PHASES = frozenset(PHASES)
 
 
 @dataclass(frozen=True)
@@ -97,14 +101,77 @@ def _read_tables(files: list[CellFile]) -> tuple[CellTelemetry, pa.Table]:
     decoded = [i for i in _TELEMETRY_COLUMNS if i not in constant]
     tables = [_read(f, decoded) for f in tel]
     rows = [t.num_rows for t in tables]
-    table = pa.concat_tables(tables).replace_schema_metadata(None)
+    for f, t in zip(tel, tables):
+        _check_text(f, t)
+    table = _concat(tables, decoded).replace_schema_metadata(None)
     by_name = {TELEMETRY_SCHEMA.field(i).name: table.column(j) for j, i in enumerate(decoded)}
+    if by_name["timestamp_ns"].null_count:
+        raise InvalidCell("timestamp_ns has missing values: the rows cannot be placed in the measured window")
     for i, values in constant.items():
         by_name[TELEMETRY_SCHEMA.field(i).name] = _repeat(values, rows, TELEMETRY_SCHEMA.field(i).type)
     # Names, not COMPACT_SCHEMA: the schema would cast the dictionary arrays to plain strings.
     table = pa.Table.from_arrays([by_name[n] for n in COMPACT_SCHEMA.names], names=COMPACT_SCHEMA.names)
     requests = pa.concat_tables([_read(f, _REQUEST_COLUMNS) for f in files if f.kind == "requests"])
+    _check_requests(requests)
     return CellTelemetry.of_table(table, [f.rank for f in tel], rows, [f.meta for f in tel]), requests
+
+
+def _concat(tables: list[pa.Table], columns: list[int]) -> pa.Table:
+    """One table of the ranks' rows. Files that differ only in a column's
+    nullability (a writer that declared a column required) are read into the
+    documented, nullable schema first: concat_tables refuses mixed schemas."""
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowInvalid:
+        schema = pa.schema([TELEMETRY_READ_SCHEMA.field(i) for i in columns])
+        return pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def _check_text(f: CellFile, t: pa.Table) -> None:
+    """Strings that reach the compacted copy must be UTF-8 (pyarrow does not
+    check when it decodes, and a reader of the copy would fail on them), and
+    phase one of PHASES. Decoded columns only: a rebuilt one was checked from
+    its statistics. Phase is checked on its dictionaries, a few values a file."""
+    for chunk in t.column("phase").chunks:
+        values = chunk.dictionary if pa.types.is_dictionary(chunk.type) else chunk
+        _valid_utf8(values, "phase", f.rel)
+        odd = set(values.to_pylist()) - _PHASES
+        odd.discard(None)
+        if odd:
+            raise InvalidCell(f"phase in {f.rel} holds {sorted(odd)[0]!r}, not one of {', '.join(PHASES)}")
+    for name in _IDENTITY_TEXT:
+        if name in t.column_names:
+            for chunk in t.column(name).chunks:
+                _valid_utf8(chunk, name, f.rel)
+
+
+def _valid_utf8(values: pa.Array, name: str, rel: str) -> None:
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid:
+        raise InvalidCell(f"column {name} in {rel} holds text that is not UTF-8") from None
+
+
+# A response's token and word counts: far below this, so their sums over a
+# cell stay exact in int64.
+_MAX_COUNT = 1 << 40
+
+
+def _check_requests(req: pa.Table) -> None:
+    """Values the summary would turn into wrong numbers: missing, negative or
+    impossible counts, and responses that end before they start."""
+    if not req.num_rows:
+        return  # an empty requests file was refused by name already
+    for name in req.column_names:
+        if req.column(name).null_count:
+            raise InvalidCell(f"requests file has missing values in {name}")
+    for name in ("input_tokens", "output_tokens", "output_words"):
+        values = req.column(name).to_numpy()
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= _MAX_COUNT:
+            raise InvalidCell(f"requests file holds {name} of {lo if lo < 0 else hi}")
+    if (req.column("end_ns").to_numpy() < req.column("start_ns").to_numpy()).any():
+        raise InvalidCell("requests file holds a response that ends before it starts (end_ns < start_ns)")
 
 
 def _constant_columns(tel: list[CellFile]) -> dict[int, list[Any]]:
@@ -164,8 +231,14 @@ def cell_row(cell_id: str, params: dict[str, Any], plan_cell: PlanCell | None, d
     try:
         tm = telemetry_metrics(cell, shards, None if cap is None else float(cap))
         rm = request_metrics(requests, tm["duration_s"], tm["energy_j"])
-    except (ValueError, TypeError, KeyError, ZeroDivisionError, pa.ArrowException) as e:
+    except BadValue as e:
+        raise InvalidCell(str(e)) from None
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, OverflowError, pa.ArrowException) as e:
         raise InvalidCell(f"cannot compute metrics: {type(e).__name__}: {e}") from None
+    # The last guard against a wrong number: no NaN or infinity reaches the summary.
+    for name, v in (*tm.items(), *rm.items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidCell(f"cannot compute metrics: {name} is {v}")
     if rm["output_tokens"] <= 0:
         raise InvalidCell("requests file holds no output tokens")
     slurm = done.get("slurm") if isinstance(done.get("slurm"), dict) else {}

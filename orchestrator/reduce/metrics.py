@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from orchestrator.reduce.integrate import RankWindows, integrate_power_j, max_gap_s, window_integrals
 
 # integrate_power_j and max_gap_s (the per-rank definitions) live in integrate.py.
-__all__ = ["CellTelemetry", "integrate_power_j", "max_gap_s", "percentiles", "request_metrics", "telemetry_metrics"]
+__all__ = ["BadValue", "CellTelemetry", "integrate_power_j", "max_gap_s", "percentiles", "request_metrics", "telemetry_metrics"]
 
 # Flags (docs/metrics.md "flags").
 GAP_PERIODS = 2.0  # a gap longer than this many sample periods inside the window
@@ -26,6 +26,10 @@ CAP_MARGIN = 0.05  # mean power per GPU below cap * (1 - margin): the cap did no
 # window shorter than this, that step alone can move the cell's energy by more
 # than 4% (4 repeats of a 0.42 s cell on an H200 spread 25%, docs/results).
 SHORT_WINDOW_S = 5.0
+
+
+class BadValue(ValueError):
+    """The telemetry holds a value no metric can be built on; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | Non
     duration_s = (we - ws) * 1e-9
     ts = cell.table.column("timestamp_ns").to_numpy()
     power = _floats(cell.table.column("power_w"))
+    # NaN is a missing reading (skipped); a negative or infinite one is not a reading.
+    if np.isinf(power).any() or (power < 0).any():
+        raise BadValue("power_w holds negative or infinite values")
     windows = rank_windows(cell)
     energies = _rank_energies(cell, ts, power, windows)
     counters = [e.counter_j for e in energies]

@@ -49,7 +49,7 @@ SUMMARY_SCHEMA = pa.schema(
 INVALID_CSV = "invalid.csv"
 # Bump when a summary value's definition changes: cached rows of an older
 # reducer are then recomputed rather than reused.
-REDUCE_VERSION = "2:" + hashlib.sha256(",".join(SUMMARY_SCHEMA.names).encode()).hexdigest()[:8]
+REDUCE_VERSION = "3:" + hashlib.sha256(",".join(SUMMARY_SCHEMA.names).encode()).hexdigest()[:8]
 TELEMETRY_DIR = "telemetry"
 # The compacted telemetry drops cell_id: it is the partition key (directory name).
 PARTITIONING_SCHEMA = pa.schema([("cell_id", pa.string())])

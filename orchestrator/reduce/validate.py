@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ DICTIONARY_COLUMNS = ("phase",)
 # columns are elsewhere fails the schema check, which judges a column read
 # as a dictionary by its stored type.
 _DICTIONARY_INDICES = tuple(TELEMETRY_SCHEMA.get_field_index(n) for n in DICTIONARY_COLUMNS)
-_TELEMETRY_READ_SCHEMA = pa.schema([
+TELEMETRY_READ_SCHEMA = pa.schema([
     pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in DICTIONARY_COLUMNS else f
     for f in TELEMETRY_SCHEMA
 ])
@@ -153,9 +154,31 @@ def _read_done(cdir: str, cell_id: str, key: "StatKey | None") -> dict[str, Any]
         raise InvalidCell("DONE.json is not a JSON object")
     if done.get("cell_id") not in (None, cell_id):
         raise InvalidCell(f"DONE.json belongs to cell {done.get('cell_id')}")
+    _check_done_fields(done)
     if key is not None:
         key.done = [st.st_size, st.st_mtime_ns]
     return done
+
+
+# DONE.json fields that reach the summary row as they are: a wrong type there
+# would stop the whole reduce (or, for a count, give a wrong number).
+_DONE_COUNTS = ("world_size", "nodes")
+_DONE_TEXTS = ("gpu_name", "weights", "telemetry_source")
+
+
+def _check_done_fields(done: dict[str, Any]) -> None:
+    for name in _DONE_COUNTS:
+        v = done.get(name)
+        if v is not None and not _is_count(v):
+            raise InvalidCell(f"DONE.json {name} is {v!r}; expected a whole number >= 1")
+    for name in _DONE_TEXTS:
+        v = done.get(name)
+        if v is not None and not isinstance(v, str):
+            raise InvalidCell(f"DONE.json {name} is {v!r}; expected text")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 1 << 31
 
 
 class StatKey:
@@ -219,19 +242,20 @@ def _check_file(cdir: str, cell_id: str, rel: str, entry: Any, keep_data: bool, 
     pf = _open_parquet(rel, data, dictionary)
     schema = pf.schema_arrow
     expected = TELEMETRY_SCHEMA if telemetry else REQUESTS_SCHEMA
-    if not schema.equals(_TELEMETRY_READ_SCHEMA if telemetry else expected, check_metadata=False):
+    if not schema.equals(TELEMETRY_READ_SCHEMA if telemetry else expected, check_metadata=False):
         _check_schema(rel, schema, expected, dictionary)
     md = pf.metadata
     if isinstance(entry, dict) and "rows" in entry and _as_int(entry["rows"]) != md.num_rows:
         raise InvalidCell(f"row count of {rel} is {md.num_rows}, DONE.json says {entry['rows']}")
-    if kind == "requests" and md.num_rows == 0:
-        raise InvalidCell(f"empty requests file {rel}")
+    if md.num_rows == 0:
+        raise InvalidCell(f"empty {kind} file {rel}")
     _check_constant(pf, md, rel, "cell_id", expected.get_field_index("cell_id"), cell_id)
     meta: dict[str, Any] = {}
     if telemetry:
         _check_constant(pf, md, rel, "rank", expected.get_field_index("rank"), rank)
         meta = telemetry_meta(schema)
         _check_window(rel, meta)
+        _check_meta_values(rel, meta)
     return CellFile(rel, kind, rank, pf if keep_data else None, meta)
 
 
@@ -243,12 +267,16 @@ def _as_int(x: Any) -> int | None:
 
 
 def _kind_and_rank(rel: str) -> tuple[str, int]:
+    """("telemetry", rank) or ("requests", 0) from the names workers write:
+    telemetry/rank-<rank>.parquet and requests/rank-0.parquet (rank 0 writes
+    every response). One spelling per rank: int() alone would also read
+    rank-01 or rank-+1, and a rank listed twice would be counted twice."""
     parts = rel.split("/")
     if len(parts) == 2 and parts[0] in ("telemetry", "requests") and parts[1].startswith("rank-") and parts[1].endswith(".parquet"):
-        try:
-            return parts[0], int(parts[1][5:-8])
-        except ValueError:
-            pass
+        digits = parts[1][5:-8]
+        if digits.isdigit() and digits.isascii() and f"rank-{int(digits)}.parquet" == parts[1]:
+            if parts[0] == "telemetry" or digits == "0":
+                return parts[0], int(digits)
     raise InvalidCell(f"unexpected file {rel} in DONE.json")
 
 
@@ -260,6 +288,9 @@ def _open_parquet(rel: str, data: bytes, dictionary: tuple[int, ...]) -> SmallPa
 
 
 def _check_schema(rel: str, got: pa.Schema, expected: pa.Schema, dictionary: tuple[int, ...]) -> None:
+    twice = [n for i, n in enumerate(got.names) if n in got.names[:i]]
+    if twice:
+        raise InvalidCell(f"column {twice[0]} appears twice in {rel}")
     extra = [n for n in got.names if n not in expected.names]
     if extra:
         raise InvalidCell(f"unexpected column {extra[0]} in {rel}")
@@ -290,10 +321,29 @@ def telemetry_meta(schema: pa.Schema) -> dict[str, Any]:
 
 def _check_window(rel: str, meta: dict[str, Any]) -> None:
     ws, we = meta.get("window_start_ns"), meta.get("window_end_ns")
-    if not isinstance(ws, int) or not isinstance(we, int):
+    if not _is_time_ns(ws) or not _is_time_ns(we):
         raise InvalidCell(f"no measured window in {rel}")
     if we <= ws:
         raise InvalidCell(f"empty measured window in {rel}")
+
+
+def _is_time_ns(v: Any) -> bool:
+    """A clock reading in ns as the telemetry's timestamp_ns column holds it (int64)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+
+
+def _check_meta_values(rel: str, meta: dict[str, Any]) -> None:
+    """The metadata values the summary takes as they are."""
+    for name in ("energy_start_j", "energy_end_j"):
+        v = meta.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise InvalidCell(f"energy counter reading {name} in {rel} is {v!r}; expected a finite number or null")
+    v = meta.get("sample_period_s")
+    if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+        raise InvalidCell(f"sample_period_s in {rel} is {v!r}; expected a positive number of seconds")
+    v = meta.get("gpu_name")
+    if v is not None and not isinstance(v, str):
+        raise InvalidCell(f"gpu_name in {rel} is {v!r}; expected text")
 
 
 def _check_constant(pf: SmallParquet, md: pq.FileMetaData, rel: str, column: str, col_idx: int, want: Any) -> None:
@@ -323,17 +373,23 @@ def _check_constant(pf: SmallParquet, md: pq.FileMetaData, rel: str, column: str
 def _check_complete(done: dict[str, Any], files: list[CellFile], plan_shards: int | None) -> None:
     if not any(f.kind == "requests" for f in files):
         raise InvalidCell("no requests file")
-    shards = done.get("world_size", plan_shards)
+    world = done.get("world_size")  # type checked on reading DONE.json
+    if world is not None and plan_shards is not None and world != plan_shards:
+        raise InvalidCell(f"DONE.json says world_size={world}, the plan says shards={plan_shards}")
+    shards = world if world is not None else plan_shards
     if shards is None:
         raise InvalidCell("shard count unknown: no world_size in DONE.json and the cell is not in plan.jsonl")
     ranks = {f.rank for f in files if f.kind == "telemetry"}
     missing = [r for r in range(int(shards)) if r not in ranks]
     if missing:
         raise InvalidCell(f"missing telemetry for rank {missing[0]} of {shards}")
+    beyond = sorted(r for r in ranks if r >= shards)
+    if beyond:
+        raise InvalidCell(f"telemetry for rank {beyond[0]}, beyond world_size {shards}")
 
 
 def _plan_shards(paths: SweepPaths) -> dict[str, int]:
-    return {cid: int(c.params.get("shards", 1)) for cid, c in read_plan_cells(paths).items()}
+    return {cid: int(c.params["shards"]) for cid, c in read_plan_cells(paths).items() if "shards" in c.params}
 
 
 __all__ = ["CACHE_NAME", "CACHE_VERSION", "CellFile", "CellValidation", "InvalidCell", "StatKey", "check_cell",
