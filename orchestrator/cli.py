@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -78,6 +79,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+    except OSError as e:
+        # A file or folder the command could not read or write (permissions,
+        # a file where a folder belongs, a full disk): one line naming it.
+        if os.environ.get("WATTSWEEP_TRACEBACK"):
+            raise
+        print(f"wattsweep {name}: {_os_error(e)} (WATTSWEEP_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
+
+
+def _os_error(e: OSError) -> str:
+    if e.filename is None:
+        return str(e) or type(e).__name__
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return f"{e.strerror or type(e).__name__}: {where}"
+
+
+def _reader_went_away() -> int:
+    """The reader of the output closed it (``wattsweep status DIR | head``):
+    stop quietly, as Unix tools do. stdout is pointed at /dev/null so that
+    Python's flush at exit does not raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

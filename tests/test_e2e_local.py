@@ -13,10 +13,10 @@ from orchestrator.plan import read_plan
 TINY = ["n_prompts=4", "max_new_tokens=4", "max_prompt_tokens=16", "gpu=simulated"]
 
 
-def _sweep(tmp_path, monkeypatch, *overrides):
+def _sweep(tmp_path, monkeypatch, *overrides, status=0):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WATTSWEEP_STATE_DIR", str(tmp_path / "state"))
-    assert main(["sweep", "-m", "sweep_dir=out", *TINY, *overrides, "--wait"]) == 0
+    assert main(["sweep", "-m", "sweep_dir=out", *TINY, *overrides, "--wait"]) == status
     return SweepPaths.of(tmp_path / "out")
 
 
@@ -46,8 +46,12 @@ def test_two_by_two_sweep_reduces_to_numbers_that_hold_together(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_a_raising_rank_fails_its_cell_with_the_traceback_and_the_others_finish(tmp_path, monkeypatch):
-    paths = _sweep(tmp_path, monkeypatch, "shards=1,2", "fail_on_purpose=raise-rank-1")
+def test_a_raising_rank_fails_its_cell_with_the_traceback_and_the_others_finish(tmp_path, monkeypatch, capsys):
+    """--wait exits 1 when a cell gave no result, and says what to run next."""
+    paths = _sweep(tmp_path, monkeypatch, "shards=1,2", "fail_on_purpose=raise-rank-1", status=1)
+    err = capsys.readouterr().err
+    assert "1 of 2 cell(s) gave no valid result (1 failed or missing, 0 invalid)" in err
+    assert f"wattsweep resubmit {paths.root}" in err
     cells = {c.params.shards: c.cell_id for c in read_plan(paths)}
     failed = json.loads(paths.failed_marker(cells[2]).read_text())
     assert "raised on purpose" in failed["error"] and "Traceback" in failed["traceback"]

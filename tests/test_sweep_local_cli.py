@@ -24,6 +24,16 @@ def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sweep_of_only_infeasible_cells_launches_nothing_and_says_so(tmp_path, monkeypatch, capsys):
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "shards=3", "sweep_dir=out"]) == 2
+    captured = capsys.readouterr()
+    assert "infeasible: shards=3 does not divide n_heads=4" in captured.out
+    assert "every cell is infeasible (reasons above); nothing was launched" in captured.err
+
+
 def test_existing_sweep_folder_is_refused(tmp_path, monkeypatch, capsys):
     from orchestrator.cli import main
 

@@ -114,12 +114,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"sweep folder: {paths.root}")
     print(format_cells(cells, jobs))
     print(f"{len(feasible)} cell(s) launched ({composed.launcher_name}), {len(cells) - len(feasible)} infeasible")
+    if not feasible:
+        print("error: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
+        return 2
     if not args.wait:
         print(f"follow with: wattsweep status {paths.root}")
         return 0
     with _Progress(paths, [c.cell_id for c in feasible]):
         launcher.wait(paths, records)
-    return _reduce_and_print(paths.root)
+    return _reduce_and_print(paths.root, [c.cell_id for c in feasible])
 
 
 class _Progress:
@@ -162,9 +165,11 @@ class _Progress:
             print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
 
-def _reduce_and_print(sweep_dir: Any) -> int:
+def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
+    """Reduce, print the summary, and say which launched cells did not give a
+    valid result: the exit status is 1 then, so a script that waited knows."""
     try:
-        from orchestrator.reduce import format_table, reduce_sweep
+        from orchestrator.reduce import format_table, read_invalid, reduce_sweep
     except ImportError as e:
         print(f"error: cannot reduce ({e}); run `wattsweep reduce {sweep_dir}` once available", file=sys.stderr)
         return 1
@@ -174,7 +179,16 @@ def _reduce_and_print(sweep_dir: Any) -> int:
         print(f"error: reduce failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
     print(format_table(table))
-    return 0
+    valid = set(table.column("cell_id").to_pylist())
+    invalid = {cid for cid, _ in read_invalid(sweep_dir)}
+    lost = [c for c in cell_ids if c not in valid]
+    if not lost:
+        return 0
+    n_invalid = sum(c in invalid for c in lost)
+    print(f"error: {len(lost)} of {len(cell_ids)} cell(s) gave no valid result ({len(lost) - n_invalid} failed or "
+          f"missing, {n_invalid} invalid); see `wattsweep status {sweep_dir}`, then `wattsweep resubmit {sweep_dir}`",
+          file=sys.stderr)
+    return 1
 
 
 def format_cells(cells: list[Any], jobs: dict[str, str]) -> str:
