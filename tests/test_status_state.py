@@ -97,6 +97,54 @@ def test_submissions_with_mismatched_ids(sweep):
         sweep_status(paths, query_queue=False)
 
 
+def test_a_line_cut_short_is_skipped_with_a_warning_and_the_next_append_starts_clean(sweep, monkeypatch, capsys):
+    """A crash while recording a submission leaves half a line: status and
+    resubmit still work (that submission's cells show as planned), and the
+    next submission is recorded on a line of its own."""
+    import orchestrator.status.state as state
+
+    monkeypatch.setattr(state, "_validate", lambda p, ids, deep=True: {c: checksum_verdict(p, c) for c in ids})
+    paths, ids = sweep
+    with open(paths.submissions_jsonl, "a") as f:
+        f.write('{"cell_ids": ["' + ids[4])  # torn
+    st = sweep_status(paths, query_queue=False)
+    assert {c.cell_id: c.state for c in st.cells}[ids[4]] == "planned"
+    assert "submissions.jsonl:2: skipped a line cut short" in capsys.readouterr().err
+    append_submissions(paths, [SubmissionRecord((ids[4],), "slurm", ("1000",), False, 2.0, 0, {})])
+    st = sweep_status(paths, query_queue=False)
+    assert {c.cell_id: c.job_id for c in st.cells}[ids[4]] == "1000"
+
+
+def test_a_json_line_that_is_not_a_record_is_refused(sweep):
+    paths, ids = sweep
+    with open(paths.submissions_jsonl, "a") as f:
+        f.write('["not", "a", "record"]\n')
+    with pytest.raises(StatusError, match=r"submissions.jsonl:2: malformed submission line"):
+        sweep_status(paths, query_queue=False)
+
+
+def test_watch_stops_when_only_never_submitted_cells_are_left(sweep, monkeypatch, capsys):
+    from orchestrator.status import cmd
+
+    import orchestrator.status.state as state
+
+    monkeypatch.setattr(state, "_validate", lambda p, ids, deep=True: {c: checksum_verdict(p, c) for c in ids})
+    paths, ids = sweep
+    monkeypatch.setattr(cmd, "sweep_status", lambda p, validate, deep: sweep_status(p, query_queue=False))
+    assert cmd.run(cmd_args(paths, watch=True)) == 1
+    assert "1 cell(s) were never submitted; nothing to wait for" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "soon"])
+def test_watch_interval_must_be_positive(value, capsys):
+    from orchestrator.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["status", "x", "--watch", "--interval", value])
+    assert e.value.code == 2
+    assert f"{value!r} is not a positive number of seconds" in capsys.readouterr().err
+
+
 def cmd_args(paths: SweepPaths, **kw):
     import argparse
 

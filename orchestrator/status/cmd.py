@@ -26,11 +26,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder")
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
     p.add_argument("--watch", action="store_true", help="refresh counts and a progress bar until every cell has ended")
-    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between --watch refreshes (default 2)")
+    p.add_argument("--interval", type=_seconds, default=2.0, metavar="S", help="seconds between --watch refreshes (default 2)")
     p.add_argument("--no-validate", action="store_true", help="trust DONE.json without checking the output files")
     p.add_argument("--deep", action="store_true",
                    help="validate done cells as reduce does (footers, schemas, row ownership), not only their checksums; "
                         "resubmit always does")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +98,13 @@ def _watch(paths: SweepPaths, interval_s: float, validate: bool) -> int:
             if tty:
                 print()
             return 0
+        if not any(st.counts.get(s) for s in ("pending", "running")):
+            # Only never-submitted cells are left: nothing will change by waiting.
+            if tty:
+                print()
+            print(f"wattsweep status: {st.counts.get('planned', 0)} cell(s) were never submitted; nothing to wait for "
+                  f"(`wattsweep resubmit {paths.root}` launches them)", file=sys.stderr)
+            return 1
         time.sleep(interval_s)
 
 

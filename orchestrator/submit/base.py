@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,25 +67,48 @@ def append_submissions(paths: SweepPaths, records: list[SubmissionRecord]) -> No
         return
     paths.root.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in records)
+    if _ends_torn(paths.submissions_jsonl):
+        text = "\n" + text  # keep a line cut short by a crash on its own line
     with open(paths.submissions_jsonl, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
 
+def _ends_torn(path: Path) -> bool:
+    """The file's last line lacks its newline (an append cut short)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # missing or empty
+        return False
+
+
 def read_submissions(paths: SweepPaths) -> list[SubmissionRecord]:
-    """All submissions, oldest first; a malformed line raises ValueError naming file and line."""
+    """All submissions, oldest first.
+
+    A line that is not JSON at all is an append cut short by a crash (each
+    record is one write of a whole line): it is skipped with a warning, so one
+    torn line does not lock the user out of status and resubmit. A line that
+    is JSON but not a submission record raises ValueError naming file and line."""
     path = paths.submissions_jsonl
     if not path.exists():
         return []
     out: list[SubmissionRecord] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                out.append(SubmissionRecord.from_dict(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as e:
+                d = json.loads(line)
+            except ValueError:
+                print(f"wattsweep: warning: {path}:{lineno}: skipped a line cut short (a crash while recording a "
+                      "submission?); its cells may show as planned though their jobs ran", file=sys.stderr)
+                continue
+            try:
+                out.append(SubmissionRecord.from_dict(d))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}:{lineno}: malformed submission line ({e})") from None
     return out
 
