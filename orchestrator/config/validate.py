@@ -51,9 +51,20 @@ def validate_cell_config(cfg: Mapping[str, Any], cwd: Path) -> None:
     _validate_gpu(cfg["gpu"])
     _validate_dataset(cfg["dataset"], cwd)
     _validate_paths(cfg, cwd)
-    launcher = cfg["launcher"]
-    if "max_parallel" in launcher:
-        _positive_int("launcher.max_parallel", launcher["max_parallel"])
+    _validate_launcher(cfg["launcher"])
+    mode = cfg.get("fail_on_purpose")
+    if mode is not None and mode != "raise" and not (mode.startswith("raise-rank-") and mode[11:].isdigit()):
+        raise ConfigError(f"fail_on_purpose={mode}: unknown; valid: raise, raise-rank-N (N a rank), or null")
+
+
+def _validate_launcher(launcher: Mapping[str, Any]) -> None:
+    for key in ("max_parallel", "time_min", "gpus_per_node", "cpus_per_gpu", "array_parallelism"):
+        if key in launcher:
+            _positive_int(f"launcher.{key}", launcher[key])
+    if "timeout_min" in launcher and not launcher["timeout_min"] > 0:
+        raise ConfigError(f"launcher.timeout_min={launcher['timeout_min']}: must be > 0 minutes")
+    if launcher.get("mem_per_gpu_gb") is not None:
+        _positive_int("launcher.mem_per_gpu_gb", launcher["mem_per_gpu_gb"])
 
 
 def _validate_model(model: Mapping[str, Any]) -> None:
