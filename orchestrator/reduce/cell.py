@@ -9,11 +9,10 @@ those calls is kept to what the checks and the summary need.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import math
 
 import numpy as np
 import pyarrow as pa
