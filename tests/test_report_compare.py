@@ -9,9 +9,9 @@ from orchestrator.reduce.synthetic import CellSpec, cell_params, write_cell, wri
 from orchestrator.report import CompareError, compare_sweeps
 
 
-def _sweep(root, kind, power, *, caps=(None,), shards=(1, 2)):
+def _sweep(root, kind, power, *, caps=(None,), shards=(1, 2), **over):
     paths = SweepPaths.of(root)
-    params = [cell_params(shards=s, power_cap_w=c, gpu_kind=kind) for s in shards for c in caps]
+    params = [cell_params(shards=s, power_cap_w=c, gpu_kind=kind, **over) for s in shards for c in caps]
     write_plan(paths, params)
     for p in params:
         write_cell(paths, p, CellSpec(seconds=3.0, warmup_s=1.0, power_w=power))
@@ -73,3 +73,75 @@ def test_one_sweep_cap_against_uncapped_with_filters(tmp_path, capsys):
     assert "2 matching cells" in capsys.readouterr().out
     assert cli_main(["compare", str(paths.root), str(paths.root), "--where-a", "cap"]) == 2
     assert "is not KEY=VALUE" in capsys.readouterr().err
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wattsweep compare: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_unmatched_cells_of_each_side_are_counted(tmp_path, capsys):
+    a = _sweep(tmp_path / "a", "h100", 400.0)
+    b = _sweep(tmp_path / "b", "h200", 300.0, shards=(1, 2, 4))
+    t = compare_sweeps(a.root, b.root)
+    assert (t.schema.metadata[b"unmatched_a"], t.schema.metadata[b"unmatched_b"]) == (b"0", b"1")
+    assert cli_main(["compare", str(a.root), str(b.root)]) == 0
+    assert "2 matching cells; unmatched: 0 of A, 1 of B;" in capsys.readouterr().out
+
+
+def test_damaged_or_empty_plan_is_refused_with_file_and_line(tmp_path, capsys):
+    a = _sweep(tmp_path / "a", "v100", 250.0)
+    b = _sweep(tmp_path / "b", "v100", 250.0)
+    assert cli_main(["compare", str(a.root), str(b.root)]) == 0  # B reduced with its whole plan
+    capsys.readouterr()
+    b.plan_jsonl.write_text(b.plan_jsonl.read_text()[:-200])  # last line cut short
+    assert cli_main(["compare", str(a.root), str(b.root)]) == 2
+    assert f"{b.plan_jsonl}:2: malformed plan line" in _err(capsys)
+    b.plan_jsonl.write_text("")
+    assert cli_main(["compare", str(a.root), str(b.root)]) == 2
+    assert f"{b.plan_jsonl}: the plan lists no cells" in _err(capsys)
+    (tmp_path / "c").mkdir()
+    assert cli_main(["compare", str(a.root), str(tmp_path / "c")]) == 2
+    assert "no plan file" in _err(capsys)
+    assert list((tmp_path / "c").iterdir()) == []  # no results/ reduced into a folder that is no sweep
+
+
+def test_unknown_metric_and_ignored_key_name_the_valid_ones(tmp_path, capsys):
+    a = _sweep(tmp_path / "a", "v100", 250.0)
+    assert cli_main(["compare", str(a.root), str(a.root), "--metrics", "bogus"]) == 2
+    assert _err(capsys).startswith("wattsweep compare: unknown metric 'bogus'; valid: shards,")
+    assert cli_main(["compare", str(a.root), str(a.root), "--metrics", "cell_id"]) == 2  # not a number
+    assert "unknown metric 'cell_id'" in _err(capsys)
+    assert cli_main(["compare", str(a.root), str(a.root), "--ignore", "bogus"]) == 2
+    assert _err(capsys).startswith("wattsweep compare: unknown key to ignore 'bogus'; valid: model,")
+
+
+def test_ignore_adds_to_the_default_gpu_kind(tmp_path, capsys):
+    a = _sweep(tmp_path / "a", "h100", 400.0, caps=(None,))
+    b = _sweep(tmp_path / "b", "h200", 200.0, caps=(150,))
+    t = compare_sweeps(a.root, b.root, ignore=["power_cap_w"])  # still not matched on gpu_kind
+    assert t.num_rows == 2 and "gpu_kind" not in t.schema.metadata[b"match_on"].decode().split(",")
+    assert cli_main(["compare", str(a.root), str(b.root), "--ignore", "power_cap_w"]) == 0
+    assert "2 matching cells" in capsys.readouterr().out
+
+
+def test_no_match_names_the_key_that_differs(tmp_path, capsys):
+    a = _sweep(tmp_path / "a", "v100", 250.0, n_prompts=16)
+    b = _sweep(tmp_path / "b", "v100", 250.0, n_prompts=8)
+    assert cli_main(["compare", str(a.root), str(b.root)]) == 2
+    assert _err(capsys) == ("wattsweep compare: no matching cells: no cell of B has n_prompts=16 as in A; "
+                            "B has n_prompts=8; pass --ignore n_prompts to pair them")
+    assert cli_main(["compare", str(a.root), str(b.root), "--ignore", "n_prompts"]) == 0
+    assert "2 matching cells" in capsys.readouterr().out
+    with pytest.raises(CompareError, match="leave n_prompts out of --match-on"):
+        compare_sweeps(a.root, b.root, match_on=["shards", "n_prompts"])
+
+
+def test_no_match_names_the_filter_that_left_no_cell(tmp_path, capsys):
+    a = _sweep(tmp_path / "a", "v100", 250.0)
+    assert cli_main(["compare", str(a.root), str(a.root), "--where-a", "shards=abc"]) == 2
+    assert _err(capsys) == ("wattsweep compare: no matching cells: the filter --where-a shards=abc leaves none "
+                            "of the 2 cells of A; A has shards=1,2")
+    with pytest.raises(CompareError, match="--where-b power_cap_w=150 leaves none .* B has power_cap_w=null"):
+        compare_sweeps(a.root, a.root, where_b={"power_cap_w": 150})

@@ -16,22 +16,32 @@ EPILOG = """examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder")
-    parser.add_argument("--columns", help="comma-separated columns to print (default: the main ones)")
+    parser.add_argument("--columns", help="comma-separated summary columns to print (default: the main ones; "
+                                          "all are in results/summary.csv)")
     parser.add_argument("--quiet", action="store_true", help="write the files, print only the counts")
     parser.add_argument("--progress", action="store_true", help="print progress on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.reduce import ReduceError, format_table, read_invalid, reduce_sweep
+    from orchestrator.contracts import SweepPaths
+    from orchestrator.reduce import SUMMARY_SCHEMA, ReduceError, format_table, read_invalid, reduce_sweep
+    from orchestrator.reduce.plan_io import PlanFileError, require_plan
 
+    cols = [c for c in args.columns.split(",") if c] if args.columns else None
+    unknown = [c for c in cols or () if c not in SUMMARY_SCHEMA.names]
+    if unknown:
+        print(f"wattsweep reduce: unknown column {unknown[0]!r}; valid: {', '.join(SUMMARY_SCHEMA.names)}", file=sys.stderr)
+        return 2
     try:
+        # The reducer itself skips damaged plan lines; the command refuses them as
+        # `status` does, before it writes anything into the folder.
+        require_plan(SweepPaths.of(args.sweep_dir))
         table = reduce_sweep(args.sweep_dir, progress=args.progress)
-    except ReduceError as e:
+    except (PlanFileError, ReduceError) as e:
         print(f"wattsweep reduce: {e}", file=sys.stderr)
         return 2
     invalid = read_invalid(args.sweep_dir)
     if not args.quiet and table.num_rows:
-        cols = args.columns.split(",") if args.columns else None
         print(format_table(table, cols))
     for cid, reason in invalid:
         print(f"invalid cell {cid}: {reason}", file=sys.stderr)

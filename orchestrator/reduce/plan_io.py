@@ -3,7 +3,8 @@
 The reducer needs only each cell's id, params and node count. It reads the
 lines itself (rather than through the planner's dataclasses) so that a sweep
 written by an older or newer planner still reduces; a damaged line is skipped
-and counted, never fatal.
+and counted, never fatal. The commands (reduce, report, compare) first check
+the plan with ``require_plan``, which refuses a damaged one as ``status`` does.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.contracts import LATER_PARAM_DEFAULTS, SweepPaths
+from orchestrator.plan.planned import PlanFileError, read_plan
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,24 @@ def read_plan_cells(paths: SweepPaths) -> dict[str, PlanCell]:
         if cell is not None:
             out[cell.cell_id] = cell
     return out
+
+
+def require_plan(paths: SweepPaths) -> dict[str, PlanCell]:
+    """cell id -> PlanCell, read by the planner's own reader (as `status` reads it);
+    PlanFileError, naming the file and line, for a missing, damaged or empty plan:
+    a command must not reduce or pair cells whose parameters it had to guess."""
+    if not paths.root.is_dir():
+        raise PlanFileError(f"no sweep folder at {paths.root}")
+    try:
+        cells = read_plan(paths)
+    except OSError as e:
+        raise PlanFileError(f"{paths.plan_jsonl}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise PlanFileError(f"{paths.plan_jsonl}: not UTF-8 text") from None
+    if not cells:  # a sweep always plans at least one cell: this plan was cut short
+        raise PlanFileError(f"{paths.plan_jsonl}: the plan lists no cells; "
+                            f"is {paths.root} a sweep folder made by `wattsweep sweep`?")
+    return {c.cell_id: PlanCell(c.cell_id, c.params.to_dict(), c.nodes, c.feasible) for c in cells}
 
 
 def _parse_line(line: str) -> PlanCell | None:

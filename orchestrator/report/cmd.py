@@ -22,12 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from orchestrator.contracts import SweepPaths
     from orchestrator.reduce import ReduceError
+    from orchestrator.reduce.plan_io import PlanFileError, require_plan
     from orchestrator.report import ReportError, build_report, write_html, write_markdown
 
     try:
+        require_plan(SweepPaths.of(args.sweep_dir))  # not a sweep, or a damaged plan: write no report/ into it
         report, out = build_report(args.sweep_dir, reduce_first=args.reduce)
-    except (ReportError, ReduceError) as e:
+    except (PlanFileError, ReportError, ReduceError) as e:
         print(f"wattsweep report: {e}", file=sys.stderr)
         return 2
     written = []

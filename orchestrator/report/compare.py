@@ -2,35 +2,57 @@
 
 Cells match when the chosen parameters are equal. By default that is every
 measurement parameter except ``gpu_kind`` (H100 against H200); to compare caps
-within or across sweeps, leave out ``power_cap_w`` instead.
+within or across sweeps, leave out ``power_cap_w`` as well.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 
 from orchestrator.contracts import CellParams, SweepPaths, canonical_json
-from orchestrator.reduce.plan_io import read_plan_cells
+from orchestrator.reduce.plan_io import require_plan
+from orchestrator.reduce.summary import SUMMARY_SCHEMA
 from orchestrator.report.data import Row, is_simulated, load_summary, sort_key
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(CellParams))
 DEFAULT_IGNORE = ("gpu_kind",)
 DEFAULT_METRICS = ("tokens_per_s", "words_per_s", "energy_per_token_j", "energy_per_response_j", "mean_power_w", "latency_p50_s")
+# A ratio B/A needs numbers: the numeric columns of the summary.
+METRIC_NAMES = tuple(f.name for f in SUMMARY_SCHEMA if pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
 
 
 class CompareError(Exception):
     """The sweeps cannot be compared as asked (the message says why)."""
 
 
+@dataclass(frozen=True)
+class _Side:
+    name: str  # "A" or "B"
+    sweep: str
+    cells: list[tuple[dict[str, Any], Row]]  # (parameters, summary row) of every reduced cell
+    where: dict[str, Any]
+    index: dict[tuple, Row]  # match key -> row, of the cells ``where`` keeps
+
+
 def match_keys(match_on: Sequence[str] | None = None, ignore: Sequence[str] | None = None) -> tuple[str, ...]:
-    keys = tuple(match_on) if match_on else tuple(k for k in PARAM_NAMES if k not in (ignore or DEFAULT_IGNORE))
-    unknown = [k for k in keys if k not in PARAM_NAMES]
+    """``match_on`` exactly, else every parameter but gpu_kind and ``ignore``
+    (which adds to the default: comparing caps must not start pairing by card)."""
+    _known(match_on or (), PARAM_NAMES, "match key")
+    _known(ignore or (), PARAM_NAMES, "key to ignore")
+    if match_on:
+        return tuple(match_on)
+    left_out = set(DEFAULT_IGNORE) | set(ignore or ())
+    return tuple(k for k in PARAM_NAMES if k not in left_out)
+
+
+def _known(names: Sequence[str], valid: Sequence[str], what: str) -> None:
+    unknown = [n for n in names if n not in valid]
     if unknown:
-        raise CompareError(f"unknown match key {unknown[0]!r}; valid: {', '.join(PARAM_NAMES)}")
-    return keys
+        raise CompareError(f"unknown {what} {unknown[0]!r}; valid: {', '.join(valid)}")
 
 
 def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequence[str] | None = None,
@@ -40,21 +62,25 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequen
 
     ``where_a``/``where_b`` keep only the cells of that side whose parameters
     equal the given values: one sweep against itself, one cap against another.
+    The schema metadata says what was matched on and how many cells of each
+    side found no partner.
     """
     keys = match_keys(match_on, ignore)
+    _known(metrics, METRIC_NAMES, "metric")
     for where in (where_a, where_b):
-        match_keys(list(where or {}) or None)  # unknown parameter names are errors
-    a, b = _indexed(sweep_a, keys, "A", where_a), _indexed(sweep_b, keys, "B", where_b)
-    common = sorted(set(a) & set(b), key=lambda k: tuple(sort_key(_show(v)) for v in k))
+        _known(list(where or {}), PARAM_NAMES, "filter key")
+    a = _side("A", sweep_a, keys, metrics, where_a or {})
+    b = _side("B", sweep_b, keys, metrics, where_b or {})
+    common = sorted(set(a.index) & set(b.index), key=lambda k: tuple(sort_key(_show(v)) for v in k))
     if not common:
-        raise CompareError(f"no matching cells: {len(a)} in A, {len(b)} in B match on none of ({', '.join(keys)})")
+        raise CompareError(f"no matching cells: {_why_none(a, b, keys, bool(match_on))}")
     shown = [k for i, k in enumerate(keys) if len({c[i] for c in common}) > 1] or list(keys[:1])
     cols: dict[str, list[Any]] = {k: [] for k in shown}
     cols["cell_a"], cols["cell_b"] = [], []
     for m in metrics:
         cols[f"{m}_a"], cols[f"{m}_b"], cols[f"{m}_ratio"] = [], [], []
     for key in common:
-        ra, rb = a[key], b[key]
+        ra, rb = a.index[key], b.index[key]
         for k in shown:
             cols[k].append(_show(key[keys.index(k)]))
         cols["cell_a"].append(ra["cell_id"])
@@ -65,21 +91,29 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequen
             cols[f"{m}_b"].append(vb)
             cols[f"{m}_ratio"].append(float(vb) / float(va) if va not in (None, 0) and vb is not None else None)
     table = pa.table({k: pa.array(v, type=_type_of(v)) for k, v in cols.items()})
-    simulated = [name for name, rows in (("A", a.values()), ("B", b.values())) if is_simulated(rows)]
-    meta = {"match_on": ",".join(keys), "simulated": ",".join(simulated)}
+    simulated = [s.name for s in (a, b) if is_simulated(s.index.values())]
+    meta = {"match_on": ",".join(keys), "simulated": ",".join(simulated),
+            "unmatched_a": str(len(a.index) - len(common)), "unmatched_b": str(len(b.index) - len(common))}
     return table.replace_schema_metadata(meta)
 
 
-def _indexed(sweep: str | Path, keys: Sequence[str], side: str, where: dict[str, Any] | None) -> dict[tuple, Row]:
+def _side(name: str, sweep: str | Path, keys: Sequence[str], metrics: Sequence[str], where: dict[str, Any]) -> _Side:
+    # The plan first: load_summary may reduce, which must not happen in a folder
+    # that is no sweep, and a damaged plan would pair cells on guessed parameters.
+    plan = require_plan(SweepPaths.of(sweep))
     rows = load_summary(sweep)
-    unknown = [m for m in DEFAULT_METRICS if rows and m not in rows[0]]
-    if unknown:
-        raise CompareError(f"summary of {side} lacks {unknown[0]}; run `wattsweep reduce {sweep}` again")
-    plan = read_plan_cells(SweepPaths.of(sweep))
+    missing = [m for m in metrics if rows and m not in rows[0]]
+    if missing:
+        raise CompareError(f"summary of {name} lacks {missing[0]}; run `wattsweep reduce {sweep}` again")
+    cells = [(plan[r["cell_id"]].params if r["cell_id"] in plan else r, r) for r in rows]
+    return _Side(name, str(sweep), cells, where, _indexed(cells, keys, name, where))
+
+
+def _indexed(cells: list[tuple[dict[str, Any], Row]], keys: Sequence[str], side: str,
+             where: dict[str, Any]) -> dict[tuple, Row]:
     out: dict[tuple, Row] = {}
-    for r in rows:
-        params = plan[r["cell_id"]].params if r["cell_id"] in plan else r
-        if where and any(canonical_json(params.get(k)) != canonical_json(v) for k, v in where.items()):
+    for params, r in cells:
+        if any(canonical_json(params.get(k)) != canonical_json(v) for k, v in where.items()):
             continue
         key = tuple(canonical_json(params.get(k)) for k in keys)
         if key in out:
@@ -88,6 +122,43 @@ def _indexed(sweep: str | Path, keys: Sequence[str], side: str, where: dict[str,
                 f"add keys with --match-on (now: {', '.join(keys)})")
         out[key] = r
     return out
+
+
+def _why_none(a: _Side, b: _Side, keys: Sequence[str], by_match_on: bool) -> str:
+    """Why no cell of A found a partner in B, in one line: an empty side (and the
+    filter that emptied it), else the keys on which A and B share no value."""
+    for s in (a, b):
+        if not s.index:
+            return _why_empty(s)
+    values = {k: ({key[i] for key in a.index}, {key[i] for key in b.index}) for i, k in enumerate(keys)}
+    apart = [k for k, (va, vb) in values.items() if not va & vb]
+    if not apart:
+        varying = [k for k, (va, vb) in values.items() if len(va | vb) > 1]
+        return (f"every value of each key occurs in both, but no cell of B has the combination of "
+                f"{', '.join(varying)} of a cell of A")
+    why = "; ".join(f"no cell of B has {_kv(k, values[k][0])} as in A; B has {_kv(k, values[k][1])}" for k in apart)
+    fix = f"leave {','.join(apart)} out of --match-on" if by_match_on else f"pass --ignore {','.join(apart)} to pair them"
+    return f"{why}; {fix}"
+
+
+def _why_empty(s: _Side) -> str:
+    if not s.cells:
+        return f"{s.name} has no done cells with valid outputs; see `wattsweep status {s.sweep}`"
+    flag = f"--where-{s.name.lower()}"
+    filt = " ".join(f"{flag} {k}={_text(canonical_json(v))}" for k, v in s.where.items())
+    has = " and ".join(_kv(k, {canonical_json(p.get(k)) for p, _ in s.cells}) for k in s.where)
+    return f"the filter {filt} leaves none of the {len(s.cells)} cells of {s.name}; {s.name} has {has}"
+
+
+def _kv(key: str, values: set[str]) -> str:
+    """n_prompts=8,16 from canonical JSON values, in the --where spelling."""
+    return f"{key}=" + ",".join(_text(v) for v in sorted(values, key=lambda v: sort_key(_show(v))))
+
+
+def _text(v: str) -> str:
+    """A canonical JSON value as typed on the command line: text unquoted, None as null."""
+    shown = _show(v)
+    return shown if isinstance(shown, str) else v
 
 
 def parse_where(items: Sequence[str]) -> dict[str, Any]:
