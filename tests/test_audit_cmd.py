@@ -113,3 +113,71 @@ def test_missing_ledger_is_a_usage_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WATTSWEEP_SITE_LEDGER", str(tmp_path / "none.jsonl"))
     assert cli.main(["audit"]) == 2
     assert "give --ledger" in capsys.readouterr().err
+
+
+# A typo must not read as a clean bill of health: what is not a ledger is refused (exit 2), naming the file.
+
+def run_audit_err(capsys, *args):
+    rc = cli.main(["audit", *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_a_jsonl_file_that_is_not_a_ledger_is_refused(tmp_path, capsys):
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text('{"id": "78cff907382a", "params": {"shards": 1}}\n{"id": "7ce4b83fac71", "params": {"shards": 2}}\n')
+    rc, out, err = run_audit_err(capsys, "--ledger", str(plan))
+    assert rc == 2 and out == "" and "OK" not in err
+    assert f"{plan}:1 is not a cap ledger record" in err and '"action": "apply"' in err and len(err.splitlines()) == 1
+
+
+def test_a_text_or_binary_file_is_refused_naming_it(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nworld\n")
+    rc, _, err = run_audit_err(capsys, "--ledger", str(text))
+    assert rc == 2 and f"{text}:1 is not a JSON record" in err
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    rc, _, err = run_audit_err(capsys, "--ledger", str(binary))
+    assert rc == 2 and f"{binary}:1 is not UTF-8 text" in err and "Traceback" not in err
+    mixed = write(tmp_path / "mixed.jsonl", rec("apply", t=1))
+    with open(mixed, "a") as f:
+        f.write("not a record\n")
+    write(mixed, rec("restore", t=2))  # garbage between records is not a torn end
+    rc, _, err = run_audit_err(capsys, "--ledger", str(mixed))
+    assert rc == 2 and f"{mixed}:2 is not a JSON record" in err
+
+
+def test_a_folder_with_no_ledger_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, out, err = run_audit_err(capsys, "--ledger", str(empty))
+    assert rc == 2 and "OK" not in out and f"no caps.jsonl found under {empty}" in err
+
+
+def test_a_sweep_whose_cells_set_no_cap_has_nothing_to_audit(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    (sweep / "cells" / "aaa").mkdir(parents=True)
+    (sweep / "plan.jsonl").write_text('{"id": "aaa"}\n')
+    rc, out, err = run_audit_err(capsys, "--ledger", str(sweep))
+    assert rc == 0 and "no caps.jsonl" not in err
+
+
+def test_a_torn_last_line_is_still_skipped_with_a_warning(tmp_path, capsys):
+    ledger = write(tmp_path / "caps.jsonl", rec("apply", t=1), rec("restore", t=2))
+    with open(ledger, "a") as f:
+        f.write('{"time": "2024-05-01T12:00:00.000+00:00", "time_un')  # a writer killed mid-write
+    rc, out, err = run_audit_err(capsys, "--ledger", str(ledger))
+    assert rc == 0 and "changes (2)" in out and f"{ledger}:3 is not a JSON record" in err and "skipped" in err
+    other = write(tmp_path / "other.jsonl", rec("apply", t=1))
+    with open(other, "ab") as f:
+        f.write(b"\x00\x00\x00\n")  # a zero-filled tail on a network file system
+    rc, out, err = run_audit_err(capsys, "--ledger", str(other))
+    assert rc == 1 and "GPUs left capped (1)" in out and f"{other}:2" in err and "skipped" in err
+
+
+def test_an_empty_ledger_file_is_a_ledger_with_no_changes(tmp_path, capsys):
+    site = tmp_path / "caps.jsonl"
+    site.touch()  # the site ledger as docs/admin.md creates it
+    rc, out, _ = run_audit_err(capsys, "--ledger", str(site))
+    assert rc == 0 and "changes (0)" in out

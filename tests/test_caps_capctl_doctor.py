@@ -85,3 +85,40 @@ def test_doctor_runs_and_reports_leftover_save_files(rig, capsys):
     rc = cli.main(["doctor"])
     out = capsys.readouterr().out
     assert rc in (0, 1) and "1 save file(s) on this node" in out and "caps restore --all" in out
+
+
+# A mistyped --state-dir must not read as "nothing capped here"; a missing default folder still does.
+
+def test_caps_refuses_a_state_dir_that_does_not_exist_or_is_a_file(rig, capsys):
+    missing, afile = rig.tmp / "nonexistent", rig.tmp / "afile"
+    afile.write_text("")
+    for argv in (["caps", "show", "--state-dir", str(missing)], ["caps", "show", "--all", "--state-dir", str(missing)],
+                 ["caps", "restore", "--all", "--state-dir", str(missing)]):
+        assert cli.main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and f"state folder {missing} does not exist" in err and len(err.splitlines()) == 1
+    assert cli.main(["caps", "restore", "--all", "--state-dir", str(afile)]) == 2
+    assert f"state folder {afile} is not a folder" in capsys.readouterr().err
+
+
+def test_caps_with_a_missing_configured_state_dir_has_nothing_to_restore(rig, capsys, monkeypatch):
+    # The epilog's WATTSWEEP_STATE_DIR (or the default) appears with the first cap: missing means none.
+    monkeypatch.setenv("WATTSWEEP_STATE_DIR", str(rig.tmp / "never-capped"))
+    assert cli.main(["caps", "restore", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to restore" in out and f"{rig.tmp / 'never-capped'} does not exist" in out
+    assert cli.main(["caps", "show"]) == 0
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_doctor_refuses_a_state_dir_that_is_a_file_or_missing(rig, capsys):
+    afile = rig.tmp / "afile"
+    afile.write_text("")
+    assert cli.main(["doctor", "--state-dir", str(afile)]) == 1
+    out = capsys.readouterr().out
+    assert f"[--] state folder: {afile} is not a folder" in out and f"{afile} (writable)" not in out
+    assert f"NO: state folder {afile} is not a folder" in out
+    missing = rig.tmp / "nonexistent"
+    assert cli.main(["doctor", "--state-dir", str(missing)]) == 1
+    assert f"[--] state folder: {missing} does not exist" in capsys.readouterr().out
+    assert doctor_cmd.check_folder(missing).ok  # a missing default folder: the first cap creates it

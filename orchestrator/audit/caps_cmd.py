@@ -17,7 +17,9 @@ from before a job changed it; it stays behind only when the job was killed
 limit and records a `repair` in the ledgers; the Slurm prolog and epilog run
 `wattsweep caps restore --all`."""
 EPILOG = """exit status: 0 every GPU restored, nothing to do, or skipped because the job that
-capped it still runs (it restores its own); 1 a GPU could not be restored; 2 usage error.
+capped it still runs (it restores its own); 1 a GPU could not be restored; 2 usage error,
+or the state folder is unusable: a --state-dir that does not exist, or a file. A default or
+$WATTSWEEP_STATE_DIR folder that does not exist means nothing was capped with it here (0).
 
 examples:
   wattsweep caps show
@@ -32,12 +34,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="restore: every GPU with a save file; show: every node in the state folder")
     p.add_argument("--index", type=int, action="append", help="restore only this GPU (repeatable)")
     p.add_argument("--force", action="store_true", help="restore even if the process that capped the GPU still runs")
-    p.add_argument("--state-dir", help="state folder (default: $WATTSWEEP_STATE_DIR, /var/lib/wattsweep, $TMPDIR/wattsweep-$USER)")
+    p.add_argument("--state-dir", help="state folder, which must exist (default: $WATTSWEEP_STATE_DIR, /var/lib/wattsweep, "
+                                       "$TMPDIR/wattsweep-$USER)")
     p.add_argument("--site-ledger", help="site ledger to record repairs in (default: $WATTSWEEP_SITE_LEDGER or /var/log/wattsweep/caps.jsonl)")
+
+
+def state_dir_problem(state_dir: Path, explicit: bool) -> str | None:
+    """Why the state folder cannot be used, or None. A folder that does not exist
+    is fine unless given with --state-dir: the default or $WATTSWEEP_STATE_DIR
+    folder appears with the first cap (the epilog then has nothing to do)."""
+    if state_dir.exists() and not state_dir.is_dir():
+        return f"state folder {state_dir} is not a folder; give the jobs' state folder (gpu.state_dir, WATTSWEEP_STATE_DIR)"
+    if explicit and not state_dir.exists():
+        return f"state folder {state_dir} does not exist; give the jobs' state folder (gpu.state_dir, WATTSWEEP_STATE_DIR)"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     state_dir = resolve_state_dir(args.state_dir)
+    problem = state_dir_problem(state_dir, explicit=bool(args.state_dir))
+    if problem:
+        print(f"wattsweep caps {args.action}: {problem}", file=sys.stderr)
+        return 2
     if args.action == "show":
         return _show(state_dir, list_nodes(state_dir) if args.all and not args.node else [args.node or node_name()])
     if not args.all and not args.index:
@@ -50,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wattsweep caps restore: {exc}", file=sys.stderr)
         return 1
     node = args.node or node_name()
-    if not outcomes:
+    if not outcomes and not state_dir.exists():
+        print(f"{node}: state folder {state_dir} does not exist (nothing was capped with it here); nothing to restore")
+    elif not outcomes:
         print(f"{node}: no save files in {node_dir(state_dir, node)}; nothing to restore")
     for o in outcomes:
         print(f"{node} GPU {o.index}: {o.status}: {o.detail}")
@@ -59,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _show(state_dir: Path, nodes: list[str]) -> int:
-    print(f"state folder: {state_dir}")
+    print(f"state folder: {state_dir}" + ("" if state_dir.exists() else " (does not exist: nothing was capped with it here)"))
     for node in nodes:
         saves = read_saves(node_dir(state_dir, node))
         if not saves:

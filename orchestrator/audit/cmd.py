@@ -15,7 +15,9 @@ DESCRIPTION = """Audit power-cap ledgers: every change, GPUs left capped (an app
 restore or repair after it), changes outside the site policy, and failures.
 Reads the site ledger by default; --ledger takes ledger files or sweep folders."""
 EPILOG = """exit status: 0 nothing left capped and no policy breach; 1 a GPU is left capped or the
-policy was broken; 2 the ledgers or policy could not be read.
+policy was broken; 2 the ledgers or policy could not be read: a path that does not exist, a
+folder with no caps.jsonl under it (a sweep folder whose cells set no cap is fine), or a file that is not a ledger (one JSON record a line;
+a torn last line is skipped with a warning).
 
 examples:
   wattsweep audit                                   the site ledger (WATTSWEEP_SITE_LEDGER or /var/log/wattsweep/caps.jsonl)

@@ -14,7 +14,8 @@ from workers.gpu.state import node_dir, read_saves, resolve_state_dir
 
 DESCRIPTION = "Say whether power caps can be set on this node, by which backend, and what is missing."
 EPILOG = """exit status: 0 caps can be set here (by the backend named); 1 they cannot (the
-report says what to fix); the simulated backend always works for trying wattsweep out."""
+report says what to fix), or the state folder is unusable: a file, or a --state-dir that
+does not exist; the simulated backend always works for trying wattsweep out."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Check:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", help="state folder to check (default: as the workers resolve it)")
+    p.add_argument("--state-dir", help="state folder to check, which must exist (default: as the workers resolve it)")
 
 
 def check_root() -> Check:
@@ -67,7 +68,21 @@ def check_sudo_rule(run=subprocess.run) -> Check:
                  "add to /etc/sudoers.d/wattsweep: `%gpuusers ALL=(root) NOPASSWD: /usr/local/bin/wattsweep-capctl` (docs/admin.md)")
 
 
-def check_folder(state_dir: Path) -> Check:
+def folder_problem(state_dir: Path, explicit: bool = False) -> str | None:
+    """Why no save file can be kept in the state folder, or None. A missing
+    default folder is fine (the first cap creates it); a missing --state-dir is a typo."""
+    if state_dir.exists() and not state_dir.is_dir():
+        return f"{state_dir} is not a folder"
+    if explicit and not state_dir.exists():
+        return f"{state_dir} does not exist"
+    return None
+
+
+def check_folder(state_dir: Path, explicit: bool = False) -> Check:
+    problem = folder_problem(state_dir, explicit)
+    if problem:
+        return Check("state folder", False, problem,
+                     "give the jobs' state folder (--state-dir, gpu.state_dir or WATTSWEEP_STATE_DIR), or create it")
     try:
         saves = read_saves(node_dir(state_dir))
     except ValueError as exc:
@@ -107,13 +122,18 @@ def run(args: argparse.Namespace) -> int:
     root, (nvml, gpus), sudo = check_root(), check_nvml(), check_sudo_rule()
     smi = shutil.which("nvidia-smi") is not None
     capctl = shutil.which("wattsweep-capctl")
+    state_dir = resolve_state_dir(args.state_dir)
+    folder = check_folder(state_dir, explicit=bool(args.state_dir))
     checks = [root, nvml, Check("nvidia-smi", smi, "on PATH" if smi else "not on PATH"), sudo,
               Check("wattsweep-capctl", capctl is not None, capctl or "not on PATH", "" if capctl else "pip install wattsweep on the node"),
-              check_folder(resolve_state_dir(args.state_dir)), check_ledger()]
+              folder, check_ledger()]
     for c in checks:
         print(f"[{'ok' if c.ok else '--'}] {c.name}: {c.detail}" + (f"\n     fix: {c.fix}" if c.fix and not c.ok else ""))
     for line in gpus:
         print(f"     {line}")
     ok, text = verdict(root, nvml, sudo, smi and nvml.ok)
+    problem = folder_problem(state_dir, explicit=bool(args.state_dir))
+    if problem:  # a file, or a mistyped --state-dir: never a clean bill of health
+        ok, text = False, f"state folder {problem}; fix it and run doctor again"
     print(("OK: " if ok else "NO: ") + text)
     return 0 if ok else 1
