@@ -84,11 +84,11 @@ def cards(slurm_cluster, tmp_path, monkeypatch) -> Iterator[Cards]:
         subprocess.run(["scancel", *map(str, filter(None, jobs))], capture_output=True, timeout=30)
 
 
-def sweep(cards: Cards, root: Path, *overrides: str) -> SweepPaths:
+def sweep(cards: Cards, root: Path, *overrides: str, status: int = 0) -> SweepPaths:
     argv = ["sweep", "-m", *TINY, f"sweep_dir={root}", f"gpu.state_dir={cards.state}",
             f"gpu.site_ledger={root.parent / 'site.jsonl'}", *overrides]
     cards.sweeps.append(SweepPaths.of(root))
-    assert cli.main(argv) == 0
+    assert cli.main(argv) == status
     return SweepPaths.of(root)
 
 
@@ -195,7 +195,7 @@ def test_cap_outside_range_or_policy_is_rejected_before_sbatch(cards, tmp_path, 
 
     monkeypatch.setattr(slurm_launcher, "run_cmd", recording)
     # Outside the V100's 100-300 W: the cell is planned infeasible, with its reason, and not launched.
-    paths = sweep(cards, tmp_path / "range", "power_cap_w=350")
+    paths = sweep(cards, tmp_path / "range", "power_cap_w=350", status=2)  # nothing to launch
     (cell,) = read_plan(paths)
     assert not cell.feasible and "outside" in cell.reason and "100" in cell.reason
     assert "0 cell(s) launched" in capsys.readouterr().out

@@ -28,9 +28,14 @@ def test_records_append_and_read_back(tmp_path):
     assert latest["c1"][1] == "7_0" and latest["c2"][1] == "9"
 
 
-def test_malformed_submission_line(tmp_path):
+def test_malformed_submission_line(tmp_path, capsys):
+    """Not JSON: a line cut short by a crash, skipped with a warning. JSON but
+    not a record: an error naming file and line."""
     paths = SweepPaths.of(tmp_path)
     paths.submissions_jsonl.write_text('{"cell_ids": ["a"], "launcher": "local", "job_ids": ["1"]}\n{oops\n')
+    assert [r.cell_ids for r in read_submissions(paths)] == [("a",)]
+    assert "submissions.jsonl:2: skipped a line cut short" in capsys.readouterr().err
+    paths.submissions_jsonl.write_text('{"cell_ids": ["a"], "launcher": "local", "job_ids": ["1"]}\n{"oops": 1}\n')
     with pytest.raises(ValueError, match="submissions.jsonl:2"):
         read_submissions(paths)
 
