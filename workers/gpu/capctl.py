@@ -37,7 +37,8 @@ from workers.gpu.base import (CapMismatchError, CapPermissionError, CapRangeErro
 from workers.gpu.errors import PERMISSION_FIX, range_error
 from workers.gpu.ledger import LedgerWriter, make_record, site_ledger_path
 from workers.gpu.policy import PolicyError, load_policy
-from workers.gpu.state import current_user, make_save, node_dir, read_save, read_saves, resolve_state_dir, write_save
+from workers.gpu.state import (current_user, make_save, node_dir, owner_alive, read_save, read_saves, resolve_state_dir,
+                               write_save)
 
 SITE_CONFIG = Path("/etc/wattsweep/capctl.yaml")
 DEFAULT_COMMAND = ("sudo", "-n", "wattsweep-capctl")
@@ -99,11 +100,11 @@ def _cmd_set(cfg: CapctlConfig, a: argparse.Namespace) -> int:
     slurm = {"job_id": a.job_id, "array_task_id": a.array_task_id, "user": user, "partition": a.partition,
              "account": a.account}
     info = _device(b, a.index)
-    save = read_save(ndir, a.index)
+    save = read_save(ndir, info.uuid)
     if save is not None and abs(a.watts - save.previous_w) <= cfg.tolerance_w:
         from workers.gpu.caps import restore_from_save
 
-        restore_from_save(b, ndir, a.index, ledger, action="restore", cell_id=a.cell_id, slurm=slurm,
+        restore_from_save(b, ndir, info.uuid, ledger, action="restore", cell_id=a.cell_id, slurm=slurm,
                           tolerance_w=cfg.tolerance_w)
         return 0
     if not info.min_limit_w <= a.watts <= info.max_limit_w:
@@ -142,22 +143,26 @@ def _cmd_restore(cfg: CapctlConfig, a: argparse.Namespace) -> int:
     from workers.gpu.repair import cell_ledgers
 
     ndir = node_dir(resolve_state_dir(cfg.state_dir))
-    save = read_save(ndir, a.index)
+    b = _underlying(cfg)
+    save = read_save(ndir, _device(b, a.index).uuid)
     if save is None:
         return 0
+    if owner_alive(save):
+        raise GpuError(f"GPU {a.index} is capped by a running process: pid {save.pid} ({save.user}, job "
+                       f"{save.job_id}, cell {save.cell_id}); two cells must not share a GPU")
     site = site_ledger_path(cfg.site_ledger)
     ledger = LedgerWriter(([site] if site else []) + cell_ledgers(save))  # recorded where the apply was
-    restore_from_save(_underlying(cfg), ndir, a.index, ledger, action="repair", tolerance_w=cfg.tolerance_w)
+    restore_from_save(b, ndir, save.uuid, ledger, action="repair", tolerance_w=cfg.tolerance_w)
     return 0
 
 
 def _cmd_show(cfg: CapctlConfig, a: argparse.Namespace) -> int:
     b = _underlying(cfg)
-    saves = {s.index: s for s in read_saves(node_dir(resolve_state_dir(cfg.state_dir)))}
+    saves = {s.uuid: s for s in read_saves(node_dir(resolve_state_dir(cfg.state_dir)))}
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     for d in b.devices():
         if a.index is None or d.index == a.index:
-            s = saves.get(d.index)
+            s = saves.get(d.uuid)
             print(json.dumps({"index": d.index, "uuid": d.uuid, "name": d.name, "limit_w": b.get_power_limit_w(d.index),
                               "min_w": d.min_limit_w, "max_w": d.max_limit_w, "default_w": d.default_limit_w,
                               "saved_previous_w": s.previous_w if s else None}))

@@ -19,6 +19,7 @@ is ever called.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ from workers.gpu.base import CapMismatchError, GpuBackend, GpuError, GpuInfo
 from workers.gpu.errors import range_error
 from workers.gpu.ledger import LedgerWriter, make_record, site_ledger_path
 from workers.gpu.policy import load_policy
-from workers.gpu.state import make_save, node_dir, read_save, remove_save, resolve_state_dir, write_save
+from workers.gpu.state import SaveFile, make_save, node_dir, owner_alive, read_save, remove_save, resolve_state_dir, write_save
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -42,14 +43,19 @@ class CapPolicyError(GpuError):
 
 
 class SignalExit(SystemExit):
-    """Raised after a signal restored the caps: exit status 128 + signal, a message that says so."""
+    """Raised after a signal, once the caps were put back (or failed to be):
+    exit status 128 + signal, a message that says which."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, not_restored: int = 0):
         super().__init__(128 + signum)
-        self.signum = signum
+        self.signum, self.not_restored = signum, not_restored
 
     def __str__(self) -> str:
-        return f"stopped by {signal.Signals(self.signum).name}; power caps were restored to their previous values"
+        name = signal.Signals(self.signum).name
+        if self.not_restored:
+            return (f"stopped by {name}; power cap NOT restored on {self.not_restored} GPU(s): the epilog or "
+                    f"`wattsweep caps restore --all` will repair from the save files")
+        return f"stopped by {name}; power caps were restored to their previous values"
 
 
 @dataclass(frozen=True)
@@ -65,16 +71,17 @@ class CapRecord:
     observed_only: bool
 
 
-def restore_from_save(backend: Any, ndir: Path, index: int, ledger: LedgerWriter, *, action: str = "repair",
+def restore_from_save(backend: Any, ndir: Path, uuid: str, ledger: LedgerWriter, *, action: str = "repair",
                       cell_id: str | None = None, slurm: dict | None = None,
                       tolerance_w: float = 1.0) -> dict[str, Any] | None:
-    """Put a GPU with a save file back to its saved previous limit; ledger the
-    result; remove the save file when the card reads back right. Returns the
-    ledger record (None when no save file). Raises the backend's error after
-    recording it (the save file then stays for the next repair)."""
-    save = read_save(ndir, index)
+    """Put the GPU ``uuid`` with a save file back to its saved previous limit;
+    ledger the result; remove the save file when the card reads back right.
+    Returns the ledger record (None when no save file). Raises the backend's
+    error after recording it (the save file then stays for the next repair)."""
+    save = read_save(ndir, uuid)
     if save is None:
         return None
+    index = _index_of(backend, save)
     rec = dict(index=index, uuid=save.uuid, name=save.name, previous_w=save.previous_w,
                requested_w=save.requested_w, cell_id=cell_id or save.cell_id, backend=backend.name,
                slurm=slurm or {"job_id": save.job_id, "array_task_id": save.array_task_id},
@@ -91,8 +98,18 @@ def restore_from_save(backend: Any, ndir: Path, index: int, ledger: LedgerWriter
         raise
     out = make_record(action=action, result="ok", enforced_w=enforced, **rec)
     ledger.append(out, strict=False)  # the card is back even if a ledger is unwritable
-    remove_save(ndir, index)
+    remove_save(ndir, uuid)
     return out
+
+
+def _index_of(backend: Any, save: SaveFile) -> int:
+    """This process's index of the saved card (see state.py: indices differ
+    between a job and the epilog)."""
+    for d in backend.devices():
+        if d.uuid == save.uuid:
+            return d.index
+    raise GpuError(f"GPU {save.uuid} (index {save.index} for the job that capped it) is not visible here; "
+                   f"restore it where it is visible: `wattsweep caps restore --all` on its node, outside the job")
 
 
 class CapSession:
@@ -216,15 +233,28 @@ class CapSession:
         if self.helper:
             self.backend.repair(info.index)
             return
-        if read_save(self.ndir, info.index) is not None:
-            restore_from_save(self.backend, self.ndir, info.index, self.ledger, action="repair", cell_id=None,
-                              tolerance_w=self.options.cap_tolerance_w)
+        save = read_save(self.ndir, info.uuid)
+        if save is None:
+            return
+        if save.pid != os.getpid() and owner_alive(save):
+            # Another session on this node holds the card: two cells were
+            # given one GPU. Repairing would pull its cap mid-measurement.
+            raise GpuError(f"GPU {info.index} ({info.uuid}) is capped by a running process: pid {save.pid} "
+                           f"({save.user}, job {save.job_id}, cell {save.cell_id}); two cells must not share a GPU: "
+                           f"check the job's GPU request and CUDA_VISIBLE_DEVICES")
+        from workers.gpu.repair import cell_ledgers
+
+        # The killed session's ledgers hear of the repair too: their audit
+        # would otherwise show the card as left capped.
+        ledger = LedgerWriter(list(self.ledger.paths) + [p for p in cell_ledgers(save) if p not in self.ledger.paths])
+        restore_from_save(self.backend, self.ndir, info.uuid, ledger, action="repair", cell_id=None,
+                          tolerance_w=self.options.cap_tolerance_w)
 
     # -- restore ----------------------------------------------------------
-    def restore(self, *, raise_errors: bool = True) -> None:
+    def restore(self, *, raise_errors: bool = True) -> int:
         """Restore every GPU this session touched; idempotent, tries every GPU
         before raising (errors also go to stderr and the ledger; the save
-        files stay for the epilog)."""
+        files stay for the epilog). Returns how many could not be restored."""
         with self._lock:
             pending, self._pending = self._pending, []
         errors = []
@@ -237,11 +267,12 @@ class CapSession:
                       f"`wattsweep caps restore --all` will repair it", file=sys.stderr)
         if errors and raise_errors:
             raise GpuError(f"power limit not restored on {len(errors)} GPU(s): {errors[0]}")
+        return len(errors)
 
     def _restore_one(self, info: GpuInfo) -> None:
         tol = self.options.cap_tolerance_w
         if not self.helper:
-            restore_from_save(self.backend, self.ndir, info.index, self.ledger, action="restore",
+            restore_from_save(self.backend, self.ndir, info.uuid, self.ledger, action="restore",
                               cell_id=self.cell_id, slurm=self.slurm, tolerance_w=tol)
             return
         previous = self._previous[info.index]
@@ -275,10 +306,10 @@ class CapSession:
         self._old_handlers = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.restore(raise_errors=False)  # failures: stderr and ledger; the save file stays for the epilog
+        failed = self.restore(raise_errors=False)  # failures: stderr and ledger; the save file stays for the epilog
         old: Callable[..., Any] | int | None = self._old_handlers.get(signum)
         self._remove_handlers()
         if callable(old):
             old(signum, frame)  # submitit's USR2 handler checkpoints and requeues, then exits
         # Whatever the previous handler did, the cap is gone: never keep measuring.
-        raise SignalExit(signum)
+        raise SignalExit(signum, failed)

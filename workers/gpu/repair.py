@@ -87,7 +87,7 @@ def repair_node(state_dir: Path, node: str | None = None, *, indices: list[int] 
         try:
             backend = backend_for(save, state_dir, node)
             try:
-                restore_from_save(backend, ndir, save.index, ledger, action="repair", tolerance_w=tolerance_w,
+                restore_from_save(backend, ndir, save.uuid, ledger, action="repair", tolerance_w=tolerance_w,
                                   slurm={"job_id": save.job_id, "array_task_id": save.array_task_id, "user": save.user})
             finally:
                 backend.close()

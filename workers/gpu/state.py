@@ -6,10 +6,13 @@ value is back, so a save file on disk always means "this GPU may be capped and
 here is what it should return to". The epilog, ``wattsweep caps restore`` and
 the next cap session on the GPU repair from it.
 
-Layout: ``STATE_DIR/nodes/<node>/caps/gpu-<index>.json`` (and the simulated
+Layout: ``STATE_DIR/nodes/<node>/caps/gpu-<uuid>.json`` (and the simulated
 cards' state next to it). The node level lets several nodes share one folder
 (a development cluster on one machine, a shared file system) without
-touching each other's GPUs.
+touching each other's GPUs. Save files are named by the card's UUID, not its
+index: under Slurm's device cgroups every job numbers its own GPUs from 0, so
+two jobs on one node each have a "GPU 0", and the epilog, outside any job,
+numbers them differently again. Whoever restores finds the index by UUID.
 """
 from __future__ import annotations
 
@@ -103,8 +106,9 @@ class SaveFile:
         return cls(**values)
 
 
-def save_path(ndir: Path, index: int) -> Path:
-    return Path(ndir) / "caps" / f"gpu-{index}.json"
+def save_path(ndir: Path, uuid: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in uuid)
+    return Path(ndir) / "caps" / f"gpu-{safe}.json"
 
 
 def process_start(pid: int) -> str | None:
@@ -130,14 +134,14 @@ def make_save(index: int, uuid: str, name: str, previous_w: float, requested_w: 
 
 
 def write_save(ndir: Path, save: SaveFile) -> Path:
-    path = save_path(ndir, save.index)
+    path = save_path(ndir, save.uuid)
     atomic_write_json(path, save.to_dict())
     _fsync_dir(path.parent)  # the rename itself must survive a crash
     return path
 
 
-def read_save(ndir: Path, index: int) -> SaveFile | None:
-    path = save_path(ndir, index)
+def read_save(ndir: Path, uuid: str) -> SaveFile | None:
+    path = save_path(ndir, uuid)
     try:
         with open(path) as f:
             return SaveFile.from_dict(json.load(f))
@@ -157,12 +161,12 @@ def read_saves(ndir: Path) -> list[SaveFile]:
     return sorted(out, key=lambda s: s.index)
 
 
-def remove_save(ndir: Path, index: int) -> None:
+def remove_save(ndir: Path, uuid: str) -> None:
     try:
-        os.unlink(save_path(ndir, index))
+        os.unlink(save_path(ndir, uuid))
     except FileNotFoundError:
         return
-    _fsync_dir(save_path(ndir, index).parent)
+    _fsync_dir(save_path(ndir, uuid).parent)
 
 
 def owner_alive(save: SaveFile) -> bool:
