@@ -83,3 +83,23 @@ def test_a_signal_whose_restore_failed_does_not_claim_it_worked():
     assert "caps were restored" in str(SignalExit(signal.SIGTERM))
     msg = str(SignalExit(signal.SIGTERM, not_restored=2))
     assert "NOT restored on 2 GPU(s)" in msg and "caps restore --all" in msg and "were restored" not in msg
+
+
+@pytest.mark.slow
+def test_a_repair_record_names_who_repaired(wrig, monkeypatch):
+    """The owner's user and job stay on the record (the audit pairs them with
+    the apply); "by" names the process that put the card back."""
+    import os
+
+    from orchestrator import cli
+    from workers.gpu.ledger import read_records
+
+    proc = hold_cap(wrig)
+    proc.kill()
+    proc.wait(timeout=30)
+    monkeypatch.setenv("SLURM_JOB_ID", "777")  # an admin's interactive job, say
+    assert cli.main(["caps", "restore", "--all"]) == 0
+    apply, repair = read_records(wrig.cell_ledger)
+    assert repair["action"] == "repair" and repair["slurm_job_id"] == apply["slurm_job_id"]
+    assert repair["by"]["pid"] == os.getpid() and repair["by"]["slurm_job_id"] == "777"
+    assert apply["by"]["pid"] == proc.pid or wrig.kind == "capctl"  # the helper writes capctl's records

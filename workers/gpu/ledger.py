@@ -76,6 +76,11 @@ def make_record(*, action: str, result: str, index: int, uuid: str, name: str, p
         "result": result,
         "error": error,
         "backend": backend,
+        # Who wrote this record. For a repair, "user" and the job are those of
+        # the session that set the cap (so the audit pairs them); "by" names
+        # the epilog, the admin or the next job that put the card back.
+        "by": {"user": os.environ.get("SUDO_USER") or current_user(), "host": socket.gethostname(),
+               "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     }
 
 
