@@ -64,3 +64,35 @@ def test_registry(monkeypatch):
     assert isinstance(get_launcher("local", {"max_parallel": 2}), LocalLauncher)
     with pytest.raises(LaunchError, match="unknown launcher 'pbs'; valid: local, slurm"):
         get_launcher("pbs", {})
+
+
+@pytest.mark.parametrize("cap_w, hint", [(150.0, True), (None, False)])
+def test_a_worker_killed_outright_is_marked_failed_with_the_cap_hint(tmp_path, cap_w, hint):
+    """A worker killed by SIGKILL writes no marker and runs no restore: the
+    runner's FAILED.json says so, and, for a capped cell, where the cap is."""
+    from orchestrator.contracts import atomic_write_json, read_json
+    from orchestrator.submit.local import _Runner
+
+    paths = SweepPaths.of(tmp_path)
+    queue = tmp_path / "queue.json"
+    atomic_write_json(queue, {"sweep_dir": str(tmp_path), "cells": [], "max_parallel": 1})
+    runner = _Runner(queue)
+
+    class Killed:
+        def result(self):
+            raise RuntimeError("the process ended with signal 9")
+
+    entry = {"cell_id": "abc", "job_id": "123", "exit": -9, "power_cap_w": cap_w}
+    runner._mark_if_silent(entry, Killed())
+    failed = read_json(paths.failed_marker("abc"))
+    assert failed["error"].startswith("local job 123 ended (exit -9) without a marker")
+    assert ("`wattsweep caps restore --all` puts them back" in failed["error"]) is hint
+    assert "signal 9" in failed["traceback"]
+
+
+def test_failed_marker_text_for_an_interrupt_and_a_bare_exception():
+    from workers.entry import _error_text
+
+    assert _error_text(KeyboardInterrupt()) == "KeyboardInterrupt: interrupted (SIGINT)"
+    assert _error_text(RuntimeError()) == "RuntimeError"
+    assert _error_text(ValueError("bad")) == "ValueError: bad"

@@ -53,13 +53,21 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         write_failed(
             paths,
             task.cell_id,
-            error=f"{type(exc).__name__}: {exc}",
+            error=_error_text(exc),
             traceback_text=traceback.format_exc(),
             extra={"rank": rank, "attempt": task.attempt},
         )
         raise
     finally:
         dist.shutdown()
+
+
+def _error_text(exc: BaseException) -> str:
+    """FAILED.json's one line: the exception and its message, or what stopped
+    the worker when the exception has none (Ctrl-C, a bare exit)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt: interrupted (SIGINT)"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _limit_cpu_threads(info: Any) -> None:

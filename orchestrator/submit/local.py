@@ -93,6 +93,7 @@ class LocalLauncher:
         with open(task_path, "wb") as f:
             cloudpickle.dump(task, f)
         return {"cell_id": cell.cell_id, "shards": cell.params.shards, "attempt": attempt,
+                "power_cap_w": cell.params.power_cap_w,
                 "task": str(task_path), "state": "pending", "job_id": None, "exit": None}
 
     def _start_runner(self, queue_path: Path) -> subprocess.Popen[bytes]:
@@ -263,8 +264,12 @@ class _Runner:
             detail = "the job ended without writing DONE.json or FAILED.json"
         except Exception as e:  # submitit re-raises the task's error with its traceback
             detail = str(e)
-        write_failed(self.paths, cid, f"local job {entry['job_id']} ended (exit {entry['exit']}) without a marker",
-                     detail, {"launcher": "local", "job_id": entry["job_id"]})
+        error = f"local job {entry['job_id']} ended (exit {entry['exit']}) without a marker"
+        if entry.get("power_cap_w") is not None:
+            # A worker killed outright never ran its restore.
+            error += ("; its GPUs may still be capped: `wattsweep caps show` lists them, "
+                      "`wattsweep caps restore --all` puts them back")
+        write_failed(self.paths, cid, error, detail, {"launcher": "local", "job_id": entry["job_id"]})
 
     def _fail(self, entry: dict[str, Any], error: str, tb: str = "") -> None:
         write_failed(self.paths, entry["cell_id"], error, tb, {"launcher": "local"})
