@@ -38,7 +38,11 @@ examples:
   wattsweep sweep -m model=llama-7b batch_size=1,64 kv_cache_dtype=auto,float8_e4m3fn gpu.profile=h100
 
 top-level keys:
-{keys} (and model.*, dataset.*, gpu.*, launcher.*)"""
+{keys} (and model.*, dataset.*, gpu.*, launcher.*)
+
+exit status: 0 queued (with --wait: every launched cell gave a valid result); 1 a launch
+failed, or with --wait some cell gave no valid result (the line says how many; resubmit
+them with `wattsweep resubmit SWEEP_DIR`); 2 a bad override, or no feasible cell."""
 
 
 def _groups_text() -> str:
