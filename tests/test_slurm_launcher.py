@@ -78,3 +78,31 @@ def test_job_id_ranges_and_times():
     assert expand_job_ids("12_[0-2,7%2]") == ["12_0", "12_1", "12_2", "12_7"]
     assert expand_job_ids("12_3") == ["12_3"] and expand_job_ids("12") == ["12"]
     assert _elapsed_s("1-02:03:04") == 93784 and _elapsed_s("03:04") == 184 and _elapsed_s("") is None
+
+
+def test_a_refused_array_marks_its_cells_failed_and_keeps_what_was_queued(tmp_path, monkeypatch):
+    """sbatch refuses one array (say, more nodes than the cluster has): the
+    others are queued, and the refused cells carry the reason in the sweep
+    folder, where status shows it and resubmit retries them."""
+    from orchestrator.contracts import SweepPaths, read_json
+    from orchestrator.submit import slurm
+    from orchestrator.submit.base import SubmissionRecord, read_submissions
+    from orchestrator.submit.shell import SlurmCommandError
+
+    paths = SweepPaths.of(tmp_path / "s")
+    cells = [make_cell(batch_size=1, shards=1), make_cell(batch_size=1, shards=8)]
+
+    def fake_chunk(self, paths, folder, job_name, ch):
+        if ch.res.nodes > 1:
+            raise SlurmCommandError(["sbatch"], "sbatch: error: Node count specification invalid")
+        return SubmissionRecord(tuple(c.cell_id for c in ch.cells), "slurm", ("41_0",), True, 1.0, 0,
+                                {"array_job_id": "41"})
+
+    monkeypatch.setattr(slurm.SlurmLauncher, "_submit_chunk", fake_chunk)
+    with pytest.raises(LaunchError, match="Node count specification invalid") as e:
+        SlurmLauncher({**CFG, "gpus_per_node": 4}).submit(paths, cells)
+    assert [r.cell_ids for r in e.value.records] == [(cells[0].cell_id,)]
+    assert [r.cell_ids for r in read_submissions(paths)] == [(cells[0].cell_id,)]
+    failed = read_json(paths.failed_marker(cells[1].cell_id))
+    assert failed["error"].startswith("sbatch refused the job (2 node(s)") and "Node count" in failed["error"]
+    assert not paths.failed_marker(cells[0].cell_id).exists()

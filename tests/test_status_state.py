@@ -181,11 +181,76 @@ def test_unreachable_slurm_gives_unknown_states_and_blocks_resubmit(sweep, monke
     assert got[ids[3]] == "unknown" and got[ids[0]] == "done" and got[ids[2]] == "failed"
     assert "Unable to contact" in st.queue_error
     assert cmd.run(cmd_args(paths)) == 0
-    assert "states come from the sweep folder only" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "states come from the sweep folder only" in captured.err
+    assert "no Slurm accounting" not in captured.out  # unreachable is not "no accounting"
+    assert cmd.run(cmd_args(paths, watch=True)) == 2  # unknown states would never end
+    assert "stopped watching" in capsys.readouterr().err
     args = cmd_args(paths)
-    args.cells, args.force, args.dry_run = None, False, False
+    args.cells, args.force, args.dry_run, args.launcher = None, False, False, []
     assert resubmit_cmd.run(args) == 2
     assert "cannot resubmit while Slurm cannot be asked" in capsys.readouterr().err
+
+
+def test_a_cell_out_of_requeues_at_its_time_limit_is_a_timeout(sweep, monkeypatch):
+    """submitit fails such a job itself (sacct says FAILED): the marker tells."""
+    import orchestrator.status.state as state
+
+    monkeypatch.setattr(state, "_validate", lambda p, ids, deep=True: {c: checksum_verdict(p, c) for c in ids})
+    paths, ids = sweep
+    write_failed(paths, ids[3], "UncompletedJobError: Job not requeued because: timed-out too many times.", "")
+    cell = {c.cell_id: c for c in sweep_status(paths, query_queue=False).cells}[ids[3]]
+    assert cell.state == "timeout" and "--launcher time_min=N" in cell.reason
+
+
+def _resubmit_args(paths, **kw):
+    import argparse
+
+    return argparse.Namespace(**{"sweep_dir": str(paths.root), "cells": None, "force": False, "dry_run": False,
+                                 "launcher": [], **kw})
+
+
+def test_resubmit_changes_launcher_settings_but_not_the_cells(sweep, monkeypatch, capsys):
+    import orchestrator.status.state as state
+    from orchestrator.status import resubmit_cmd
+    from orchestrator.submit import base
+
+    monkeypatch.setattr(state, "_validate", lambda p, ids, deep=True: {c: checksum_verdict(p, c) for c in ids})
+    monkeypatch.setattr(state, "squeue_jobs", lambda ids: {})
+    monkeypatch.setattr(state, "sacct_jobs", lambda ids: {})
+    seen = []
+
+    class Recorder:
+        def submit(self, paths, cells, dry_run=False):
+            seen.extend(cells)
+            return []
+
+    monkeypatch.setattr(base, "get_launcher", lambda name, cfg: Recorder())
+    paths, ids = sweep
+    assert resubmit_cmd.run(_resubmit_args(paths, launcher=["time_min=240", "launcher.partition=long"])) == 0
+    assert seen and all(c.launcher["time_min"] == 240 and c.launcher["partition"] == "long" for c in seen)
+    assert {c.cell_id for c in seen} <= set(ids)
+    assert resubmit_cmd.run(_resubmit_args(paths, launcher=["time_minutes=240"])) == 2
+    assert "--launcher time_minutes: not a setting of the slurm launcher; valid: partition" in capsys.readouterr().err
+    assert resubmit_cmd.run(_resubmit_args(paths, launcher=["time_min=1"])) == 2  # the 90 s warning would come first
+    assert "signal_delay_s=90" in capsys.readouterr().err
+
+
+def test_one_submitter_of_a_sweep_at_a_time(sweep, capsys):
+    """Two resubmits run together both saw the failed cells and both submitted them."""
+    import fcntl
+
+    from orchestrator.status import resubmit_cmd
+
+    paths, ids = sweep
+    with open(paths.root / ".submit.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        import subprocess
+        import sys
+
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resubmit", str(paths.root)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is submitting cells of" in done.stderr
 
 
 def test_status_checks_checksums_and_deep_also_parses(sweep):

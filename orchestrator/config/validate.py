@@ -51,13 +51,14 @@ def validate_cell_config(cfg: Mapping[str, Any], cwd: Path) -> None:
     _validate_gpu(cfg["gpu"])
     _validate_dataset(cfg["dataset"], cwd)
     _validate_paths(cfg, cwd)
-    _validate_launcher(cfg["launcher"])
+    validate_launcher(cfg["launcher"])
     mode = cfg.get("fail_on_purpose")
     if mode is not None and mode != "raise" and not (mode.startswith("raise-rank-") and mode[11:].isdigit()):
         raise ConfigError(f"fail_on_purpose={mode}: unknown; valid: raise, raise-rank-N (N a rank), or null")
 
 
-def _validate_launcher(launcher: Mapping[str, Any]) -> None:
+def validate_launcher(launcher: Mapping[str, Any]) -> None:
+    """A resolved launcher config (also checked when resubmit changes one)."""
     for key in ("max_parallel", "time_min", "gpus_per_node", "cpus_per_gpu", "array_parallelism"):
         if key in launcher:
             _positive_int(f"launcher.{key}", launcher[key])
@@ -65,6 +66,9 @@ def _validate_launcher(launcher: Mapping[str, Any]) -> None:
         raise ConfigError(f"launcher.timeout_min={launcher['timeout_min']}: must be > 0 minutes")
     if launcher.get("mem_per_gpu_gb") is not None:
         _positive_int("launcher.mem_per_gpu_gb", launcher["mem_per_gpu_gb"])
+    if "time_min" in launcher and "signal_delay_s" in launcher and launcher["signal_delay_s"] >= 60 * launcher["time_min"]:
+        raise ConfigError(f"launcher.signal_delay_s={launcher['signal_delay_s']}: the warning before the time limit must "
+                          f"come after the start; with time_min={launcher['time_min']} it must be < {60 * launcher['time_min']}")
 
 
 def _validate_model(model: Mapping[str, Any]) -> None:

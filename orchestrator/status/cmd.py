@@ -92,6 +92,12 @@ def _watch(paths: SweepPaths, interval_s: float, validate: bool) -> int:
     tty = sys.stdout.isatty()
     while True:
         st = sweep_status(paths, validate=validate, deep=False)  # refreshed often: checksums only
+        if st.queue_error:
+            if tty:
+                print()
+            print(f"wattsweep status: Slurm could not be asked ({st.queue_error}); stopped watching: the cells' "
+                  f"states cannot be known", file=sys.stderr)
+            return 2
         line = progress_line(st)
         print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
         if st.all_ended:

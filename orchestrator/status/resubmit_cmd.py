@@ -18,7 +18,12 @@ running cells are never resubmitted."""
 EPILOG = """examples:
   wattsweep resubmit SWEEP_DIR
   wattsweep resubmit SWEEP_DIR --cells 3f2a9c01b7de 9be0c4d1aa02
-  wattsweep resubmit SWEEP_DIR --cells 3f2a9c01b7de --force     rerun a done cell"""
+  wattsweep resubmit SWEEP_DIR --cells 3f2a9c01b7de --force     rerun a done cell
+  wattsweep resubmit SWEEP_DIR --launcher time_min=240           cells that timed out, with more time
+  wattsweep resubmit SWEEP_DIR --launcher partition=long gpus_per_node=4
+
+--launcher changes only how the cells run (launcher.* keys: time, partition, resources),
+never what they measure, so their ids stay the same. One resubmit of a sweep at a time."""
 
 ACTIVE = frozenset({"pending", "running"})
 
@@ -28,10 +33,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cells", nargs="+", metavar="ID", help="only these cells (ids from `wattsweep status`)")
     p.add_argument("--force", action="store_true", help="also rerun done cells")
     p.add_argument("--dry-run", action="store_true", help="say what would be submitted, submit nothing")
+    p.add_argument("--launcher", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change launcher settings of the resubmitted cells (e.g. time_min=240 partition=long)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from orchestrator.submit.base import LaunchError, submit_lock
+
     paths = SweepPaths.of(args.sweep_dir)
+    try:
+        changes = parse_launcher_changes(getattr(args, "launcher", []) or [])
+        if args.dry_run:
+            return _run(args, paths, changes)
+        with submit_lock(paths):
+            return _run(args, paths, changes)
+    except (LaunchError, ValueError) as e:
+        print(f"wattsweep resubmit: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, paths: SweepPaths, changes: dict) -> int:
     try:
         st = sweep_status(paths)
         if st.queue_error:
@@ -45,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         print(f"nothing to resubmit: {_summary(st)}")
         return 0
-    return submit(paths, todo, dry_run=args.dry_run)
+    return submit(paths, todo, dry_run=args.dry_run, changes=changes)
 
 
 def choose(st: SweepStatus, cell_ids: list[str] | None, force: bool) -> list[str]:
@@ -64,13 +85,56 @@ def choose(st: SweepStatus, cell_ids: list[str] | None, force: bool) -> list[str
     return [c.cell_id for c in st.cells if c.cell_id in picked and c.state in wanted]
 
 
-def submit(paths: SweepPaths, cell_ids: list[str], *, dry_run: bool = False) -> int:
+def parse_launcher_changes(items: list[str]) -> dict:
+    """["time_min=240", "partition=long"] -> {"time_min": 240, "partition": "long"} (JSON values, else text)."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.removeprefix("launcher.")
+        if not sep or not key:
+            raise ValueError(f"--launcher {item!r}: expected KEY=VALUE, e.g. time_min=240")
+        if key == "name":
+            raise ValueError("--launcher name=...: a cell keeps its launcher; plan a new sweep for another one")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _with_changes(cell: PlannedCell, changes: dict) -> PlannedCell:
+    """The cell with its launcher settings changed, each key checked against
+    the launcher's own (the ids stay: launcher settings are not measured)."""
+    import dataclasses
+
+    from orchestrator.config.schema import LocalLauncherConf, SlurmLauncherConf
+    from orchestrator.config.validate import ConfigError, validate_launcher
+
+    name = str(cell.launcher.get("name") or "local")
+    fields = [f for f in dataclasses.fields(SlurmLauncherConf if name == "slurm" else LocalLauncherConf) if f.name != "name"]
+    known = [f.name for f in fields]
+    unknown = [k for k in changes if k not in known]
+    if unknown:
+        raise ValueError(f"--launcher {unknown[0]}: not a setting of the {name} launcher; valid: {', '.join(known)}")
+    launcher = {**cell.launcher, **changes}
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    try:
+        validate_launcher({**defaults, **launcher})  # judged with the settings the job will run with
+    except ConfigError as e:
+        raise ValueError(f"--launcher: {e}") from None
+    return dataclasses.replace(cell, launcher=launcher)
+
+
+def submit(paths: SweepPaths, cell_ids: list[str], *, dry_run: bool = False, changes: dict | None = None) -> int:
     from orchestrator.submit.base import LaunchError, get_launcher
 
     plan = {c.cell_id: c for c in read_plan(paths)}
     groups: dict[str, list[PlannedCell]] = defaultdict(list)
     for cid in cell_ids:
-        groups[str(plan[cid].launcher.get("name") or "local")].append(plan[cid])
+        cell = _with_changes(plan[cid], changes) if changes else plan[cid]
+        groups[str(cell.launcher.get("name") or "local")].append(cell)
     rc, n = 0, 0
     for name, cells in groups.items():
         try:

@@ -99,7 +99,8 @@ def sweep_status(paths: SweepPaths, *, validate: bool = True, query_queue: bool 
         _cell_state(paths, c, latest.get(c.cell_id), live, acct or {}, local, verdicts, queue_error) for c in plan
     )
     counts = Counter(c.state for c in cells)
-    return SweepStatus(str(paths.root), cells, None if not slurm_ids else acct is not None,
+    # accounting: None when unknown (no Slurm cells, or Slurm could not be asked at all).
+    return SweepStatus(str(paths.root), cells, None if not slurm_ids or queue_error else acct is not None,
                        {s: counts.get(s, 0) for s in STATES}, queue_error)
 
 
@@ -137,7 +138,11 @@ def _cell_state(
         st = live[job_id].state
         return _replace(base, state="running" if st in _RUNNING else "pending")
     if paths.failed_marker(cid).is_file():
-        return _replace(base, state="failed", reason=_failed_reason(paths, cid))
+        reason = _failed_reason(paths, cid)
+        if _hit_time_limit(reason):
+            return _replace(base, state="timeout", reason=f"{reason} (more time: `wattsweep resubmit "
+                                                           f"{paths.root} --launcher time_min=N`)")
+        return _replace(base, state="failed", reason=reason)
     if rec is None:
         return base
     if rec.launcher == "local" and cid in local:
@@ -152,6 +157,13 @@ def _cell_state(
         # sacct has it queued but squeue missed it (a requeue in between): not lost yet
         return _replace(base, state="pending" if ended_as.state in _PENDING else "running")
     return _replace(base, state="missing", reason=base.reason or "no DONE.json or FAILED.json and not in the queue")
+
+
+def _hit_time_limit(reason: str) -> bool:
+    """submitit catches Slurm's warning before the time limit and requeues; once
+    out of requeues it fails the job with this message, so sacct records FAILED,
+    not TIMEOUT: the marker is where the timeout shows."""
+    return "not requeued" in reason and "timed-out" in reason
 
 
 def params_label(cell: PlannedCell) -> str:

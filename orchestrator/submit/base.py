@@ -10,6 +10,7 @@ for Slurm sweeps.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -18,14 +19,19 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
 from orchestrator.contracts import CellTask, SweepPaths
 from orchestrator.plan.planned import PlannedCell
 
 
 class LaunchError(RuntimeError):
-    """A submission failed; the message names the cells concerned."""
+    """A submission failed; the message names the cells concerned. ``records``:
+    what was queued before the failure (already in submissions.jsonl)."""
+
+    def __init__(self, message: str, records: "list[SubmissionRecord] | None" = None) -> None:
+        super().__init__(message)
+        self.records = list(records or [])
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,26 @@ class SubmissionRecord:
             attempt=int(d.get("attempt", 0)),
             extra=dict(d.get("extra") or {}),
         )
+
+
+@contextlib.contextmanager
+def submit_lock(paths: SweepPaths) -> Iterator[None]:
+    """One submitter of a sweep at a time: two resubmits run together would
+    each see a failed cell as failed and both submit it. The lock is an
+    flock on SWEEP/.submit.lock, released when the process ends however it ends."""
+    import fcntl
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with open(paths.root / ".submit.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LaunchError(f"another `wattsweep sweep` or `resubmit` is submitting cells of {paths.root} right now; "
+                              f"wait for it, then check `wattsweep status {paths.root}`") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def append_submissions(paths: SweepPaths, records: list[SubmissionRecord]) -> None:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchestrator.contracts import SweepPaths
+from orchestrator.contracts import SweepPaths, write_failed
 from orchestrator.plan.planned import PlannedCell
 from orchestrator.submit.base import (
     LaunchError,
@@ -258,6 +258,11 @@ class SlurmLauncher:
             except (SlurmCommandError, OSError) as e:
                 errors.append(f"sbatch refused {len(ch.cells)} cell(s) [{' '.join(c.cell_id for c in ch.cells)}] "
                               f"({ch.res.describe()}): {e}")
+                # The refusal goes to the sweep folder, not only the terminal:
+                # status shows it as the cells' reason, resubmit retries them.
+                for c in ch.cells:
+                    write_failed(paths, c.cell_id, f"sbatch refused the job ({ch.res.describe()}): {e}", "",
+                                 {"launcher": "slurm", "stage": "submit"})
                 continue
             append_submissions(paths, [rec])  # recorded at once: the file is the only memory
             records.append(rec)
@@ -266,7 +271,7 @@ class SlurmLauncher:
         if errors:
             queued = sum(len(r.cell_ids) for r in records)
             jobs = " ".join(str(r.extra["array_job_id"]) for r in records) or "none"
-            raise LaunchError("; ".join(errors) + f"; queued: {queued} cell(s) in job(s) {jobs}")
+            raise LaunchError("; ".join(errors) + f"; queued: {queued} cell(s) in job(s) {jobs}", records)
         return records
 
     def _submit_chunk(self, paths: SweepPaths, folder: Path, job_name: str, ch: _Chunk) -> SubmissionRecord:

@@ -110,14 +110,19 @@ def run(args: argparse.Namespace) -> int:
     write_sweep_yaml(paths, composed, len(cells), len(feasible))
     write_plan(paths, cells)
     try:
-        records = launcher.submit(paths, feasible)
+        records, failure = launcher.submit(paths, feasible), None
     except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        records, failure = e.records, e  # some cells may be queued: show them all the same
     jobs = {cid: jid for r in records for cid, jid in zip(r.cell_ids, r.job_ids)}
     print(f"sweep folder: {paths.root}")
     print(format_cells(cells, jobs))
-    print(f"{len(feasible)} cell(s) launched ({composed.launcher_name}), {len(cells) - len(feasible)} infeasible")
+    launched = len(feasible) if failure is None else sum(len(r.cell_ids) for r in records)
+    print(f"{launched} cell(s) launched ({composed.launcher_name}), {len(cells) - len(feasible)} infeasible")
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        print(f"the refused cells are marked failed with the reason; fix it and run `wattsweep resubmit {paths.root}`"
+              f" (--launcher KEY=VALUE changes their resources)", file=sys.stderr)
+        return 1
     if not feasible:
         print("error: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
         return 2
