@@ -65,3 +65,10 @@ def test_cli_sweep_without_m_names_the_fix(in_tmp, capsys):
     assert main(["sweep", "sweep_dir=out", "shards=1,2"]) == 2
     assert "add -m" in capsys.readouterr().err
     assert not (in_tmp / "out").exists()
+
+
+@pytest.mark.parametrize("overrides", [["launcher=slurm", "launcher.partition=dev,long"], ["launcher.max_parallel=1,2"]])
+def test_launcher_settings_cannot_be_swept(in_tmp, overrides):
+    """They are not in the cell id: such a grid used to collapse to one cell, silently."""
+    with pytest.raises(ConfigError, match="launcher settings cannot be swept"):
+        compose_cells(overrides, multirun=True)

@@ -261,6 +261,13 @@ def compose_cells(overrides: list[str], multirun: bool, *, cwd: str | os.PathLik
         sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
         if sweeps:
             raise ConfigError(f"{sweeps[0]} is a sweep; add -m to run a grid (without -m the command runs one cell)")
+    for o in parsed:
+        # Launcher settings say how a cell runs, not what it measures: they are
+        # not in the cell id, so a sweep over them would collapse to one cell.
+        if o.is_sweep_override() and o.key_or_group.split(".")[0] == "launcher":
+            raise ConfigError(f"{o.input_line}: launcher settings cannot be swept (they do not change what a cell "
+                              f"measures); run one sweep per setting, or change them later with "
+                              f"`wattsweep resubmit SWEEP_DIR --launcher KEY=VALUE`")
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
