@@ -129,8 +129,9 @@ def test_raising_worker_fails_alone(slurm_cluster, tmp_path):
 def test_timed_out_cell_is_requeued_and_finishes(slurm_cluster, tmp_path):
     # time limit 1 min, USR2 30 s before it: the first attempt (sleeping 120 s) is
     # checkpointed and requeued by submitit; the requeued attempt does not sleep.
-    paths, cells = plan_only(tmp_path / "timeout", "launcher.time_min=1", "launcher.max_requeues=2", "sleep_s=120")
-    cell = dataclasses.replace(cells[0], launcher={**cells[0].launcher, "signal_delay_s": 30})
+    paths, cells = plan_only(tmp_path / "timeout", "launcher.time_min=1", "launcher.max_requeues=2", "sleep_s=120",
+                             "launcher.signal_delay_s=30")
+    (cell,) = cells
     launch(paths, [cell])
     st = wait_for(paths, lambda st: st.all_ended, 200, "the requeued cell")
     assert states(st) == {cell.cell_id: "done"}
