@@ -57,7 +57,7 @@ def test_cli_bad_input_exits_nonzero_and_launches_nothing(in_tmp, capsys, overri
     code = main(["sweep", "sweep_dir=out", *overrides])
     err = capsys.readouterr().err.strip()
     assert code != 0
-    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert err.startswith("wattsweep sweep: ") and len(err.splitlines()) == 1
     assert not (in_tmp / "out").exists()
 
 

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         cells = plan_cells(composed)
         launcher = get_launcher(composed.launcher_name, cells[0].launcher if cells else {})
     except (ConfigError, PolicyError, LaunchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"wattsweep sweep: {e}", file=sys.stderr)
         return 2
     paths = SweepPaths.of(composed.sweep_dir)
     feasible = [c for c in cells if c.feasible]
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         launcher.submit(paths, cells, dry_run=True)
         return 0
     if paths.plan_jsonl.exists():
-        print(f"error: {paths.root} already holds a sweep; choose another sweep_dir=..., or use `wattsweep resubmit {paths.root}`", file=sys.stderr)
+        print(f"wattsweep sweep: {paths.root} already holds a sweep; choose another sweep_dir=..., or use `wattsweep resubmit {paths.root}`", file=sys.stderr)
         return 2
     paths.root.mkdir(parents=True, exist_ok=True)
     write_sweep_yaml(paths, composed, len(cells), len(feasible))
@@ -119,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
     launched = len(feasible) if failure is None else sum(len(r.cell_ids) for r in records)
     print(f"{launched} cell(s) launched ({composed.launcher_name}), {len(cells) - len(feasible)} infeasible")
     if failure is not None:
-        print(f"error: {failure}", file=sys.stderr)
+        print(f"wattsweep sweep: {failure}", file=sys.stderr)
         print(f"the refused cells are marked failed with the reason; fix it and run `wattsweep resubmit {paths.root}`"
               f" (--launcher KEY=VALUE changes their resources)", file=sys.stderr)
         return 1
     if not feasible:
-        print("error: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
+        print("wattsweep sweep: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
         return 2
     if not args.wait:
         print(f"follow with: wattsweep status {paths.root}")
@@ -180,12 +180,12 @@ def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
     try:
         from orchestrator.reduce import format_table, read_invalid, reduce_sweep
     except ImportError as e:
-        print(f"error: cannot reduce ({e}); run `wattsweep reduce {sweep_dir}` once available", file=sys.stderr)
+        print(f"wattsweep sweep: cannot reduce ({e}); run `wattsweep reduce {sweep_dir}` once available", file=sys.stderr)
         return 1
     try:
         table = reduce_sweep(sweep_dir)
     except Exception as e:  # the reducer names what is wrong; keep it to one line here
-        print(f"error: reduce failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"wattsweep sweep: reduce failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
     print(format_table(table))
     valid = set(table.column("cell_id").to_pylist())
@@ -194,7 +194,7 @@ def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
     if not lost:
         return 0
     n_invalid = sum(c in invalid for c in lost)
-    print(f"error: {len(lost)} of {len(cell_ids)} cell(s) gave no valid result ({len(lost) - n_invalid} failed or "
+    print(f"wattsweep sweep: {len(lost)} of {len(cell_ids)} cell(s) gave no valid result ({len(lost) - n_invalid} failed or "
           f"missing, {n_invalid} invalid); see `wattsweep status {sweep_dir}`, then `wattsweep resubmit {sweep_dir}`",
           file=sys.stderr)
     return 1
