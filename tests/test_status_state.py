@@ -279,3 +279,11 @@ def test_parameters_label_names_a_non_default_kv_cache():
     assert params_label(cell) == "llama-tiny x1 b64 uncapped synthetic"
     fp8 = replace(cell, params=replace(cell.params, kv_cache_dtype="float8_e4m3fn"))
     assert params_label(fp8) == "llama-tiny x1 b64 uncapped synthetic kv=float8_e4m3fn"
+
+
+def test_elapsed_of_a_local_cell_comes_from_its_runner():
+    from orchestrator.status.state import _local_elapsed_s
+
+    assert _local_elapsed_s({"started_unix_s": 100.0, "ended_unix_s": 175.5}) == 75
+    assert _local_elapsed_s({"state": "pending"}) is None
+    assert _local_elapsed_s({"started_unix_s": 0.0}) > 0  # still running: up to now

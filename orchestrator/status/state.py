@@ -15,6 +15,7 @@ Order of evidence, first match wins:
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
@@ -125,6 +126,8 @@ def _cell_state(
     facts = (live.get(job_id) or acct.get(job_id)) if (rec and rec.launcher == "slurm" and job_id) else None
     if facts is not None:
         base = _with_facts(base, facts)
+    elif rec is not None and rec.launcher == "local" and cid in local:
+        base = _replace(base, elapsed_s=_local_elapsed_s(local[cid]))
     ended_as = acct.get(job_id) if job_id and job_id not in live else None
     if ended_as is not None and ended_as.state in ("CANCELLED", "TIMEOUT"):
         return _replace(base, state="cancelled" if ended_as.state == "CANCELLED" else "timeout")
@@ -157,6 +160,15 @@ def _cell_state(
         # sacct has it queued but squeue missed it (a requeue in between): not lost yet
         return _replace(base, state="pending" if ended_as.state in _PENDING else "running")
     return _replace(base, state="missing", reason=base.reason or "no DONE.json or FAILED.json and not in the queue")
+
+
+def _local_elapsed_s(entry: dict[str, Any]) -> int | None:
+    """Run time of a local cell from its runner's queue entry (to now while it runs)."""
+    start = entry.get("started_unix_s")
+    if not isinstance(start, (int, float)):
+        return None
+    end = entry.get("ended_unix_s")
+    return max(0, int((end if isinstance(end, (int, float)) else time.time()) - start))
 
 
 def _hit_time_limit(reason: str) -> bool:
