@@ -103,3 +103,31 @@ def test_a_repair_record_names_who_repaired(wrig, monkeypatch):
     assert repair["action"] == "repair" and repair["slurm_job_id"] == apply["slurm_job_id"]
     assert repair["by"]["pid"] == os.getpid() and repair["by"]["slurm_job_id"] == "777"
     assert apply["by"]["pid"] == proc.pid or wrig.kind == "capctl"  # the helper writes capctl's records
+
+
+def test_a_signal_during_the_restore_waits_for_it(tmp_path, monkeypatch):
+    """SIGTERM arriving while the caps are being put back (the job's normal end
+    meeting scancel): before, the handler ended the process between the
+    restore's steps and the card stayed capped with no record."""
+    import os
+
+    from workers.gpu.simulated import SimulatedBackend
+
+    state = isolate(monkeypatch, tmp_path)
+    rig = Rig("simulated", tmp_path, state)
+    real = SimulatedBackend.set_power_limit_w
+    calls = []
+
+    def set_and_get_signalled(self, index, watts):
+        calls.append(watts)
+        if len(calls) == 2:  # the restore's write
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, index, watts)
+
+    monkeypatch.setattr(SimulatedBackend, "set_power_limit_w", set_and_get_signalled)
+    with pytest.raises(SignalExit) as e:
+        with session(rig, 150):
+            pass
+    assert e.value.code == 128 + signal.SIGTERM and "were restored" in str(e.value)
+    assert rig.sim().get_power_limit_w(0) == 300 and rig.save_files() == []
+    assert actions(rig.cell_ledger) == [("apply", "ok"), ("restore", "ok")]

@@ -138,6 +138,8 @@ class CapSession:
         self._previous: dict[int, float] = {}  # capctl: the value to set back (the helper holds the save file)
         self._lock = threading.RLock()
         self._old_handlers: dict[int, Any] = {}
+        self._restoring = False  # a restore is under way (a signal then waits for it)
+        self._deferred: int | None = None  # a signal that arrived during it
         if hasattr(backend, "set_context"):  # capctl: the helper's records name the cell, job and ledgers
             backend.set_context(cell_id=cell_id, slurm=self.slurm, ledgers=tuple(map(str, self.ledger.paths)))
 
@@ -258,13 +260,23 @@ class CapSession:
         with self._lock:
             pending, self._pending = self._pending, []
         errors = []
-        for info in pending:
-            try:
-                self._restore_one(info)
-            except GpuError as exc:
-                errors.append(str(exc))
-                print(f"wattsweep: cap NOT restored on GPU {info.index}: {exc}; the epilog or "
-                      f"`wattsweep caps restore --all` will repair it", file=sys.stderr)
+        # A TERM/USR2 arriving now is noted by the handler and acted on after
+        # the loop: acted on at once, it would end the process between the
+        # restore's steps and leave the card capped with no ledger record.
+        self._restoring = True
+        try:
+            for info in pending:
+                try:
+                    self._restore_one(info)
+                except GpuError as exc:
+                    errors.append(str(exc))
+                    print(f"wattsweep: cap NOT restored on GPU {info.index}: {exc}; the epilog or "
+                          f"`wattsweep caps restore --all` will repair it", file=sys.stderr)
+        finally:
+            self._restoring = False
+            deferred, self._deferred = self._deferred, None
+            if deferred is not None:
+                self._end_by_signal(deferred, None, len(errors))
         if errors and raise_errors:
             raise GpuError(f"power limit not restored on {len(errors)} GPU(s): {errors[0]}")
         return len(errors)
@@ -306,7 +318,13 @@ class CapSession:
         self._old_handlers = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._restoring:
+            self._deferred = signum  # the restore under way finishes first, then ends the process
+            return
         failed = self.restore(raise_errors=False)  # failures: stderr and ledger; the save file stays for the epilog
+        self._end_by_signal(signum, frame, failed)
+
+    def _end_by_signal(self, signum: int, frame: FrameType | None, failed: int) -> None:
         old: Callable[..., Any] | int | None = self._old_handlers.get(signum)
         self._remove_handlers()
         if callable(old):
