@@ -94,6 +94,9 @@ def test_a_refused_array_marks_its_cells_failed_and_keeps_what_was_queued(tmp_pa
 
     def fake_chunk(self, paths, folder, job_name, ch):
         if ch.res.nodes > 1:
+            folder.mkdir(parents=True, exist_ok=True)  # what submitit leaves when sbatch refuses
+            (folder / "0b1c_submitted.pkl").write_bytes(b"")
+            (folder / ".submission_file_0b1c.sh").write_text("")
             raise SlurmCommandError(["sbatch"], "sbatch: error: Node count specification invalid")
         return SubmissionRecord(tuple(c.cell_id for c in ch.cells), "slurm", ("41_0",), True, 1.0, 0,
                                 {"array_job_id": "41"})
@@ -106,3 +109,4 @@ def test_a_refused_array_marks_its_cells_failed_and_keeps_what_was_queued(tmp_pa
     failed = read_json(paths.failed_marker(cells[1].cell_id))
     assert failed["error"].startswith("sbatch refused the job (2 node(s)") and "Node count" in failed["error"]
     assert not paths.failed_marker(cells[0].cell_id).exists()
+    assert not [p for p in (paths.root / "launch").iterdir() if p.is_file()]  # the refused array's files are gone

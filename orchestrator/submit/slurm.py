@@ -14,6 +14,7 @@ Each cell's ``cells/<id>/launch/`` holds links to its own logs, and
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 import sys
@@ -253,9 +254,11 @@ class SlurmLauncher:
         records: list[SubmissionRecord] = []
         errors: list[str] = []
         for ch in chunks:
+            before = _files_in(folder)
             try:
                 rec = self._submit_chunk(paths, folder, job_name, ch)
             except (SlurmCommandError, OSError) as e:
+                _remove_new(folder, before)  # submitit's pickles and script of the refused array
                 errors.append(f"sbatch refused {len(ch.cells)} cell(s) [{' '.join(c.cell_id for c in ch.cells)}] "
                               f"({ch.res.describe()}): {e}")
                 # The refusal goes to the sweep folder, not only the terminal:
@@ -332,3 +335,21 @@ __all__ = [
     "SlurmLauncher", "SlurmResources", "resources_for", "sbatch_parameters", "parse_sbatch_extra",
     "render_sbatch", "max_array_size", "link_logs",
 ]
+
+
+def _files_in(folder: Path) -> set[str]:
+    try:
+        return {e.name for e in os.scandir(folder) if e.is_file()}
+    except OSError:
+        return set()
+
+
+def _remove_new(folder: Path, before: set[str]) -> None:
+    """Files a failed sbatch left in the launch folder (one submitter at a time:
+    whatever appeared since ``before`` is that array's)."""
+    for name in _files_in(folder) - before:
+        if name.endswith((".pkl", ".sh")):
+            try:
+                os.unlink(folder / name)
+            except OSError:
+                pass
