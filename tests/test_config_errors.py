@@ -12,6 +12,7 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "none.json").write_text("[]")
+    (tmp_path / "latin1.json").write_bytes(b'[{"instruction": "caf\xe9"}]')
     return tmp_path
 
 
@@ -24,6 +25,7 @@ BAD = [
     (["dataset=alpaca", "dataset.path=missing.json"], "no such file"),
     (["dataset=alpaca", "dataset.path=empty.json"], "empty file"),
     (["dataset=alpaca", "dataset.path=none.json"], "holds no records"),
+    (["dataset=alpaca", "dataset.path=latin1.json"], "not UTF-8 text (byte 0xe9); convert it"),
     (["dataset=mnist"], "valid: alpaca, gsm8k, synthetic"),
     (["kv_cache_dtype=int8"], "valid: auto, float8_e4m3fn"),
     (["foo=1"], "unknown key 'foo'; valid top-level keys: model, dataset"),

@@ -124,3 +124,21 @@ def test_make_batches_truncates_sorts_and_keeps_ids():
 
 def test_count_words():
     assert count_words("  one two\nthree\tfour ") == 4 and count_words("") == 0
+
+
+def test_a_dataset_that_is_not_utf8_names_the_line_and_the_fix(tmp_path):
+    from workers.load.datasets import DatasetError, read_gsm8k
+
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"question": "a"}\n{"question": "caf\xe9"}\n')
+    with pytest.raises(DatasetError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9\); convert the file to UTF-8"):
+        read_gsm8k(str(f))
+
+
+def test_an_alpaca_input_that_is_not_text(tmp_path):
+    from workers.load.datasets import DatasetError, read_alpaca
+
+    f = tmp_path / "a.json"
+    f.write_text('[{"instruction": "add", "input": 5, "output": "x"}]')
+    with pytest.raises(DatasetError, match="record 0 has an 'input' that is not a string"):
+        read_alpaca(str(f))

@@ -163,6 +163,9 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
         args, weights=p.weights, dtype=p.dtype, device=info.device, seed=p.seed,
         max_batch_size=p.batch_size, max_seq_len=max_seq_len, kv_cache_dtype=p.kv_cache_dtype,
     )
+    if tokenizer.vocab_size > model.args.vocab_size:  # the checkpoint's own size (params.json or its tensors)
+        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the checkpoint {p.weights} has a "
+                         f"vocabulary of {model.args.vocab_size}: use the tokenizer the checkpoint was trained with")
     gen = Generator(model, max_batch_size=p.batch_size, max_seq_len=max_seq_len, device=info.device, cuda_graph=opt.cuda_graph)
     _maybe_fail_on_purpose(opt.fail_on_purpose, info.rank)
     # Random weights never emit a meaningful EOS: generate exactly max_new_tokens.

@@ -126,6 +126,11 @@ def _dataset_problem(path: str, name: str) -> str | None:
         head = f.read(4096)
     if not head.strip():
         return f"empty file; give a non-empty {_FORMATS[name]} file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if size <= len(head) or err.start < len(head) - 3:  # not a character cut by the 4 KiB read
+            return f"not UTF-8 text (byte {head[err.start]:#04x}); convert it, e.g. `iconv -f latin1 -t utf-8`"
     if size <= 4096 and name == "alpaca":
         # A small JSON file may still hold no records ("[]").
         try:

@@ -187,9 +187,10 @@ def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
     except Exception as e:  # the reducer names what is wrong; keep it to one line here
         print(f"wattsweep sweep: reduce failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
-    print(format_table(table))
+    if table.num_rows:
+        print(format_table(table))
     valid = set(table.column("cell_id").to_pylist())
-    invalid = {cid for cid, _ in read_invalid(sweep_dir)}
+    invalid = dict(read_invalid(sweep_dir))
     lost = [c for c in cell_ids if c not in valid]
     if not lost:
         return 0
@@ -197,7 +198,26 @@ def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
     print(f"wattsweep sweep: {len(lost)} of {len(cell_ids)} cell(s) gave no valid result ({len(lost) - n_invalid} failed or "
           f"missing, {n_invalid} invalid); see `wattsweep status {sweep_dir}`, then `wattsweep resubmit {sweep_dir}`",
           file=sys.stderr)
+    for cid in lost[:SHOWN_FAILURES]:  # the reasons, so a bad input file is seen without another command
+        print(f"  {cid}: {_why_lost(sweep_dir, cid, invalid)}", file=sys.stderr)
+    if len(lost) > SHOWN_FAILURES:
+        print(f"  (and {len(lost) - SHOWN_FAILURES} more)", file=sys.stderr)
     return 1
+
+
+SHOWN_FAILURES = 5
+
+
+def _why_lost(sweep_dir: Any, cell_id: str, invalid: dict[str, str]) -> str:
+    from orchestrator.contracts import SweepPaths, read_json
+
+    if cell_id in invalid:
+        return f"invalid: {invalid[cell_id]}"
+    try:
+        error = str(read_json(SweepPaths.of(sweep_dir).failed_marker(cell_id)).get("error") or "")
+    except (OSError, ValueError):
+        return "no DONE.json or FAILED.json"
+    return "failed: " + (error.splitlines()[0][:300] if error else "FAILED.json without an error")
 
 
 def format_cells(cells: list[Any], jobs: dict[str, str]) -> str:

@@ -80,7 +80,12 @@ def _read_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"{path}: no such file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte {err.object[err.start]:#04x}); "
+                           f"convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
     if not text.strip():
         raise DatasetError(f"{path}: the file is empty")
     return text
@@ -100,6 +105,8 @@ def read_alpaca(path: str) -> list[str]:
         if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
             raise DatasetError(f"{path}: record {i} has no 'instruction' string")
         extra = rec.get("input") or ""
+        if not isinstance(extra, str):
+            raise DatasetError(f"{path}: record {i} has an 'input' that is not a string ({type(extra).__name__})")
         template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
         prompts.append(template.format(instruction=rec["instruction"], input=extra))
     return prompts

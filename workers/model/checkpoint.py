@@ -95,7 +95,22 @@ def _checkpoint_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"no consolidated.NN.pth files in {folder}")
+    # Meta numbers the files 00..N-1: a gap is a file lost in a copy, not a smaller model.
+    want = [folder / f"consolidated.{i:02d}.pth" for i in range(len(files))]
+    lost = [w.name for w in want if w not in files]
+    if lost:
+        raise FileNotFoundError(f"{folder} has {len(files)} consolidated files but not {lost[0]}: "
+                                f"the files must be consolidated.00.pth .. consolidated.{len(files) - 1:02d}.pth "
+                                f"with none missing (found {', '.join(f.name for f in files)})")
     return files
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, mmap=True, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's own message does not name the file
+        raise ValueError(f"cannot read checkpoint file {path} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); a truncated copy?") from None
 
 
 def _checkpoint_args(folder: Path, args: ModelArgs) -> ModelArgs:
@@ -103,13 +118,18 @@ def _checkpoint_args(folder: Path, args: ModelArgs) -> ModelArgs:
     params_file = folder / "params.json"
     if not params_file.exists():
         return args
-    params = json.loads(params_file.read_text())
+    try:
+        params = json.loads(params_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{params_file} is not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{params_file} must hold a JSON object of model settings (dim, n_layers, n_heads, ...)")
     for key in ("dim", "n_layers", "n_heads"):
         if key in params and params[key] != getattr(args, key):
             raise ValueError(f"{params_file}: {key}={params[key]} but the model config says {getattr(args, key)}")
     merged = {**args.to_dict(), **{k: v for k, v in params.items() if k in args.to_dict()}}
     if merged.get("vocab_size", -1) <= 0:  # LLaMA-1 writes -1: read it from the embedding table
-        first = torch.load(_checkpoint_files(folder)[0], mmap=True, map_location="cpu", weights_only=True)
+        first = _load_file(_checkpoint_files(folder)[0])
         merged["vocab_size"] = int(first["tok_embeddings.weight"].shape[0])
     return ModelArgs.from_dict(merged)
 
@@ -122,15 +142,26 @@ def load_checkpoint(model: Transformer, folder: str | os.PathLike[str]) -> None:
 
     def file(i: int) -> dict[str, torch.Tensor]:
         if i not in opened:
-            opened[i] = torch.load(files[i], mmap=True, map_location="cpu", weights_only=True)
+            opened[i] = _load_file(files[i])
         return opened[i]
 
     params = dict(model.named_parameters())
     missing = set(params) - set(file(0))
     if missing:
         raise KeyError(f"{files[0]} lacks {sorted(missing)[:3]} (and {max(0, len(missing) - 3)} more)")
+    # Tensors the model has no place for (more layers than params.json or the
+    # config say): loading the rest would run a different model than the file's.
+    extra = sorted(k for k in file(0) if k not in params and not _IGNORED_KEYS.search(k))
+    if extra:
+        raise ValueError(f"{files[0]} holds {len(extra)} tensor(s) this model has no place for, e.g. {extra[:3]}: "
+                         f"the checkpoint is larger than the model (n_layers={model.args.n_layers}); "
+                         f"check params.json and model.* settings")
     for name, p in params.items():
-        p.copy_(_slice_for_rank(name, tuple(p.shape), file, len(files), rank, world, files[0]))
+        piece = _slice_for_rank(name, tuple(p.shape), file, len(files), rank, world, files[0])
+        if tuple(piece.shape) != tuple(p.shape):
+            raise ValueError(f"{files[0].parent}: {name} is {tuple(piece.shape)} for this shard but the model "
+                             f"expects {tuple(p.shape)}; params.json (vocab_size, dim, ...) does not match the tensors")
+        p.copy_(piece)
     opened.clear()
 
 
@@ -142,7 +173,9 @@ def _slice_for_rank(name: str, shape: tuple[int, ...], file, n_files: int, rank:
     part = file(0)[name].shape[dim]
     if part * n_files != shape[dim] * world:
         raise ValueError(f"{first.parent}: {name} has {part} x {n_files} files along dim {dim}, "
-                         f"but the model needs {shape[dim]} x {world} shards")
+                         f"but the model needs {shape[dim]} x {world} shards ({part * n_files} against "
+                         f"{shape[dim] * world} in all): is a consolidated.NN.pth file missing, or does "
+                         f"params.json not match the tensors?")
     lo, hi = rank * shape[dim], (rank + 1) * shape[dim]
     pieces = []
     for f in range(lo // part, (hi - 1) // part + 1):
