@@ -34,6 +34,8 @@ def test_two_by_two_sweep_reduces_to_numbers_that_hold_together(tmp_path, monkey
         assert math.isclose(r["mean_power_w"] * r["duration_s"], r["energy_j"], rel_tol=1e-6)
         assert math.isclose(r["energy_per_token_j"] * r["output_tokens"], r["energy_j"], rel_tol=1e-6)
         assert r["energy_j"] > 0
+    for cell in read_plan(paths):  # DONE.json counts the prompts cut to max_prompt_tokens
+        assert 0 <= json.loads(paths.done_marker(cell.cell_id).read_text())["prompts_truncated"] <= 4
     by_shards = {r["shards"] for r in rows}
     assert by_shards == {1, 2}
     for cell in read_plan(paths):

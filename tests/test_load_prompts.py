@@ -116,8 +116,10 @@ def test_make_batches_truncates_sorts_and_keeps_ids():
     assert [len(b.tokens) for b in batches] == [2, 2, 1]
     assert batches[0].prompt_ids == (11, 13) and all(len(t) == 5 for t in batches[0].tokens)
     assert batches[-1].prompt_ids == (10,) and batches[-1].tokens == ((1, ord("a") + 3),)
+    # BOS + 10 and BOS + 6 bytes are cut to 5; BOS + 3 and the rest fit: counted, not silent
+    assert [b.truncated for b in batches] == [2, 0, 0]
     unsorted = make_batches(prompts, tok, batch_size=4, max_prompt_tokens=64, sort_by_length=False)
-    assert unsorted[0].prompt_ids == (10, 11, 12, 13)
+    assert unsorted[0].prompt_ids == (10, 11, 12, 13) and sum(b.truncated for b in unsorted) == 0
     with pytest.raises(ValueError, match="batch_size=0"):
         make_batches(prompts, tok, 0, 8, False)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -134,7 +135,8 @@ def _run_rank(task: CellTask, paths: SweepPaths, info: Any) -> CellResult:
         _write_requests(paths, task.cell_id, measured["requests"])
     dist.barrier()  # every rank's telemetry is on disk before DONE.json
     if info.rank == 0:
-        _write_done(task, paths, info, gpu.name, backend.source, hosts, slurm, [dataclasses.asdict(c) for c in caps])
+        _write_done(task, paths, info, gpu.name, backend.source, hosts, slurm, [dataclasses.asdict(c) for c in caps],
+                    measured["prompts_truncated"])
     dist.barrier()
     return CellResult(task.cell_id, info.rank, rows, len(measured["requests"]), measured["duration_s"])
 
@@ -213,7 +215,11 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
     sampler.mark("idle", load=0.0)
     for row, out in zip(requests, generated):  # detokenising is host work: outside the measured window
         row["output_words"] = count_words(tokenizer.decode(list(out)))
-    return {"requests": requests, "duration_s": duration_s}
+    truncated = sum(b.truncated for b in batches)
+    if truncated and info.rank == 0:
+        print(f"wattsweep worker: warning: {truncated} of {len(prompts)} prompts were cut to max_prompt_tokens="
+              f"{p.max_prompt_tokens} (recorded as prompts_truncated in DONE.json)", file=sys.stderr)
+    return {"requests": requests, "duration_s": duration_s, "prompts_truncated": truncated}
 
 
 def _gather_hosts(hostname: str) -> list[str]:
@@ -257,7 +263,7 @@ def _write_requests(paths: SweepPaths, cell_id: str, rows: list[dict[str, Any]])
 
 
 def _write_done(task: CellTask, paths: SweepPaths, info: Any, gpu_name: str, source: str,
-                hosts: list[str], slurm: dict[str, Any], caps: list[dict[str, Any]]) -> None:
+                hosts: list[str], slurm: dict[str, Any], caps: list[dict[str, Any]], prompts_truncated: int) -> None:
     import pyarrow.parquet as pq
 
     cdir = paths.cell_dir(task.cell_id)
@@ -281,6 +287,7 @@ def _write_done(task: CellTask, paths: SweepPaths, info: Any, gpu_name: str, sou
             "slurm": slurm,
             "caps": caps,
             "attempt": task.attempt,
+            "prompts_truncated": prompts_truncated,
             "submit_host": socket.gethostname(),
         },
     )

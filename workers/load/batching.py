@@ -13,6 +13,7 @@ class Batch:
     index: int
     prompt_ids: tuple[int, ...]
     tokens: tuple[tuple[int, ...], ...]  # one tuple of token ids per prompt, BOS first
+    truncated: int = 0  # prompts of this batch cut to max_prompt_tokens
 
 
 def make_batches(prompts: Sequence[Prompt], tokenizer: Tokenizer, batch_size: int, max_prompt_tokens: int,
@@ -24,12 +25,16 @@ def make_batches(prompts: Sequence[Prompt], tokenizer: Tokenizer, batch_size: in
         raise ValueError(f"batch_size={batch_size}; valid: >= 1")
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens}; valid: >= 1")
-    encoded = [(p.prompt_id, tuple(tokenizer.encode(p.text, bos=True)[:max_prompt_tokens])) for p in prompts]
+    full = [(p.prompt_id, tokenizer.encode(p.text, bos=True)) for p in prompts]
+    # (id, kept tokens, whether the prompt was cut): a cut prompt loses its end, the
+    # template's "### Response:" among it, so the results count them.
+    encoded = [(pid, tuple(toks[:max_prompt_tokens]), len(toks) > max_prompt_tokens) for pid, toks in full]
     if sort_by_length:
         encoded.sort(key=lambda item: -len(item[1]))
     return [
         Batch(index=i // batch_size,
-              prompt_ids=tuple(pid for pid, _ in encoded[i:i + batch_size]),
-              tokens=tuple(toks for _, toks in encoded[i:i + batch_size]))
+              prompt_ids=tuple(pid for pid, _, _ in encoded[i:i + batch_size]),
+              tokens=tuple(toks for _, toks, _ in encoded[i:i + batch_size]),
+              truncated=sum(cut for _, _, cut in encoded[i:i + batch_size]))
         for i in range(0, len(encoded), batch_size)
     ]
