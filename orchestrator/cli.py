@@ -90,6 +90,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def key_values(items: list[str] | tuple[str, ...], example: str) -> dict:
+    """["power_cap_w=150", "dataset=alpaca"] -> {"power_cap_w": 150, "dataset": "alpaca"}:
+    values read as JSON (numbers, null, lists), else as text. ValueError names
+    an item that is not KEY=VALUE, with ``example``."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not KEY=VALUE (e.g. {example})")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def _os_error(e: OSError) -> str:
     if e.filename is None:
         return str(e) or type(e).__name__

@@ -152,11 +152,12 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
     measured window. Returns the per-response rows (rank 0 keeps them)."""
     from workers import dist
     from workers.load import count_words, get_tokenizer, load_prompts, make_batches
-    from workers.model import Generator, ModelArgs, build_model
+    from workers.model import Generator, ModelArgs, build_model, resolve_args
 
     p, opt = task.params, task.options
     sampler.mark("load", load=0.1)
-    args = ModelArgs.from_dict(p.model_args)
+    # The checkpoint's own vocabulary (params.json or its embedding), not the config's.
+    args = resolve_args(ModelArgs.from_dict(p.model_args), p.weights)
     tokenizer = get_tokenizer(p.tokenizer_path, vocab_size=args.vocab_size)
     prompts = load_prompts(p.dataset, p.dataset_path, p.n_prompts, p.seed)
     batches = make_batches(prompts, tokenizer, p.batch_size, p.max_prompt_tokens, p.sort_by_length)
@@ -165,9 +166,6 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
         args, weights=p.weights, dtype=p.dtype, device=info.device, seed=p.seed,
         max_batch_size=p.batch_size, max_seq_len=max_seq_len, kv_cache_dtype=p.kv_cache_dtype,
     )
-    if tokenizer.vocab_size > model.args.vocab_size:  # the checkpoint's own size (params.json or its tensors)
-        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the checkpoint {p.weights} has a "
-                         f"vocabulary of {model.args.vocab_size}: use the tokenizer the checkpoint was trained with")
     gen = Generator(model, max_batch_size=p.batch_size, max_seq_len=max_seq_len, device=info.device, cuda_graph=opt.cuda_graph)
     _maybe_fail_on_purpose(opt.fail_on_purpose, info.rank)
     # Random weights never emit a meaningful EOS: generate exactly max_new_tokens.

@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from workers.gpu.ledger import ledger_files
+from workers.gpu.ledger import ledger_files, read_records
 from workers.gpu.policy import Policy
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -39,17 +38,12 @@ def parse_time(text: str, *, now: float | None = None) -> float:
     return t.timestamp()
 
 
-LEDGER_KEYS = ("time_unix_s", "gpu_uuid", "action", "result")
-LEDGER_LINE = ('a ledger line is one JSON object such as {"time_unix_s": 1714560000.0, "gpu_uuid": "GPU-...", '
-               '"action": "apply", "result": "ok", ...} (docs/admin.md, "The ledger")')
-
-
 def load_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Every record of the ledgers (files or sweep folders), duplicates (the
     same record in a cell ledger and the site ledger) once, in time order.
     Raises FileNotFoundError for a path that is missing or a folder with no
     ledger that is not a sweep folder (a sweep whose cells set no cap has
-    none), ValueError for a file that is not a ledger (see read_ledger)."""
+    none), ValueError for a file that is not a ledger (see ledger.read_records)."""
     seen: set[str] = set()
     out = []
     for given in paths:
@@ -60,59 +54,12 @@ def load_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"no caps.jsonl found under {given} (not a sweep folder, or no cell set a power cap); "
                                     f"give a ledger file or a sweep folder")
         for path in files:
-            for rec in read_ledger(path):
+            for rec in read_records(path):
                 key = json.dumps({k: v for k, v in rec.items() if k != "_source"}, sort_keys=True, default=str)
                 if key not in seen:
                     seen.add(key)
                     out.append(rec)
     return sorted(out, key=lambda r: float(r.get("time_unix_s") or 0.0))
-
-
-def _is_record(value: Any) -> bool:
-    return (isinstance(value, dict) and all(k in value for k in LEDGER_KEYS)
-            and isinstance(value["time_unix_s"], (int, float)) and not isinstance(value["time_unix_s"], bool))
-
-
-def read_ledger(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of one ledger file, refusing a file that is not a ledger.
-
-    A torn record (a writer killed mid-write on a network file system: a line
-    that starts like a record but is not valid JSON) is skipped with a warning,
-    and so is other garbage as the last line after records. A JSON line that is
-    not a ledger record, text that is not JSON, or bytes that are not UTF-8
-    raise ValueError naming the file and line."""
-    out: list[dict[str, Any]] = []
-    pending: tuple[int, str] | None = None  # garbage after records: a torn end only if nothing follows it
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            if pending is not None:
-                raise ValueError(f"{path}:{pending[0]} {pending[1]}; {LEDGER_LINE}")
-            try:
-                text = raw.decode("utf-8")
-                value = json.loads(text)
-            except UnicodeDecodeError:
-                why = "is not UTF-8 text (a binary file?)"
-            except ValueError:
-                if text.lstrip().startswith("{"):
-                    print(f"wattsweep: warning: {path}:{n} is not a JSON record (a torn write); skipped", file=sys.stderr)
-                    continue
-                why = "is not a JSON record"
-            else:
-                if not _is_record(value):
-                    missing = [k for k in LEDGER_KEYS if k not in value] if isinstance(value, dict) else []
-                    raise ValueError(f"{path}:{n} is not a cap ledger record"
-                                     f"{' (no ' + ', '.join(missing) + ')' if missing else ''}; {LEDGER_LINE}")
-                value.setdefault("_source", str(path))
-                out.append(value)
-                continue
-            if not out:
-                raise ValueError(f"{path}:{n} {why}; {LEDGER_LINE}")
-            pending = (n, why)
-    if pending is not None:
-        print(f"wattsweep: warning: {path}:{pending[0]} {pending[1]} (a torn last line); skipped", file=sys.stderr)
-    return out
 
 
 @dataclass(frozen=True)

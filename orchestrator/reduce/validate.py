@@ -332,14 +332,18 @@ def _is_time_ns(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check_meta_values(rel: str, meta: dict[str, Any]) -> None:
     """The metadata values the summary takes as they are."""
     for name in ("energy_start_j", "energy_end_j"):
         v = meta.get(name)
-        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+        if v is not None and not (_is_number(v) and math.isfinite(v)):
             raise InvalidCell(f"energy counter reading {name} in {rel} is {v!r}; expected a finite number or null")
     v = meta.get("sample_period_s")
-    if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+    if v is not None and not (_is_number(v) and 0 < v < math.inf):
         raise InvalidCell(f"sample_period_s in {rel} is {v!r}; expected a positive number of seconds")
     v = meta.get("gpu_name")
     if v is not None and not isinstance(v, str):

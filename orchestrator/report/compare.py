@@ -163,18 +163,12 @@ def _text(v: str) -> str:
 
 def parse_where(items: Sequence[str]) -> dict[str, Any]:
     """["power_cap_w=150", "dataset=alpaca"] -> {"power_cap_w": 150, "dataset": "alpaca"} (JSON values, else text)."""
-    import json
+    from orchestrator.cli import key_values
 
-    out: dict[str, Any] = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise CompareError(f"filter {item!r} is not KEY=VALUE (e.g. power_cap_w=150 or power_cap_w=null)")
-        try:
-            out[k] = json.loads(v)
-        except ValueError:
-            out[k] = v
-    return out
+    try:
+        return key_values(items, "power_cap_w=150 or power_cap_w=null")
+    except ValueError as e:
+        raise CompareError(f"filter {e}") from None
 
 
 def _show(v: str) -> Any:

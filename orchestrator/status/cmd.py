@@ -92,26 +92,28 @@ def _watch(paths: SweepPaths, interval_s: float, validate: bool) -> int:
     tty = sys.stdout.isatty()
     while True:
         st = sweep_status(paths, validate=validate, deep=False)  # refreshed often: checksums only
-        if st.queue_error:
+        stop = _stop_watching(st, paths)
+        if not st.queue_error:  # without the queue the counts mean nothing
+            line = progress_line(st)
+            print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
+        if st.all_ended or stop is not None:
             if tty:
                 print()
-            print(f"wattsweep status: Slurm could not be asked ({st.queue_error}); stopped watching: the cells' "
-                  f"states cannot be known", file=sys.stderr)
-            return 2
-        line = progress_line(st)
-        print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
-        if st.all_ended:
-            if tty:
-                print()
+            if stop is not None:
+                print(f"wattsweep status: {stop[1]}", file=sys.stderr)
+                return stop[0]
             return 0
-        if not any(st.counts.get(s) for s in ("pending", "running")):
-            # Only never-submitted cells are left: nothing will change by waiting.
-            if tty:
-                print()
-            print(f"wattsweep status: {st.counts.get('planned', 0)} cell(s) were never submitted; nothing to wait for "
-                  f"(`wattsweep resubmit {paths.root}` launches them)", file=sys.stderr)
-            return 1
         time.sleep(interval_s)
+
+
+def _stop_watching(st: SweepStatus, paths: SweepPaths) -> tuple[int, str] | None:
+    """(exit status, why) when waiting cannot change what status shows."""
+    if st.queue_error:
+        return 2, f"Slurm could not be asked ({st.queue_error}); stopped watching: the cells' states cannot be known"
+    if not st.all_ended and not any(st.counts.get(s) for s in ("pending", "running")):
+        return 1, (f"{st.counts.get('planned', 0)} cell(s) were never submitted; nothing to wait for "
+                   f"(`wattsweep resubmit {paths.root}` launches them)")
+    return None
 
 
 def _hms(s: int | None) -> str:

@@ -87,20 +87,15 @@ def choose(st: SweepStatus, cell_ids: list[str] | None, force: bool) -> list[str
 
 def parse_launcher_changes(items: list[str]) -> dict:
     """["time_min=240", "partition=long"] -> {"time_min": 240, "partition": "long"} (JSON values, else text)."""
-    import json
+    from orchestrator.cli import key_values
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.removeprefix("launcher.")
-        if not sep or not key:
-            raise ValueError(f"--launcher {item!r}: expected KEY=VALUE, e.g. time_min=240")
-        if key == "name":
-            raise ValueError("--launcher name=...: a cell keeps its launcher; plan a new sweep for another one")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
+    try:
+        pairs = key_values(items, "time_min=240")
+    except ValueError as e:
+        raise ValueError(f"--launcher {e}") from None
+    out = {k.removeprefix("launcher."): v for k, v in pairs.items()}
+    if "name" in out:
+        raise ValueError("--launcher name=...: a cell keeps its launcher; plan a new sweep for another one")
     return out
 
 

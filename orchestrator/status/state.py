@@ -141,7 +141,7 @@ def _cell_state(
         st = live[job_id].state
         return _replace(base, state="running" if st in _RUNNING else "pending")
     if paths.failed_marker(cid).is_file():
-        reason = _failed_reason(paths, cid)
+        reason = failed_reason(paths, cid)
         if _hit_time_limit(reason):
             return _replace(base, state="timeout", reason=f"{reason} (more time: `wattsweep resubmit "
                                                            f"{paths.root} --launcher time_min=N`)")
@@ -235,7 +235,8 @@ def _local_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
     return local_queue_states(paths)
 
 
-def _failed_reason(paths: SweepPaths, cid: str) -> str:
+def failed_reason(paths: SweepPaths, cid: str) -> str:
+    """FAILED.json's error line (what status shows for a failed cell)."""
     try:
         return str(read_json(paths.failed_marker(cid)).get("error") or "FAILED.json without an error")
     except (OSError, ValueError) as e:

@@ -209,15 +209,15 @@ SHOWN_FAILURES = 5
 
 
 def _why_lost(sweep_dir: Any, cell_id: str, invalid: dict[str, str]) -> str:
-    from orchestrator.contracts import SweepPaths, read_json
+    from orchestrator.contracts import SweepPaths
+    from orchestrator.status.state import failed_reason
 
+    paths = SweepPaths.of(sweep_dir)
     if cell_id in invalid:
         return f"invalid: {invalid[cell_id]}"
-    try:
-        error = str(read_json(SweepPaths.of(sweep_dir).failed_marker(cell_id)).get("error") or "")
-    except (OSError, ValueError):
+    if not paths.failed_marker(cell_id).is_file():
         return "no DONE.json or FAILED.json"
-    return "failed: " + (error.splitlines()[0][:300] if error else "FAILED.json without an error")
+    return "failed: " + failed_reason(paths, cell_id).splitlines()[0][:300]
 
 
 def format_cells(cells: list[Any], jobs: dict[str, str]) -> str:

@@ -248,7 +248,7 @@ class CapSession:
 
         # The killed session's ledgers hear of the repair too: their audit
         # would otherwise show the card as left capped.
-        ledger = LedgerWriter(list(self.ledger.paths) + [p for p in cell_ledgers(save) if p not in self.ledger.paths])
+        ledger = LedgerWriter([*self.ledger.paths, *cell_ledgers(save)])  # LedgerWriter drops repeated paths
         restore_from_save(self.backend, self.ndir, info.uuid, ledger, action="repair", cell_id=None,
                           tolerance_w=self.options.cap_tolerance_w)
 

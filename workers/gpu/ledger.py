@@ -134,22 +134,55 @@ def _append_line(path: Path, line: bytes) -> None:
         os.close(fd)
 
 
+LEDGER_KEYS = ("time_unix_s", "gpu_uuid", "action", "result")
+LEDGER_LINE = ('a ledger line is one JSON object such as {"time_unix_s": 1714560000.0, "gpu_uuid": "GPU-...", '
+               '"action": "apply", "result": "ok", ...} (docs/admin.md, "The ledger")')
+
+
+def _is_record(value: Any) -> bool:
+    return (isinstance(value, dict) and all(k in value for k in LEDGER_KEYS)
+            and isinstance(value["time_unix_s"], (int, float)) and not isinstance(value["time_unix_s"], bool))
+
+
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record of one ledger file; a torn last line (a writer killed
-    mid-write on a network file system) is skipped with a warning."""
-    out = []
-    with open(path) as f:
-        for n, text in enumerate(f, 1):
-            if not text.strip():
+    """Every record of one ledger file, refusing a file that is not a ledger.
+
+    A torn record (a writer killed mid-write on a network file system: a line
+    that starts like a record but is not valid JSON) is skipped with a warning,
+    and so is other garbage as the last line after records. A JSON line that is
+    not a ledger record, text that is not JSON, or bytes that are not UTF-8
+    raise ValueError naming the file and line."""
+    out: list[dict[str, Any]] = []
+    pending: tuple[int, str] | None = None  # garbage after records: a torn end only if nothing follows it
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
+            if pending is not None:
+                raise ValueError(f"{path}:{pending[0]} {pending[1]}; {LEDGER_LINE}")
             try:
-                rec = json.loads(text)
+                text = raw.decode("utf-8")
+                value = json.loads(text)
+            except UnicodeDecodeError:
+                why = "is not UTF-8 text (a binary file?)"
             except ValueError:
-                print(f"wattsweep: warning: {path}:{n} is not a JSON record; skipped", file=sys.stderr)
+                if text.lstrip().startswith("{"):
+                    print(f"wattsweep: warning: {path}:{n} is not a JSON record (a torn write); skipped", file=sys.stderr)
+                    continue
+                why = "is not a JSON record"
+            else:
+                if not _is_record(value):
+                    missing = [k for k in LEDGER_KEYS if k not in value] if isinstance(value, dict) else []
+                    raise ValueError(f"{path}:{n} is not a cap ledger record"
+                                     f"{' (no ' + ', '.join(missing) + ')' if missing else ''}; {LEDGER_LINE}")
+                value.setdefault("_source", str(path))
+                out.append(value)
                 continue
-            if isinstance(rec, dict):
-                rec.setdefault("_source", str(path))
-                out.append(rec)
+            if not out:
+                raise ValueError(f"{path}:{n} {why}; {LEDGER_LINE}")
+            pending = (n, why)
+    if pending is not None:
+        print(f"wattsweep: warning: {path}:{pending[0]} {pending[1]} (a torn last line); skipped", file=sys.stderr)
     return out
 
 

@@ -62,8 +62,7 @@ def build_model(args: ModelArgs, *, weights: str, dtype: str, device: str, seed:
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; valid: {sorted(KV_CACHE_DTYPES)}")
     rank, world = _mp_rank_world()
-    if weights != "random":
-        args = _checkpoint_args(Path(weights), args)
+    args = resolve_args(args, weights)
     args.check_shards(world)
     model = Transformer(args, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         device=device, dtype=torch_dtype(dtype),
@@ -111,6 +110,13 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - torch's own message does not name the file
         raise ValueError(f"cannot read checkpoint file {path} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); a truncated copy?") from None
+
+
+def resolve_args(args: ModelArgs, weights: str) -> ModelArgs:
+    """The model's shape as it will be built: the config's for random weights,
+    the checkpoint's params.json (and embedding size) otherwise. The worker
+    checks its tokenizer against this before any weight is read."""
+    return args if weights == "random" else _checkpoint_args(Path(weights), args)
 
 
 def _checkpoint_args(folder: Path, args: ModelArgs) -> ModelArgs:
