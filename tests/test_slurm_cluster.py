@@ -115,6 +115,29 @@ def test_cancel_one_cell_then_resubmit_only_it(slurm_cluster, tmp_path, capsys):
     assert main(["reduce", str(paths.root)]) == 0
 
 
+def test_wattsweep_cancel_reads_cancelled_as_soon_as_the_jobs_leave_the_queue(slurm_cluster, tmp_path, capsys):
+    """Never `missing` in between, whatever sacct says yet; the record names the jobs."""
+    from orchestrator.submit.cancellations import read_cancellations
+
+    paths = sweep_cli(tmp_path / "wcancel", "batch_size=1,2,3", "sleep_s=60", "launcher.array_parallelism=2")
+    wait_for(paths, lambda st: any(c.state == "running" for c in st.cells), 60, "a running cell")
+    capsys.readouterr()
+    assert main(["cancel", str(paths.root)]) == 0
+    assert "cancelled 3 cell(s)" in capsys.readouterr().out
+    seen: set[str] = set()
+
+    def settled(st) -> bool:
+        seen.update(c.state for c in st.cells)
+        return all(c.state == "cancelled" for c in st.cells)
+
+    st = wait_for(paths, settled, 60, "every cell cancelled")
+    assert seen <= {"pending", "running", "cancelled"}, seen
+    assert all("wattsweep cancel" in (c.reason or "") for c in st.cells)
+    assert {c.cell_id: c.job_id for c in st.cells} == {k: v.job_id for k, v in read_cancellations(paths).items()}
+    assert main(["cancel", str(paths.root)]) == 0
+    assert "nothing to cancel" in capsys.readouterr().out
+
+
 def test_raising_worker_fails_alone(slurm_cluster, tmp_path):
     paths, cells = plan_only(tmp_path / "raise", "batch_size=1,2")
     bad = dataclasses.replace(cells[1], options=dataclasses.replace(cells[1].options, fail_on_purpose="raise"))

@@ -6,11 +6,13 @@ Order of evidence, first match wins:
    (a worker killed by scancel may still have written FAILED.json)
 3. DONE.json: outputs valid -> done, else                 -> invalid
 4. the Slurm job is in the queue (squeue)                 -> pending / running
-5. FAILED.json                                             -> failed
+5. `wattsweep cancel` stopped the latest job, which has   -> cancelled
+   left the queue (cancellations.jsonl; sacct may lag)
+6. FAILED.json                                             -> failed
    the local runner has it                                -> pending / running
-6. accounting says the job failed                         -> failed
-7. never submitted                                        -> planned
-8. submitted, no marker, not in the queue                 -> missing
+7. accounting says the job failed                         -> failed
+8. never submitted                                        -> planned
+9. submitted, no marker, not in the queue                 -> missing
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from orchestrator.plan.planned import PlanFileError, PlannedCell, read_plan
 from orchestrator.status.slurm_queue import JobFacts, sacct_jobs, squeue_jobs
 from orchestrator.submit.shell import SlurmCommandError
 from orchestrator.submit.base import SubmissionRecord, read_submissions
+from orchestrator.submit.cancellations import Cancellation, read_cancellations
 
 STATES = ("planned", "pending", "running", "done", "failed", "cancelled", "timeout", "infeasible", "missing", "invalid",
           "unknown")  # unknown: Slurm could not be asked; never resubmitted
@@ -96,8 +99,10 @@ def sweep_status(paths: SweepPaths, *, validate: bool = True, query_queue: bool 
     local = _local_states(paths) if any(r.launcher == "local" for r, _ in latest.values()) else {}
     done_ids = [c.cell_id for c in plan if paths.done_marker(c.cell_id).is_file()]
     verdicts = _validate(paths, done_ids, deep) if validate else {cid: (True, None) for cid in done_ids}
+    cancels = read_cancellations(paths)
     cells = tuple(
-        _cell_state(paths, c, latest.get(c.cell_id), live, acct or {}, local, verdicts, queue_error) for c in plan
+        _cell_state(paths, c, latest.get(c.cell_id), live, acct or {}, local, verdicts, queue_error, cancels)
+        for c in plan
     )
     counts = Counter(c.state for c in cells)
     # accounting: None when unknown (no Slurm cells, or Slurm could not be asked at all).
@@ -114,6 +119,7 @@ def _cell_state(
     local: dict[str, dict[str, Any]],
     verdicts: dict[str, tuple[bool, str | None]],
     queue_error: str | None = None,
+    cancels: dict[str, Cancellation] | None = None,
 ) -> CellStatus:
     cid = cell.cell_id
     label = params_label(cell)
@@ -129,8 +135,12 @@ def _cell_state(
     elif rec is not None and rec.launcher == "local" and cid in local:
         base = _replace(base, elapsed_s=_local_elapsed_s(local[cid]))
     ended_as = acct.get(job_id) if job_id and job_id not in live else None
+    cancel = (cancels or {}).get(cid)
+    by_cancel = cancel.describe() if cancel is not None and job_id is not None and cancel.job_id == job_id else None
     if ended_as is not None and ended_as.state in ("CANCELLED", "TIMEOUT"):
-        return _replace(base, state="cancelled" if ended_as.state == "CANCELLED" else "timeout")
+        if ended_as.state == "CANCELLED":
+            return _replace(base, state="cancelled", reason=by_cancel or base.reason)
+        return _replace(base, state="timeout")
     if cid in verdicts:
         ok, why = verdicts[cid]
         return _replace(base, state="done" if ok else "invalid", reason=None if ok else why,
@@ -139,7 +149,11 @@ def _cell_state(
         # A live job outranks FAILED.json: a requeued attempt (timeout, preemption)
         # leaves the marker of the interrupted one until it moves it aside.
         st = live[job_id].state
-        return _replace(base, state="running" if st in _RUNNING else "pending")
+        return _replace(base, state="running" if st in _RUNNING else "pending",
+                        reason="being cancelled (wattsweep cancel)" if by_cancel else base.reason)
+    if by_cancel and not _still_queued_locally(rec, local.get(cid)) and not (
+            queue_error and rec is not None and rec.launcher == "slurm"):
+        return _replace(base, state="cancelled", reason=by_cancel)
     if paths.failed_marker(cid).is_file():
         reason = failed_reason(paths, cid)
         if _hit_time_limit(reason):
@@ -160,6 +174,11 @@ def _cell_state(
         # sacct has it queued but squeue missed it (a requeue in between): not lost yet
         return _replace(base, state="pending" if ended_as.state in _PENDING else "running")
     return _replace(base, state="missing", reason=base.reason or "no DONE.json or FAILED.json and not in the queue")
+
+
+def _still_queued_locally(rec: SubmissionRecord | None, entry: dict[str, Any] | None) -> bool:
+    """The local runner has not yet acted on a cancel of this cell."""
+    return bool(rec is not None and rec.launcher == "local" and entry and entry.get("state") in ("pending", "running"))
 
 
 def _local_elapsed_s(entry: dict[str, Any]) -> int | None:

@@ -195,6 +195,7 @@ class _Runner:
         self.paths = SweepPaths.of(self.q["sweep_dir"])
         self.free_gpus = list(range(_gpu_count()))
         self.running: list[tuple[dict[str, Any], Any, list[int]]] = []
+        self._cancels_seen: tuple[int, int] | None = None  # (mtime_ns, size) of cancellations.jsonl
 
     def save(self) -> None:
         atomic_write_json(self.queue_path, self.q)
@@ -204,10 +205,48 @@ class _Runner:
         self.save()
         pending = [e for e in self.q["cells"] if e["state"] == "pending"]
         while pending or self.running:
+            for entry in self._newly_cancelled():
+                if entry in pending:
+                    pending.remove(entry)
+                    entry.update(state="ended", exit=None, cancelled=True, ended_unix_s=time.time())
+                    self.save()
+                else:
+                    self._stop(entry)
             while pending and len(self.running) < self.q["max_parallel"] and self._can_start(pending[0]):
                 self._start(pending.pop(0))
             self._reap()
             time.sleep(POLL_S)
+
+    def _newly_cancelled(self) -> list[dict[str, Any]]:
+        """Entries of this queue that `wattsweep cancel` listed since the last
+        look (a stat per poll; the file is read only when it changed)."""
+        from orchestrator.submit.cancellations import cancellations_path, read_cancellations
+
+        try:
+            st = os.stat(cancellations_path(self.paths))
+        except OSError:
+            return []
+        seen = (st.st_mtime_ns, st.st_size)
+        if seen == self._cancels_seen:
+            return []
+        self._cancels_seen = seen
+        cancels = read_cancellations(self.paths)
+        me = os.getpid()
+        return [e for i, e in enumerate(self.q["cells"])
+                if e["state"] != "ended" and not e.get("cancelled")
+                and cancels.get(e["cell_id"]) is not None and cancels[e["cell_id"]].job_id == f"{me}_{i}"]
+
+    def _stop(self, entry: dict[str, Any]) -> None:
+        """SIGTERM to a running cell's submitit controller, which forwards it to
+        every task: the workers restore their caps and write FAILED.json."""
+        import signal
+
+        entry["cancelled"] = True
+        self.save()
+        for e, job, _ in self.running:
+            process = getattr(job, "_process", None)
+            if e is entry and process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
 
     def _can_start(self, entry: dict[str, Any]) -> bool:
         total = len(self.free_gpus) + sum(len(g) for _, _, g in self.running)
@@ -265,6 +304,8 @@ class _Runner:
         except Exception as e:  # submitit re-raises the task's error with its traceback
             detail = str(e)
         error = f"local job {entry['job_id']} ended (exit {entry['exit']}) without a marker"
+        if entry.get("cancelled"):
+            error = f"local job {entry['job_id']} was cancelled (wattsweep cancel) and ended (exit {entry['exit']})"
         if entry.get("power_cap_w") is not None:
             # A worker killed outright never ran its restore.
             error += ("; its GPUs may still be capped: `wattsweep caps show` lists them, "

@@ -1,0 +1,111 @@
+"""``SWEEP_DIR/cancellations.jsonl``: which jobs `wattsweep cancel` stopped, when, by whom.
+
+One JSON line per cancel: ``{"unix_s", "by": {"user", "host"}, "jobs": {cell_id: job_id}}``.
+Two readers use it:
+- ``status`` shows a cell whose latest job is listed as ``cancelled`` as soon as the
+  job has left the queue. Without it, a cancelled job shows as ``missing`` until
+  Slurm's accounting catches up (seconds to minutes), or for good on a cluster
+  without accounting.
+- the local runner (``submit/local.py``) stops listed cells: a pending one is
+  never started; a running one gets SIGTERM, so its workers restore their caps.
+
+A line names job ids, not only cells: a cell resubmitted later runs as a new
+job that the old cancel does not touch.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from orchestrator.contracts import SweepPaths
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    job_id: str
+    unix_s: float
+    user: str
+    host: str
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.unix_s))
+        return f"cancelled by {self.user} on {self.host} at {when} (wattsweep cancel)"
+
+
+def cancellations_path(paths: SweepPaths) -> Path:
+    return paths.root / "cancellations.jsonl"
+
+
+def append_cancellation(paths: SweepPaths, jobs: Mapping[str, str]) -> None:
+    """Record that these cells' jobs (cell id -> job id) are being cancelled.
+    Written before the jobs are signalled, so a cancel cut short still says
+    what it meant to stop; fsynced like submissions.jsonl."""
+    if not jobs:
+        return
+    line = json.dumps({"unix_s": time.time(), "by": {"user": _user(), "host": socket.gethostname()},
+                       "jobs": dict(jobs)}, sort_keys=True) + "\n"
+    path = cancellations_path(paths)
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() and not _ends_with_newline(path):
+            line = "\n" + line  # keep a line cut short by a crash on its own line
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_cancellations(paths: SweepPaths) -> dict[str, Cancellation]:
+    """cell id -> its latest cancellation. A line that is not a record (cut
+    short by a crash, edited by hand) is skipped with a warning: a cancel
+    record only changes how an ended job is labelled, never what is resubmitted."""
+    path = cancellations_path(paths)
+    out: dict[str, Cancellation] = {}
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return out
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            record = _parse(line)
+            if record is None:
+                print(f"wattsweep: warning: {path}:{lineno}: skipped a line that is not a cancel record",
+                      file=sys.stderr)
+                continue
+            unix_s, user, host, jobs = record
+            for cid, jid in jobs.items():
+                out[cid] = Cancellation(jid, unix_s, user, host)
+    return out
+
+
+def _parse(line: str) -> tuple[float, str, str, dict[str, str]] | None:
+    try:
+        d: Any = json.loads(line)
+        by = d.get("by") or {}
+        jobs = d["jobs"]
+        if not isinstance(jobs, dict) or not isinstance(by, dict):
+            return None
+        return (float(d["unix_s"]), str(by.get("user", "?")), str(by.get("host", "?")),
+                {str(c): str(j) for c, j in jobs.items()})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return str(os.getuid())
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
