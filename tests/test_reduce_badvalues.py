@@ -100,6 +100,8 @@ def test_world_size_below_the_plan_with_a_rank_missing(tmp_path):
 @pytest.mark.parametrize("field, value, what", [
     ("nodes", "abc", "a whole number >= 1"), ("gpu_name", {"x": 1}, "text"),
     ("weights", 5, "text"), ("telemetry_source", 7, "text"),
+    ("prompts_truncated", -1, "a whole number >= 0"), ("prompts_truncated", "3", "a whole number >= 0"),
+    ("prompts_truncated", True, "a whole number >= 0"),
 ])
 def test_done_field_of_the_wrong_type(tmp_path, field, value, what):
     paths, (good, bad) = _sweep(tmp_path)

@@ -16,7 +16,7 @@ from orchestrator.reduce.files import read_with_stat
 
 CACHE_NAME = ".validation-cache.json"
 # Bump when a check is added: verdicts of the earlier checks are judged again.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def stat_key(paths: SweepPaths, cell_id: str) -> list[Any] | None:

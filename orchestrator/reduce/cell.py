@@ -241,6 +241,9 @@ def cell_row(cell_id: str, params: dict[str, Any], plan_cell: PlanCell | None, d
     if rm["output_tokens"] <= 0:
         raise InvalidCell("requests file holds no output tokens")
     slurm = done.get("slurm") if isinstance(done.get("slurm"), dict) else {}
+    truncated = done.get("prompts_truncated")  # None: written by a worker that did not count them
+    if truncated:
+        tm["flags"] = ",".join(sorted({*filter(None, tm["flags"].split(",")), "truncated"}))
     return {
         "cell_id": cell_id,
         "model": params.get("model"),
@@ -261,6 +264,7 @@ def cell_row(cell_id: str, params: dict[str, Any], plan_cell: PlanCell | None, d
         "slurm_job_id": None if slurm.get("job_id") is None else str(slurm.get("job_id")),
         **tm,
         **rm,
+        "prompts_truncated": truncated,
     }
 
 

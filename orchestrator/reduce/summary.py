@@ -37,7 +37,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("gpu_name", S),
         ("shards", I), ("nodes", I), ("batch_size", I), ("power_cap_w", F), ("dataset", S),
         ("n_prompts", I), ("max_new_tokens", I), ("seed", I), ("telemetry_source", S),
-        ("n_responses", I), ("input_tokens", I), ("output_tokens", I), ("output_words", I),
+        ("n_responses", I), ("prompts_truncated", I), ("input_tokens", I), ("output_tokens", I), ("output_words", I),
         ("duration_s", F), ("tokens_per_s", F), ("words_per_s", F), ("responses_per_s", F),
         ("energy_j", F), ("energy_method", S), ("integrated_energy_j", F), ("cross_check_err_pct", F),
         ("mean_power_w", F), ("mean_power_per_gpu_w", F), ("energy_per_token_j", F), ("energy_per_response_j", F),

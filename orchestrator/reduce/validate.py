@@ -164,6 +164,7 @@ def _read_done(cdir: str, cell_id: str, key: "StatKey | None") -> dict[str, Any]
 # would stop the whole reduce (or, for a count, give a wrong number).
 _DONE_COUNTS = ("world_size", "nodes")
 _DONE_TEXTS = ("gpu_name", "weights", "telemetry_source")
+_DONE_TALLIES = ("prompts_truncated",)  # counts that may be 0
 
 
 def _check_done_fields(done: dict[str, Any]) -> None:
@@ -175,6 +176,10 @@ def _check_done_fields(done: dict[str, Any]) -> None:
         v = done.get(name)
         if v is not None and not isinstance(v, str):
             raise InvalidCell(f"DONE.json {name} is {v!r}; expected text")
+    for name in _DONE_TALLIES:
+        v = done.get(name)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31):
+            raise InvalidCell(f"DONE.json {name} is {v!r}; expected a whole number >= 0")
 
 
 def _is_count(v: Any) -> bool:
