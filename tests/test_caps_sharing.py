@@ -131,3 +131,33 @@ def test_a_signal_during_the_restore_waits_for_it(tmp_path, monkeypatch):
     assert e.value.code == 128 + signal.SIGTERM and "were restored" in str(e.value)
     assert rig.sim().get_power_limit_w(0) == 300 and rig.save_files() == []
     assert actions(rig.cell_ledger) == [("apply", "ok"), ("restore", "ok")]
+
+
+def test_a_signal_inside_the_simulated_cards_locked_update_waits_for_it(tmp_path, monkeypatch):
+    """SIGTERM while this process holds the simulated node's file lock: before,
+    the handler's restore waited for that lock, held by the very code it had
+    interrupted, and the process hung."""
+    import os
+
+    state = isolate(monkeypatch, tmp_path)
+    rig = Rig("simulated", tmp_path, state)
+
+    class Hung(Exception):
+        pass
+
+    def hung(signum, frame):
+        raise Hung("the restore waited on its own lock")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(SignalExit) as e:
+            s = session(rig, 150)
+            with s:
+                s.backend._update(lambda st: os.kill(os.getpid(), signal.SIGTERM))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "were restored" in str(e.value)
+    assert rig.sim().get_power_limit_w(0) == 300 and rig.save_files() == []
+    assert actions(rig.cell_ledger) == [("apply", "ok"), ("restore", "ok")]

@@ -6,8 +6,10 @@ into ``GpuError`` subclasses whose message says what to do.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 
 class GpuError(RuntimeError):
@@ -92,3 +94,41 @@ class GpuBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# -- signal handlers and a backend's critical sections ---------------------
+# Python runs signal handlers in the main thread between two of its steps,
+# so a handler can interrupt a backend in the middle of a read-modify-write
+# under a lock (the simulated node's state file). The cap session's handler
+# restores caps through the same backend: it would wait for the lock that the
+# code it interrupted holds. Inside such a section the handler's work is
+# queued instead and runs as the section ends, lock released.
+_critical_depth = 0
+_queued: list[Callable[[], None]] = []
+
+
+@contextmanager
+def handlers_wait() -> Iterator[None]:
+    """A section a signal handler must not interrupt (main thread only: other
+    threads never run handlers, and the handler may wait for their locks)."""
+    global _critical_depth
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _critical_depth += 1
+    try:
+        yield
+    finally:
+        _critical_depth -= 1
+        if not _critical_depth:
+            while _queued:
+                _queued.pop(0)()
+
+
+def run_or_queue(handler: Callable[[], None]) -> bool:
+    """Queue ``handler`` when the main thread is inside ``handlers_wait``
+    (it runs when the section ends); True if it was queued."""
+    if _critical_depth:
+        _queued.append(handler)
+        return True
+    return False

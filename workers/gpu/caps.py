@@ -29,7 +29,7 @@ from types import FrameType
 from typing import Any, Callable
 
 from orchestrator.contracts import RunOptions
-from workers.gpu.base import CapMismatchError, GpuBackend, GpuError, GpuInfo
+from workers.gpu.base import CapMismatchError, GpuBackend, GpuError, GpuInfo, run_or_queue
 from workers.gpu.errors import range_error
 from workers.gpu.ledger import LedgerWriter, make_record, site_ledger_path
 from workers.gpu.policy import load_policy
@@ -318,6 +318,8 @@ class CapSession:
         self._old_handlers = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if run_or_queue(lambda: self._on_signal(signum, None)):
+            return  # inside a backend's locked update: restore once it has let go
         if self._restoring:
             self._deferred = signum  # the restore under way finishes first, then ends the process
             return

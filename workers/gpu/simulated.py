@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from orchestrator.contracts import GPU_PROFILES, GpuProfile, atomic_write_bytes
-from workers.gpu.base import GpuError, GpuInfo, GpuSample
+from workers.gpu.base import GpuError, GpuInfo, GpuSample, handlers_wait
 from workers.gpu.errors import lost_error, permission_error, range_error
 from workers.gpu.state import node_dir, node_name, resolve_state_dir
 
@@ -108,7 +108,9 @@ class SimulatedBackend:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".simulated.lock", "a+") as lock:
+        # A cap session's signal handler restores through this same lock: it
+        # waits for the section to end (base.handlers_wait), else it would hang.
+        with handlers_wait(), open(self.dir / ".simulated.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
