@@ -183,3 +183,13 @@ def _capped(state_dir) -> bool:
         if any(g["limit_w"] != g["default_limit_w"] for g in gpus):
             return True
     return False
+
+
+@pytest.mark.parametrize("command", ["cancel", "resubmit"])
+def test_a_folder_that_is_not_a_sweep_is_refused_and_left_as_it_was(tmp_path, command, capsys):
+    missing, empty = tmp_path / "typo", tmp_path / "empty"
+    empty.mkdir()
+    assert main([command, str(missing)]) == 2
+    assert "no such folder" in capsys.readouterr().err and not missing.exists()
+    assert main([command, str(empty)]) == 2
+    assert "no plan file" in capsys.readouterr().err and list(empty.iterdir()) == []

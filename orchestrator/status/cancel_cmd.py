@@ -6,7 +6,7 @@ import re
 import sys
 
 from orchestrator.contracts import SweepPaths
-from orchestrator.status.state import CellStatus, StatusError, sweep_status
+from orchestrator.status.state import require_sweep, CellStatus, StatusError, sweep_status
 from orchestrator.submit.shell import SlurmCommandError
 
 DESCRIPTION = """Stop a sweep's pending and running cells (or only the ones named): Slurm jobs
@@ -41,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.submit.base import LaunchError, submit_lock
 
     paths = SweepPaths.of(args.sweep_dir)
+    try:
+        require_sweep(paths)
+    except StatusError as e:
+        print(f"wattsweep cancel: {e}", file=sys.stderr)
+        return 2
     try:
         # Under the submitters' lock: a resubmit running now would queue jobs
         # this cancel has not seen.

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from orchestrator.contracts import SweepPaths
 from orchestrator.plan.planned import PlannedCell, read_plan
-from orchestrator.status.state import RESUBMITTABLE, StatusError, SweepStatus, sweep_status
+from orchestrator.status.state import require_sweep, RESUBMITTABLE, StatusError, SweepStatus, sweep_status
 from orchestrator.submit.shell import SlurmCommandError
 
 DESCRIPTION = """Resubmit exactly the cells that did not finish well: failed, cancelled, timed out,
@@ -41,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.submit.base import LaunchError, submit_lock
 
     paths = SweepPaths.of(args.sweep_dir)
+    try:
+        require_sweep(paths)
+    except StatusError as e:
+        print(f"wattsweep resubmit: {e}", file=sys.stderr)
+        return 2
     try:
         changes = parse_launcher_changes(getattr(args, "launcher", []) or [])
         if args.dry_run:

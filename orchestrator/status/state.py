@@ -220,6 +220,15 @@ def _array_index(job_id: str | None) -> int | None:
     return None
 
 
+def require_sweep(paths: SweepPaths) -> None:
+    """Refuse a folder that is not a sweep before anything is written in it
+    (resubmit's and cancel's lock file would make one out of a typo)."""
+    if not paths.root.is_dir():
+        raise StatusError(f"{paths.root}: no such folder; give a sweep folder made by `wattsweep sweep`")
+    if not paths.plan_jsonl.is_file():
+        raise StatusError(f"{paths.plan_jsonl}: no plan file; is {paths.root} a sweep folder made by `wattsweep sweep`?")
+
+
 def _read_plan(paths: SweepPaths) -> list[PlannedCell]:
     if not paths.root.is_dir():
         raise StatusError(f"{paths.root}: no such folder; give a sweep folder made by `wattsweep sweep`")
