@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("orchestrator.status.cmd", "show each cell's state from the sweep folder and the queue"),
     "resubmit": ("orchestrator.status.resubmit_cmd", "resubmit only failed, cancelled, timed-out, missing or invalid cells"),
     "cancel": ("orchestrator.status.cancel_cmd", "stop a sweep's pending and running cells (scancel, local runner)"),
+    "logs": ("orchestrator.status.logs_cmd", "print the end of a cell's job logs (stderr, stdout) for one rank"),
     "reduce": ("orchestrator.reduce.cmd", "validate cell outputs and write results/summary.parquet"),
     "report": ("orchestrator.report.cmd", "write report/index.html (and index.md) with the paper's figures"),
     "compare": ("orchestrator.report.compare_cmd", "side-by-side ratios of matching cells of two sweeps"),
@@ -30,7 +31,7 @@ EPILOG = """examples:
   wattsweep sweep -m shards=1,2 batch_size=1,4 --wait
   wattsweep sweep -m model=llama-7b shards=1,2,4 power_cap_w=null,250,175,150 launcher=slurm
   wattsweep status SWEEP_DIR          wattsweep resubmit SWEEP_DIR
-  wattsweep cancel SWEEP_DIR          (stop pending and running cells)
+  wattsweep cancel SWEEP_DIR          wattsweep logs SWEEP_DIR CELL
   wattsweep reduce SWEEP_DIR          wattsweep report SWEEP_DIR
   wattsweep audit --ledger SWEEP_DIR  wattsweep doctor
 

@@ -49,7 +49,7 @@ def test_unknown_command_names_the_valid_ones():
     assert "valid: sweep, status" in out.stderr
 
 
-@pytest.mark.parametrize("command", ["sweep", "status", "resubmit", "cancel", "reduce", "report", "compare", "audit", "caps", "doctor"])
+@pytest.mark.parametrize("command", ["sweep", "status", "resubmit", "cancel", "logs", "reduce", "report", "compare", "audit", "caps", "doctor"])
 def test_every_command_has_help(command, capsys):
     from orchestrator.cli import main
 

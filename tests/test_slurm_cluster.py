@@ -75,6 +75,9 @@ def test_2x2_sweep_with_a_two_node_cell_completes_and_reduces(done_sweep, capsys
         assert done["slurm"]["job_id"] and done["slurm"]["array_task_id"] is not None
         logs = list(done_sweep.launch_dir(cid).glob("*_0_log.out"))
         assert logs and logs[0].resolve().is_file()  # the cell's log, found from its own folder
+        capsys.readouterr()
+        assert main(["logs", str(done_sweep.root), cid, "--rank", str(cell.params.shards - 1)]) == 0
+        assert "Starting with JobEnvironment" in capsys.readouterr().out
     recs = read_submissions(done_sweep)
     assert len(recs) == 2 and all(r.array and len(r.cell_ids) == 2 for r in recs)  # one array per resource shape
     assert main(["reduce", str(done_sweep.root)]) == 0

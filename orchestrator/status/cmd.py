@@ -1,7 +1,8 @@
-"""``wattsweep status SWEEP_DIR [--json] [--watch]``."""
+"""``wattsweep status SWEEP_DIR [--json] [--watch] [--state STATE,...]``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -17,7 +18,9 @@ states: planned pending running done failed cancelled timeout infeasible missing
 EPILOG = """examples:
   wattsweep status runs/2026-11-26_12-00-00
   wattsweep status SWEEP_DIR --json | jq '.counts'
-  wattsweep status SWEEP_DIR --watch          live counts until every cell has ended"""
+  wattsweep status SWEEP_DIR --watch          live counts until every cell has ended
+  wattsweep status SWEEP_DIR --state failed,invalid   only those rows (the counts stay whole)
+  wattsweep logs SWEEP_DIR CELL               why a failed cell failed, from its job logs"""
 
 BAR_WIDTH = 40
 
@@ -27,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
     p.add_argument("--watch", action="store_true", help="refresh counts and a progress bar until every cell has ended")
     p.add_argument("--interval", type=_seconds, default=2.0, metavar="S", help="seconds between --watch refreshes (default 2)")
+    p.add_argument("--state", type=_states, metavar="STATE[,STATE]",
+                   help="show only cells in these states (the counts line still counts every cell)")
     p.add_argument("--no-validate", action="store_true", help="trust DONE.json without checking the output files")
     p.add_argument("--deep", action="store_true",
                    help="validate done cells as reduce does (footers, schemas, row ownership), not only their checksums; "
@@ -43,6 +48,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _states(text: str) -> frozenset[str]:
+    wanted = frozenset(s.strip() for s in text.split(",") if s.strip())
+    unknown = sorted(wanted - set(STATES))
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"unknown state {unknown[0] if unknown else text!r}; valid: {', '.join(STATES)}")
+    return wanted
+
+
 def run(args: argparse.Namespace) -> int:
     paths = SweepPaths.of(args.sweep_dir)
     try:
@@ -54,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if st.queue_error:
         print(f"wattsweep status: warning: Slurm could not be asked ({st.queue_error}); states come from the sweep folder only", file=sys.stderr)
+    if getattr(args, "state", None):
+        st = dataclasses.replace(st, cells=tuple(c for c in st.cells if c.state in args.state))  # counts stay whole
     print(dumps(st) if args.json else format_table(st))
     return 0
 
@@ -73,7 +88,7 @@ def format_table(st: SweepStatus) -> str:
 
 def format_counts(st: SweepStatus) -> str:
     parts = [f"{n} {s}" for s, n in st.counts.items() if n]
-    return f"{len(st.cells)} cells: " + (", ".join(parts) if parts else "none")
+    return f"{sum(st.counts.values())} cells: " + (", ".join(parts) if parts else "none")
 
 
 def bar(ended: int, total: int) -> str:

@@ -1,0 +1,79 @@
+"""`wattsweep logs` finds the latest job's logs of a rank; `status --state` filters rows."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.contracts import SweepPaths, write_failed
+from orchestrator.plan.planned import write_plan
+from orchestrator.submit.base import SubmissionRecord, append_submissions
+from tests.test_status_state import make_cell
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    paths = SweepPaths.of(tmp_path / "sweep")
+    cells = [make_cell(batch_size=b) for b in (1, 2)]
+    write_plan(paths, cells)
+    ids = [c.cell_id for c in cells]
+    append_submissions(paths, [SubmissionRecord(tuple(ids), "slurm", ("77_0", "77_1"), True, 1.0, 0,
+                                                {"array_job_id": "77"})])
+    return paths, ids
+
+
+def write_log(paths, cid, job, rank, out, err="", age_s=0.0):
+    ldir = paths.launch_dir(cid)
+    ldir.mkdir(parents=True, exist_ok=True)
+    for suffix, text in (("out", out), ("err", err)):
+        p = ldir / f"{job}_{rank}_log.{suffix}"
+        p.write_text(text)
+        t = p.stat().st_mtime - age_s
+        os.utime(p, (t, t))
+
+
+def test_the_latest_jobs_logs_by_prefix_and_rank(sweep, capsys):
+    paths, ids = sweep
+    write_log(paths, ids[0], "77_0", 0, "".join(f"line {i}\n" for i in range(100)), "Traceback: boom\n")
+    write_log(paths, ids[0], "99_0", 0, "a newer job's file the submissions do not name\n")  # newest, not latest
+    write_log(paths, ids[0], "77_0", 1, "rank one\n")
+    assert main(["logs", str(paths.root), ids[0][:5]]) == 0
+    out = capsys.readouterr().out
+    assert out.index("77_0_0_log.err") < out.index("Traceback: boom") < out.index("77_0_0_log.out")
+    assert "line 99" in out and "line 70" in out and "line 69" not in out and "newer" not in out
+    assert main(["logs", str(paths.root), ids[0], "--rank", "1", "--lines", "0"]) == 0
+    assert "rank one" in capsys.readouterr().out
+
+
+def test_without_a_submission_the_newest_logs_are_shown(sweep, capsys):
+    paths, ids = sweep
+    write_log(paths, ids[1], "5001", 0, "older\n", age_s=100)
+    write_log(paths, ids[1], "5002", 0, "newer\n")
+    paths.submissions_jsonl.unlink()
+    assert main(["logs", str(paths.root), ids[1]]) == 0
+    out = capsys.readouterr().out
+    assert "newer" in out and "older" not in out
+
+
+def test_no_logs_unknown_and_ambiguous_cells(sweep, capsys):
+    paths, ids = sweep
+    assert main(["logs", str(paths.root), ids[1]]) == 1
+    assert "has no logs for rank 0 yet" in capsys.readouterr().err
+    assert main(["logs", str(paths.root), "zz"]) == 2
+    assert "no cell 'zz'" in capsys.readouterr().err
+    assert main(["logs", str(paths.root), ""]) == 2
+    with pytest.raises(SystemExit):
+        main(["logs", str(paths.root), ids[0], "--lines", "-1"])
+    assert "not a whole number >= 0" in capsys.readouterr().err
+
+
+def test_status_state_filters_rows_and_keeps_the_counts_whole(sweep, monkeypatch, capsys):
+    paths, ids = sweep
+    write_failed(paths, ids[0], "RuntimeError: boom", "")
+    assert main(["status", str(paths.root), "--state", "failed", "--no-validate"]) == 0
+    out = capsys.readouterr().out
+    assert ids[0] in out and ids[1] not in out and "2 cells:" in out
+    with pytest.raises(SystemExit):
+        main(["status", str(paths.root), "--state", "broken"])
+    assert "unknown state 'broken'; valid: planned" in capsys.readouterr().err
