@@ -6,7 +6,8 @@ import re
 import sys
 
 from orchestrator.contracts import SweepPaths
-from orchestrator.status.state import require_sweep, CellStatus, StatusError, sweep_status
+from orchestrator.status.common import pick_cells, run_on_sweep
+from orchestrator.status.state import CellStatus, StatusError, sweep_status
 from orchestrator.submit.shell import SlurmCommandError
 
 DESCRIPTION = """Stop a sweep's pending and running cells (or only the ones named): Slurm jobs
@@ -38,22 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.submit.base import LaunchError, submit_lock
-
     paths = SweepPaths.of(args.sweep_dir)
-    try:
-        require_sweep(paths)
-    except StatusError as e:
-        print(f"wattsweep cancel: {e}", file=sys.stderr)
-        return 2
-    try:
-        # Under the submitters' lock: a resubmit running now would queue jobs
-        # this cancel has not seen.
-        with submit_lock(paths):
-            return _run(args, paths)
-    except LaunchError as e:
-        print(f"wattsweep cancel: {e}", file=sys.stderr)
-        return 2
+    return run_on_sweep(paths, "cancel", lambda: _run(args, paths))
 
 
 def _run(args: argparse.Namespace, paths: SweepPaths) -> int:
@@ -77,16 +64,8 @@ def _run(args: argparse.Namespace, paths: SweepPaths) -> int:
 
 def choose(cells: tuple[CellStatus, ...], cell_ids: list[str] | None) -> list[CellStatus]:
     """The cells to cancel, in plan order: pending or running, and named if any are."""
-    by_id = {c.cell_id: c for c in cells}
-    if cell_ids:
-        unknown = [c for c in cell_ids if c not in by_id]
-        if unknown:
-            raise ValueError(f"unknown cell id(s) {' '.join(unknown)}; valid: ids listed by `wattsweep status`")
-        for cid in cell_ids:
-            if by_id[cid].state not in ACTIVE:
-                print(f"skipping {cid}: {by_id[cid].state}, not pending or running")
-    picked = set(cell_ids) if cell_ids else set(by_id)
-    return [c for c in cells if c.cell_id in picked and c.state in ACTIVE and c.job_id]
+    picked = pick_cells(cells, cell_ids, ACTIVE, lambda c: f"{c.state}, not pending or running")
+    return [c for c in picked if c.job_id]
 
 
 def cancel(paths: SweepPaths, cells: list[CellStatus]) -> int:

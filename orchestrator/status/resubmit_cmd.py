@@ -7,7 +7,8 @@ from collections import defaultdict
 
 from orchestrator.contracts import SweepPaths
 from orchestrator.plan.planned import PlannedCell, read_plan
-from orchestrator.status.state import require_sweep, RESUBMITTABLE, StatusError, SweepStatus, sweep_status
+from orchestrator.status.common import pick_cells, run_on_sweep
+from orchestrator.status.state import RESUBMITTABLE, StatusError, SweepStatus, sweep_status
 from orchestrator.submit.shell import SlurmCommandError
 
 DESCRIPTION = """Resubmit exactly the cells that did not finish well: failed, cancelled, timed out,
@@ -38,23 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.submit.base import LaunchError, submit_lock
-
     paths = SweepPaths.of(args.sweep_dir)
-    try:
-        require_sweep(paths)
-    except StatusError as e:
-        print(f"wattsweep resubmit: {e}", file=sys.stderr)
-        return 2
-    try:
-        changes = parse_launcher_changes(getattr(args, "launcher", []) or [])
-        if args.dry_run:
-            return _run(args, paths, changes)
-        with submit_lock(paths):
-            return _run(args, paths, changes)
-    except (LaunchError, ValueError) as e:
-        print(f"wattsweep resubmit: {e}", file=sys.stderr)
-        return 2
+
+    def resubmit() -> int:
+        return _run(args, paths, parse_launcher_changes(getattr(args, "launcher", []) or []))
+
+    return run_on_sweep(paths, "resubmit", resubmit, lock=not args.dry_run)
 
 
 def _run(args: argparse.Namespace, paths: SweepPaths, changes: dict) -> int:
@@ -77,17 +67,8 @@ def _run(args: argparse.Namespace, paths: SweepPaths, changes: dict) -> int:
 def choose(st: SweepStatus, cell_ids: list[str] | None, force: bool) -> list[str]:
     """Ids to resubmit, in plan order."""
     wanted = RESUBMITTABLE | ({"done"} if force else set())
-    by_id = {c.cell_id: c for c in st.cells}
-    if cell_ids:
-        unknown = [c for c in cell_ids if c not in by_id]
-        if unknown:
-            raise ValueError(f"unknown cell id(s) {' '.join(unknown)}; valid: ids listed by `wattsweep status {st.sweep_dir}`")
-        for cid in cell_ids:
-            s = by_id[cid].state
-            if s not in wanted:
-                print(f"skipping {cid}: {s}" + (" (use --force to rerun)" if s == "done" else ""))
-    picked = set(cell_ids) if cell_ids else set(by_id)
-    return [c.cell_id for c in st.cells if c.cell_id in picked and c.state in wanted]
+    note = (lambda c: c.state + (" (use --force to rerun)" if c.state == "done" else ""))
+    return [c.cell_id for c in pick_cells(st.cells, cell_ids, wanted, note)]
 
 
 def parse_launcher_changes(items: list[str]) -> dict:

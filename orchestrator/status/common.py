@@ -1,0 +1,42 @@
+"""What the commands that act on a sweep's cells share (resubmit, cancel)."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Collection
+
+from orchestrator.contracts import SweepPaths
+from orchestrator.status.state import CellStatus, StatusError, require_sweep
+
+
+def run_on_sweep(paths: SweepPaths, command: str, fn: Callable[[], int], *, lock: bool = True) -> int:
+    """``fn()`` for an existing sweep folder, under the submitters' lock when
+    ``lock`` (a resubmit and a cancel running at once would each act on cells
+    the other is changing). A folder that is not a sweep is refused before
+    the lock file is written; errors are one line and exit status 2."""
+    from orchestrator.submit.base import LaunchError, submit_lock
+
+    try:
+        require_sweep(paths)
+        if not lock:
+            return fn()
+        with submit_lock(paths):
+            return fn()
+    except (StatusError, LaunchError, ValueError) as e:
+        print(f"wattsweep {command}: {e}", file=sys.stderr)
+        return 2
+
+
+def pick_cells(cells: tuple[CellStatus, ...], cell_ids: list[str] | None, wanted: Collection[str],
+               skip_note: Callable[[CellStatus], str]) -> list[CellStatus]:
+    """Cells in a ``wanted`` state, in plan order; only those of ``cell_ids`` when
+    given (an unknown id is refused, a named cell in another state is noted)."""
+    by_id = {c.cell_id: c for c in cells}
+    if cell_ids:
+        unknown = [c for c in cell_ids if c not in by_id]
+        if unknown:
+            raise ValueError(f"unknown cell id(s) {' '.join(unknown)}; valid: ids listed by `wattsweep status`")
+        for cid in cell_ids:
+            if by_id[cid].state not in wanted:
+                print(f"skipping {cid}: {skip_note(by_id[cid])}")
+    picked = set(cell_ids) if cell_ids else set(by_id)
+    return [c for c in cells if c.cell_id in picked and c.state in wanted]
