@@ -244,8 +244,14 @@ class _Runner:
         entry["cancelled"] = True
         self.save()
         for e, job, _ in self.running:
+            if e is not entry:
+                continue
+            # submitit keeps the controller's Popen private; without it, its
+            # public cancel (SIGINT, which the workers also turn into a restore).
             process = getattr(job, "_process", None)
-            if e is entry and process is not None and process.poll() is None:
+            if process is None:
+                job.cancel(check=False)
+            elif process.poll() is None:
                 process.send_signal(signal.SIGTERM)
 
     def _can_start(self, entry: dict[str, Any]) -> bool:
