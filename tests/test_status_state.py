@@ -236,21 +236,29 @@ def test_resubmit_changes_launcher_settings_but_not_the_cells(sweep, monkeypatch
     assert "signal_delay_s=90" in capsys.readouterr().err
 
 
-def test_one_submitter_of_a_sweep_at_a_time(sweep, capsys):
-    """Two resubmits run together both saw the failed cells and both submitted them."""
+def test_one_submitter_of_a_sweep_at_a_time(sweep, monkeypatch, capsys):
+    """Two resubmits run together both saw the failed cells and both submitted them:
+    the second waits for the first, names it, and gives up after LOCK_WAIT_S."""
     import fcntl
+    import threading
 
-    from orchestrator.status import resubmit_cmd
+    from orchestrator.cli import main
+    from orchestrator.status import common
 
     paths, ids = sweep
-    with open(paths.root / ".submit.lock", "a+") as held:
+    monkeypatch.setattr(common, "LOCK_WAIT_S", 0.5)
+    with open(paths.root / ".submit.lock", "a+") as held:  # another open file: flock conflicts in-process too
         fcntl.flock(held, fcntl.LOCK_EX)
-        import subprocess
-        import sys
-
-        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resubmit", str(paths.root)],
-                              capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "is submitting cells of" in done.stderr
+        held.write("4242 resubmit\n")
+        held.flush()
+        assert main(["resubmit", str(paths.root)]) == 2
+        err = capsys.readouterr().err
+        assert "waiting up to 0.5 s for `wattsweep resubmit` (pid 4242)" in err
+        assert "`wattsweep resubmit` (pid 4242) is changing the cells of" in err
+        monkeypatch.setattr(common, "LOCK_WAIT_S", 30.0)
+        threading.Timer(0.5, fcntl.flock, (held, fcntl.LOCK_UN)).start()
+        assert main(["cancel", str(paths.root)]) == 0  # waited, then found nothing to cancel
+    assert "nothing to cancel" in capsys.readouterr().out
 
 
 def test_status_checks_checksums_and_deep_also_parses(sweep):

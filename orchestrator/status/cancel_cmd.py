@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     paths = SweepPaths.of(args.sweep_dir)
-    return run_on_sweep(paths, "cancel", lambda: _run(args, paths))
+    return run_on_sweep(paths, "cancel", lambda: _run(args, paths), lock=not args.dry_run)
 
 
 def _run(args: argparse.Namespace, paths: SweepPaths) -> int:

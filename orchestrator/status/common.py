@@ -8,6 +8,11 @@ from orchestrator.contracts import SweepPaths
 from orchestrator.status.state import CellStatus, StatusError, require_sweep
 
 
+# How long resubmit and cancel wait for another command that holds the sweep
+# (a sweep still submitting its arrays, another resubmit).
+LOCK_WAIT_S = 120.0
+
+
 def run_on_sweep(paths: SweepPaths, command: str, fn: Callable[[], int], *, lock: bool = True) -> int:
     """``fn()`` for an existing sweep folder, under the submitters' lock when
     ``lock`` (a resubmit and a cancel running at once would each act on cells
@@ -19,8 +24,16 @@ def run_on_sweep(paths: SweepPaths, command: str, fn: Callable[[], int], *, lock
         require_sweep(paths)
         if not lock:
             return fn()
-        with submit_lock(paths):
+        try:
+            held = submit_lock(paths, command, wait_s=LOCK_WAIT_S)
+            held.__enter__()
+        except OSError as e:  # a read-only folder, a full disk
+            raise StatusError(f"cannot take the lock {paths.root / '.submit.lock'} ({e.strerror}); "
+                              f"nothing was changed") from None
+        try:
             return fn()
+        finally:
+            held.__exit__(None, None, None)
     except (StatusError, LaunchError, ValueError) as e:
         print(f"wattsweep {command}: {e}", file=sys.stderr)
         return 2

@@ -67,23 +67,51 @@ class SubmissionRecord:
 
 
 @contextlib.contextmanager
-def submit_lock(paths: SweepPaths) -> Iterator[None]:
-    """One submitter of a sweep at a time: two resubmits run together would
-    each see a failed cell as failed and both submit it. The lock is an
-    flock on SWEEP/.submit.lock, released when the process ends however it ends."""
+def submit_lock(paths: SweepPaths, command: str = "sweep", *, wait_s: float = 0.0) -> Iterator[None]:
+    """One command at a time changes which jobs run a sweep's cells (sweep,
+    resubmit, cancel): two resubmits at once would each see a failed cell as
+    failed and both submit it, and a cancel during a submission would miss the
+    cells not yet queued. An flock on SWEEP/.submit.lock, released when the
+    process ends however it ends; the holder writes its pid and command there
+    so that a waiting command can name it. ``wait_s``: how long to wait for
+    the holder before giving up (LaunchError)."""
     import fcntl
 
     paths.root.mkdir(parents=True, exist_ok=True)
     with open(paths.root / ".submit.lock", "a+") as f:
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _lock_holder(f)
+                if time.monotonic() >= deadline:
+                    raise LaunchError(f"{holder} is changing the cells of {paths.root} right now; wait for it to "
+                                      f"finish, then check `wattsweep status {paths.root}`") from None
+                if not told:
+                    print(f"wattsweep {command}: waiting up to {wait_s:g} s for {holder} to finish with {paths.root}",
+                          file=sys.stderr)
+                    told = True
+                time.sleep(0.2)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LaunchError(f"another `wattsweep sweep` or `resubmit` is submitting cells of {paths.root} right now; "
-                              f"wait for it, then check `wattsweep status {paths.root}`") from None
-        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()} {command}\n")
+            f.flush()
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _lock_holder(f: Any) -> str:
+    """'`wattsweep resubmit` (pid 123)' from the lock file, or a general phrase."""
+    try:
+        f.seek(0)
+        pid, command = f.read().split()[:2]
+        return f"`wattsweep {command}` (pid {int(pid)})"
+    except (ValueError, OSError):
+        return "another wattsweep command (sweep, resubmit or cancel)"
 
 
 def append_submissions(paths: SweepPaths, records: list[SubmissionRecord]) -> None:

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.contracts import SweepPaths
     from orchestrator.plan import plan_cells, write_plan, write_sweep_yaml
     from orchestrator.plan.feasibility import PolicyError
-    from orchestrator.submit.base import LaunchError, get_launcher
+    from orchestrator.submit.base import LaunchError, get_launcher, submit_lock
 
     try:
         composed = compose_cells(list(args.overrides), args.multirun)
@@ -106,13 +106,21 @@ def run(args: argparse.Namespace) -> int:
     if paths.plan_jsonl.exists():
         print(f"wattsweep sweep: {paths.root} already holds a sweep; choose another sweep_dir=..., or use `wattsweep resubmit {paths.root}`", file=sys.stderr)
         return 2
-    paths.root.mkdir(parents=True, exist_ok=True)
-    write_sweep_yaml(paths, composed, len(cells), len(feasible))
-    write_plan(paths, cells)
+    # Under the sweep's lock from before the plan exists: a cancel or resubmit
+    # started meanwhile waits for every cell to be queued instead of missing some.
     try:
-        records, failure = launcher.submit(paths, feasible), None
-    except LaunchError as e:
-        records, failure = e.records, e  # some cells may be queued: show them all the same
+        with submit_lock(paths, "sweep"):
+            if paths.plan_jsonl.exists():  # another sweep into this folder got here first
+                raise LaunchError(f"{paths.root} already holds a sweep; choose another sweep_dir=...")
+            write_sweep_yaml(paths, composed, len(cells), len(feasible))
+            write_plan(paths, cells)
+            try:
+                records, failure = launcher.submit(paths, feasible), None
+            except LaunchError as e:
+                records, failure = e.records, e  # some cells may be queued: show them all the same
+    except LaunchError as e:  # the lock: another command has this folder
+        print(f"wattsweep sweep: {e}", file=sys.stderr)
+        return 2
     jobs = {cid: jid for r in records for cid, jid in zip(r.cell_ids, r.job_ids)}
     print(f"sweep folder: {paths.root}")
     print(format_cells(cells, jobs))
