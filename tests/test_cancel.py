@@ -128,11 +128,11 @@ def test_cancel_dry_run_unknown_ids_and_nothing_to_do(slurm_sweep, monkeypatch, 
     assert f"would cancel {ids[0]} (pending, slurm job 4242_0)" in capsys.readouterr().out
     assert not cancellations_path(paths).exists()
     assert main(["cancel", str(paths.root), "--cells", "nope"]) == 2
-    assert "unknown cell id(s) nope" in capsys.readouterr().err
+    assert "no cell 'nope'" in capsys.readouterr().err
     fake_queue(monkeypatch, live={})
-    assert main(["cancel", str(paths.root), "--cells", ids[1]]) == 0
+    assert main(["cancel", str(paths.root), "--cells", ids[1][:6]]) == 0  # a prefix names the cell
     out = capsys.readouterr().out
-    assert f"skipping {ids[1]}: missing" in out and "nothing to cancel" in out
+    assert f"skipping {ids[1]}: missing" in out and "nothing to cancel: none of the cells named" in out
 
 
 def test_cancel_refuses_when_slurm_cannot_be_asked(slurm_sweep, monkeypatch, capsys):
@@ -146,6 +146,62 @@ def test_cancel_refuses_when_slurm_cannot_be_asked(slurm_sweep, monkeypatch, cap
     monkeypatch.setattr(state, "squeue_jobs", down)
     assert main(["cancel", str(paths.root)]) == 2
     assert "cannot tell which cells are queued" in capsys.readouterr().err
+
+
+def test_a_second_cancel_of_a_job_already_cancelled_changes_nothing(slurm_sweep, monkeypatch, capsys):
+    paths, ids = slurm_sweep
+    fake_queue(monkeypatch, live={"4242_0": "RUNNING"})
+    append_cancellation(paths, {ids[0]: "4242_0"})
+    before = cancellations_path(paths).read_text()
+    monkeypatch.setattr(cancel_cmd, "scancel", lambda jobs: pytest.fail(f"scancel {jobs} again"))
+    assert main(["cancel", str(paths.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"skipping {ids[0]}: already cancelled by" in out and "nothing to cancel" in out
+    assert cancellations_path(paths).read_text() == before
+
+
+@pytest.mark.parametrize("unix_s", ["1e400", "-1e20", "NaN", "true", '"noon"'])
+def test_a_record_with_an_impossible_time_is_skipped(slurm_sweep, monkeypatch, capsys, unix_s):
+    paths, ids = slurm_sweep
+    fake_queue(monkeypatch, live={})
+    cancellations_path(paths).write_text(f'{{"unix_s": {unix_s}, "by": {{"user": "x"}}, "jobs": {{"{ids[0]}": "4242_0"}}}}\n')
+    assert read_cancellations(paths) == {}
+    assert "not a cancel record" in capsys.readouterr().err
+    assert by_id(paths)[ids[0]].state == "missing"
+
+
+def test_a_record_that_cannot_be_written_says_what_was_cancelled(slurm_sweep, monkeypatch, capsys):
+    import orchestrator.submit.cancellations as records
+
+    paths, ids = slurm_sweep
+    fake_queue(monkeypatch, live={"4242_0": "RUNNING"})
+    monkeypatch.setattr(cancel_cmd, "scancel", lambda jobs: {})
+
+    def full(paths, jobs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records, "append_cancellation", full)
+    assert main(["cancel", str(paths.root)]) == 1
+    assert "Slurm jobs 4242_0 were cancelled, but the record could not be written (No space left on device)" \
+        in capsys.readouterr().err
+
+
+def test_a_local_cell_being_cancelled_reads_running_until_its_runner_reaps_it(tmp_path, monkeypatch):
+    """The worker writes FAILED.json on the SIGTERM before the runner has reaped
+    it: the cell must not read failed (resubmittable) in between."""
+    import orchestrator.status.state as state
+
+    paths = SweepPaths.of(tmp_path / "sweep")
+    cell = make_cell(launcher="local")
+    write_plan(paths, [cell])
+    append_submissions(paths, [SubmissionRecord((cell.cell_id,), "local", ("77_0",), False, 1.0, 0, {})])
+    append_cancellation(paths, {cell.cell_id: "77_0"})
+    write_failed(paths, cell.cell_id, "SignalExit: stopped by SIGTERM", "")
+    monkeypatch.setattr(state, "_local_states", lambda p: {cell.cell_id: {"state": "running", "job_id": "1"}})
+    got = by_id(paths)[cell.cell_id]
+    assert (got.state, got.reason) == ("running", "being cancelled (wattsweep cancel)")
+    monkeypatch.setattr(state, "_local_states", lambda p: {cell.cell_id: {"state": "ended", "job_id": "1"}})
+    assert by_id(paths)[cell.cell_id].state == "cancelled"
 
 
 @pytest.mark.slow
@@ -193,3 +249,78 @@ def test_a_folder_that_is_not_a_sweep_is_refused_and_left_as_it_was(tmp_path, co
     assert "no such folder" in capsys.readouterr().err and not missing.exists()
     assert main([command, str(empty)]) == 2
     assert "no plan file" in capsys.readouterr().err and list(empty.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_dead_runners_cell_stays_running_until_cancel_stops_it_and_the_next_runner_waits(tmp_path):
+    """kill -9 of the local runner left its running cell's processes alive: that
+    cell read `missing` (resubmittable) and a new runner started cells on the
+    same GPU. Now it reads running, `cancel` stops it, and a resubmit's runner
+    waits for it before starting anything."""
+    import os
+    import signal
+
+    state_dir = tmp_path / "gpus"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "-m", "sweep_dir=out", "batch_size=1,2",
+           "n_prompts=2", "max_new_tokens=2", "max_prompt_tokens=8", "dtype=float32", "gpu=simulated",
+           "power_cap_w=150", "sleep_s=120", f"gpu.state_dir={state_dir}"]
+    assert subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120).returncode == 0
+    paths = SweepPaths.of(tmp_path / "out")
+    first, second = [c.cell_id for c in read_plan(paths)]
+    _wait(lambda: _capped(state_dir), 90, "the first cell's cap")
+    queue = next((paths.root / "local").glob("queue-*.json"))
+    os.kill(read_json(queue)["runner_pid"], signal.SIGKILL)
+    got = _wait(lambda: _states(paths) if _states(paths)[first][0] == "running" and
+                _states(paths)[second][0] == "missing" else None, 30, "the orphan read as running")
+    assert "its runner died" in got[first][1]
+    assert main(["resubmit", str(paths.root)]) == 0  # only the second cell
+    time.sleep(2.0)
+    assert not paths.done_marker(second).exists()  # its runner waits for the orphan
+    assert "waiting for this sweep's earlier local work" in "".join(
+        p.read_text() for p in (paths.root / "local").glob("queue-*.log"))
+    cancelled_at = time.time()
+    assert main(["cancel", str(paths.root), "--cells", first]) == 0
+    _wait(lambda: _states(paths)[first][0] == "cancelled", 60, "the orphan stopped")
+    new_queue = max((paths.root / "local").glob("queue-*.json"))
+    started = _wait(lambda: read_json(new_queue)["cells"][0].get("started_unix_s"), 60, "the resubmitted cell")
+    assert started >= cancelled_at  # not before the orphan was stopped
+    assert main(["cancel", str(paths.root)]) == 0  # the resubmitted cell (it sleeps too)
+    _wait(lambda: {s for s, _ in _states(paths).values()} == {"cancelled"} and not _capped(state_dir), 60, "all stopped")
+    assert main(["audit", "--ledger", str(paths.root)]) == 0
+
+
+def _states(paths):
+    return {c.cell_id: (c.state, c.reason or "") for c in sweep_status(paths, validate=False).cells}
+
+
+def _wait(pred, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = pred()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
+
+def test_a_cancelled_local_cell_that_does_not_exit_is_killed_after_kill_wait(tmp_path):
+    from orchestrator.contracts import atomic_write_json
+    from orchestrator.submit import local
+
+    queue = tmp_path / "queue.json"
+    atomic_write_json(queue, {"sweep_dir": str(tmp_path), "cells": [], "max_parallel": 1})
+    runner = local._Runner(queue)
+
+    class Job:
+        cancels = 0
+
+        def cancel(self, check=True):
+            Job.cancels += 1
+
+    now = time.time()
+    fresh = {"cell_id": "a", "cancel_sent_unix_s": now - 1}
+    stuck = {"cell_id": "b", "cancel_sent_unix_s": now - local.KILL_WAIT_S - 1}
+    runner.running = [(fresh, Job(), []), (stuck, Job(), [])]
+    runner._escalate()
+    runner._escalate()
+    assert Job.cancels == 1 and stuck["killed"] and not fresh.get("killed")

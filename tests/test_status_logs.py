@@ -15,7 +15,7 @@ from tests.test_status_state import make_cell
 @pytest.fixture
 def sweep(tmp_path):
     paths = SweepPaths.of(tmp_path / "sweep")
-    cells = [make_cell(batch_size=b) for b in (1, 2)]
+    cells = [make_cell(batch_size=1, shards=2), make_cell(batch_size=2)]
     write_plan(paths, cells)
     ids = [c.cell_id for c in cells]
     append_submissions(paths, [SubmissionRecord(tuple(ids), "slurm", ("77_0", "77_1"), True, 1.0, 0,
@@ -56,6 +56,26 @@ def test_without_a_submission_the_newest_logs_are_shown(sweep, capsys):
     assert "newer" in out and "older" not in out
 
 
+def test_a_failed_cell_shows_the_rank_that_failed_and_ranks_are_checked(sweep, capsys):
+    paths, ids = sweep
+    write_log(paths, ids[0], "77_0", 0, "rank 0: Connection closed by peer\n")
+    write_log(paths, ids[0], "77_0", 1, "rank 1: RuntimeError: the real cause\n")
+    write_failed(paths, ids[0], "RuntimeError: the real cause", "", {"rank": 1})
+    assert main(["logs", str(paths.root), ids[0]]) == 0
+    assert "the real cause" in capsys.readouterr().out
+    assert main(["logs", str(paths.root), ids[0], "--rank", "2"]) == 2
+    assert "has 2 rank(s): --rank 0..1" in capsys.readouterr().err
+
+
+def test_a_pending_resubmission_points_at_the_earlier_jobs_logs(sweep, capsys):
+    paths, ids = sweep
+    write_log(paths, ids[1], "77_1", 0, "the cancelled attempt\n")
+    append_submissions(paths, [SubmissionRecord((ids[1],), "slurm", ("88_0",), True, 2.0, 1, {"array_job_id": "88"})])
+    assert main(["logs", str(paths.root), ids[1]]) == 1
+    err = capsys.readouterr().err
+    assert "latest job of cell" in err and "an earlier job's are there" in err and "77_1_0_log.out" in err
+
+
 def test_no_logs_unknown_and_ambiguous_cells(sweep, capsys):
     paths, ids = sweep
     assert main(["logs", str(paths.root), ids[1]]) == 1
@@ -77,3 +97,16 @@ def test_status_state_filters_rows_and_keeps_the_counts_whole(sweep, monkeypatch
     with pytest.raises(SystemExit):
         main(["status", str(paths.root), "--state", "broken"])
     assert "unknown state 'broken'; valid: planned" in capsys.readouterr().err
+
+
+def test_status_state_spelled_as_slurm_does_json_says_the_filter_and_watch_refuses_it(sweep, capsys):
+    import json
+
+    paths, ids = sweep
+    write_failed(paths, ids[0], "RuntimeError: boom", "")
+    assert main(["status", str(paths.root), "--state", "FAILED", "--no-validate", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [c["cell_id"] for c in d["cells"]] == [ids[0]] and d["state_filter"] == ["failed"]
+    assert sum(d["counts"].values()) == 2
+    assert main(["status", str(paths.root), "--state", "failed", "--watch"]) == 2
+    assert "use one of them" in capsys.readouterr().err

@@ -6,8 +6,9 @@ import re
 import sys
 
 from orchestrator.contracts import SweepPaths
-from orchestrator.status.common import pick_cells, run_on_sweep
+from orchestrator.status.common import pick_cells, resolve_cells, run_on_sweep
 from orchestrator.status.state import CellStatus, StatusError, sweep_status
+from orchestrator.submit.cancellations import Cancellation
 from orchestrator.submit.shell import SlurmCommandError
 
 DESCRIPTION = """Stop a sweep's pending and running cells (or only the ones named): Slurm jobs
@@ -24,8 +25,12 @@ EPILOG = """examples:
   wattsweep cancel SWEEP_DIR --dry-run               say what would be cancelled
   wattsweep resubmit SWEEP_DIR                       later: run the cancelled cells again
 
-exit status: 0 cancelled (or nothing to cancel), 1 Slurm refused some cancels,
-2 the sweep folder or the queue could not be read, or an unknown cell id."""
+Cell ids may be given by a prefix that names one cell. A cancelled cell still
+running after 30 s (a local worker that does not exit) is killed, as Slurm does.
+
+exit status: 0 cancelled (or nothing to cancel), 1 some cells were not cancelled or
+not recorded (the message says which), 2 the sweep folder or the queue could not be
+read, another command held the sweep too long, or an unknown cell id."""
 
 ACTIVE = frozenset({"pending", "running"})
 # scancel's complaint about one job, e.g. "scancel: error: Kill job error on job id 12_3: Invalid job id specified"
@@ -44,16 +49,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, paths: SweepPaths) -> int:
+    from orchestrator.submit.cancellations import read_cancellations
+
     try:
         st = sweep_status(paths, validate=False)
         if st.queue_error:
             raise SlurmCommandError(["squeue"], f"cannot tell which cells are queued: {st.queue_error}")
-        todo = choose(st.cells, args.cells)
+        named = resolve_cells(paths, args.cells) if args.cells else None
+        todo = choose(st.cells, named, read_cancellations(paths))
     except (StatusError, SlurmCommandError, ValueError) as e:
         print(f"wattsweep cancel: {e}", file=sys.stderr)
         return 2
     if not todo:
-        print("nothing to cancel: no cell is pending or running")
+        print("nothing to cancel: " + ("none of the cells named is pending or running" if named
+                                       else "no cell is pending or running"))
         return 0
     if args.dry_run:
         for c in todo:
@@ -62,27 +71,53 @@ def _run(args: argparse.Namespace, paths: SweepPaths) -> int:
     return cancel(paths, todo)
 
 
-def choose(cells: tuple[CellStatus, ...], cell_ids: list[str] | None) -> list[CellStatus]:
-    """The cells to cancel, in plan order: pending or running, and named if any are."""
+def choose(cells: tuple[CellStatus, ...], cell_ids: list[str] | None,
+           cancels: dict[str, Cancellation] | None = None) -> list[CellStatus]:
+    """The cells to cancel, in plan order: pending or running, and named if any are.
+    A cell whose current job a cancel already stopped is skipped: cancelling it
+    again would only overwrite who cancelled it and when."""
     picked = pick_cells(cells, cell_ids, ACTIVE, lambda c: f"{c.state}, not pending or running")
-    return [c for c in picked if c.job_id]
+    out = []
+    for c in picked:
+        earlier = (cancels or {}).get(c.cell_id)
+        if earlier is not None and earlier.job_id == c.job_id:
+            print(f"skipping {c.cell_id}: already {earlier.describe()}, still ending")
+        elif c.job_id:
+            out.append(c)
+    return out
 
 
 def cancel(paths: SweepPaths, cells: list[CellStatus]) -> int:
     from orchestrator.submit.cancellations import append_cancellation
+    from orchestrator.submit.local import local_queue_states, stop_controller
 
     slurm = {c.cell_id: str(c.job_id) for c in cells if c.launcher == "slurm"}
     local = {c.cell_id: str(c.job_id) for c in cells if c.launcher == "local"}
     refused = scancel(list(slurm.values())) if slurm else {}
     stopped = {cid: jid for cid, jid in slurm.items() if jid not in refused}
+    for jid, why in refused.items():
+        print(f"wattsweep cancel: job {jid}: {why}", file=sys.stderr)
     # Slurm's cancels are recorded once scancel took them; local ones are
     # requests the runner acts on when it reads this record.
-    append_cancellation(paths, {**stopped, **local})
+    try:
+        append_cancellation(paths, {**stopped, **local})
+    except OSError as e:
+        if stopped:
+            print(f"wattsweep cancel: Slurm jobs {' '.join(stopped.values())} were cancelled, but the record could not "
+                  f"be written ({e.strerror}): status shows them cancelled once Slurm's accounting does", file=sys.stderr)
+        if local:
+            print(f"wattsweep cancel: local cells {' '.join(local)} were NOT cancelled: their runner reads the record, "
+                  f"which could not be written ({e.strerror})", file=sys.stderr)
+        return 1
+    # A local cell whose runner died has no one to read the record: stop it here.
+    entries = local_queue_states(paths) if local else {}
+    for cid in local:
+        entry = entries.get(cid) or {}
+        if entry.get("orphan"):
+            stop_controller(entry.get("job_id"))
     for c in cells:
         if c.cell_id in stopped or c.cell_id in local:
             print(f"cancelled {c.cell_id} ({c.launcher} job {c.job_id}, was {c.state}): {c.params}")
-    for jid, why in refused.items():
-        print(f"wattsweep cancel: job {jid}: {why}", file=sys.stderr)
     n = len(stopped) + len(local)
     print(f"cancelled {n} cell(s); `wattsweep status {paths.root}` follows them out of the queue, "
           f"`wattsweep resubmit {paths.root}` runs them again")

@@ -13,8 +13,9 @@ from orchestrator.submit.shell import SlurmCommandError
 DESCRIPTION = """Show each cell's state: the plan and markers of the sweep folder joined with
 squeue and, where the cluster keeps accounting, sacct.
 
-states: planned pending running done failed cancelled timeout infeasible missing invalid
-(invalid: DONE.json present but an output file fails validation)."""
+states: planned pending running done failed cancelled timeout infeasible missing invalid unknown
+(invalid: DONE.json present but an output file fails validation; unknown: Slurm could not
+be asked, so a cell without a marker cannot be judged)."""
 EPILOG = """examples:
   wattsweep status runs/2026-11-26_12-00-00
   wattsweep status SWEEP_DIR --json | jq '.counts'
@@ -49,7 +50,7 @@ def _seconds(text: str) -> float:
 
 
 def _states(text: str) -> frozenset[str]:
-    wanted = frozenset(s.strip() for s in text.split(",") if s.strip())
+    wanted = frozenset(s.strip().lower() for s in text.split(",") if s.strip())  # FAILED as Slurm spells it
     unknown = sorted(wanted - set(STATES))
     if unknown or not wanted:
         raise argparse.ArgumentTypeError(f"unknown state {unknown[0] if unknown else text!r}; valid: {', '.join(STATES)}")
@@ -58,6 +59,10 @@ def _states(text: str) -> frozenset[str]:
 
 def run(args: argparse.Namespace) -> int:
     paths = SweepPaths.of(args.sweep_dir)
+    if args.watch and getattr(args, "state", None):
+        print("wattsweep status: --state picks rows of the table; --watch shows counts only: use one of them",
+              file=sys.stderr)
+        return 2
     try:
         if args.watch:
             return _watch(paths, args.interval, not args.no_validate)
@@ -69,8 +74,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"wattsweep status: warning: Slurm could not be asked ({st.queue_error}); states come from the sweep folder only", file=sys.stderr)
     if getattr(args, "state", None):
         st = dataclasses.replace(st, cells=tuple(c for c in st.cells if c.state in args.state))  # counts stay whole
-    print(dumps(st) if args.json else format_table(st))
+    if args.json:
+        print(dumps(st) if not getattr(args, "state", None) else _with_filter(dumps(st), args.state))
+    else:
+        print(format_table(st))
     return 0
+
+
+def _with_filter(text: str, states: frozenset[str]) -> str:
+    """The JSON with the filter that chose its cells ("counts" still count all)."""
+    import json
+
+    d = json.loads(text)
+    d["state_filter"] = sorted(states)
+    return json.dumps(d, indent=2, sort_keys=True)
 
 
 def format_table(st: SweepStatus) -> str:

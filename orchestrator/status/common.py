@@ -53,3 +53,34 @@ def pick_cells(cells: tuple[CellStatus, ...], cell_ids: list[str] | None, wanted
                 print(f"skipping {cid}: {skip_note(by_id[cid])}")
     picked = set(cell_ids) if cell_ids else set(by_id)
     return [c for c in cells if c.cell_id in picked and c.state in wanted]
+
+
+def resolve_cell(paths: SweepPaths, given: str, ids: list[str] | None = None) -> str:
+    """The planned cell id ``given`` names, in full or by a unique prefix
+    (``ids``: the plan's cell ids, when the caller has read them)."""
+    if ids is None:
+        ids = _plan_ids(paths)
+    if given in ids:
+        return given
+    matches = [c for c in ids if c.startswith(given)] if given else []
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = ", ".join(matches[:4]) + (", ..." if len(matches) > 4 else "")
+        raise ValueError(f"cell prefix {given!r} names {len(matches)} cells ({shown}); give more of the id")
+    raise ValueError(f"no cell {given!r} in {paths.root}; valid: ids listed by `wattsweep status {paths.root}`")
+
+
+def resolve_cells(paths: SweepPaths, given: list[str]) -> list[str]:
+    """Each of ``given`` as a full cell id (prefixes resolved; duplicates dropped)."""
+    ids = _plan_ids(paths)
+    return list(dict.fromkeys(resolve_cell(paths, g, ids) for g in given))
+
+
+def _plan_ids(paths: SweepPaths) -> list[str]:
+    from orchestrator.plan.planned import PlanFileError, read_plan
+
+    try:
+        return [c.cell_id for c in read_plan(paths)]
+    except PlanFileError as e:
+        raise StatusError(str(e)) from None

@@ -8,6 +8,7 @@ from collections import deque
 from pathlib import Path
 
 from orchestrator.contracts import SweepPaths
+from orchestrator.status.common import resolve_cell
 from orchestrator.status.state import StatusError, require_sweep
 
 DESCRIPTION = """Print the end of a cell's job logs (stderr, then stdout) for one rank: the
@@ -18,13 +19,15 @@ EPILOG = """examples:
   wattsweep logs SWEEP_DIR 3f2a9c01b7de              last 30 lines of rank 0's logs
   wattsweep logs SWEEP_DIR 3f2a --rank 3 --lines 0   all of rank 3's logs (an id prefix is enough)
 
-exit status: 0 logs printed, 1 the cell has no logs yet (never started), 2 no such sweep or cell."""
+exit status: 0 logs printed, 1 the cell's latest job has no logs yet (not started),
+2 no such sweep, cell or rank."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder")
     p.add_argument("cell", metavar="CELL", help="a cell id from `wattsweep status`, or a prefix that names one cell")
-    p.add_argument("--rank", type=_non_negative, default=0, help="which rank's logs (default 0)")
+    p.add_argument("--rank", type=_non_negative, default=None,
+                   help="which rank's logs (default: the rank FAILED.json names for a failed cell, else 0)")
     p.add_argument("--lines", type=_non_negative, default=30, metavar="N",
                    help="last N lines of each log (default 30; 0: the whole log)")
 
@@ -44,13 +47,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         require_sweep(paths)
         cell_id = resolve_cell(paths, args.cell)
+        rank = _rank(paths, cell_id, args.rank)
     except (StatusError, ValueError) as e:
         print(f"wattsweep logs: {e}", file=sys.stderr)
         return 2
-    logs = cell_logs(paths, cell_id, args.rank)
+    logs, earlier = cell_logs(paths, cell_id, rank)
     if not logs:
-        print(f"wattsweep logs: cell {cell_id} has no logs for rank {args.rank} yet "
-              f"(`wattsweep status {paths.root}` says whether it has started)", file=sys.stderr)
+        hint = (f"; an earlier job's are there: {earlier[1]}" if earlier else
+                f" (`wattsweep status {paths.root}` says whether it has started)")
+        print(f"wattsweep logs: the latest job of cell {cell_id} has no logs for rank {rank} yet{hint}", file=sys.stderr)
         return 1
     for path in logs:
         print(f"==> {path} <==")
@@ -59,52 +64,70 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_cell(paths: SweepPaths, given: str) -> str:
-    """The planned cell id ``given`` names, in full or by a unique prefix."""
-    from orchestrator.plan.planned import PlanFileError, read_plan
+def _rank(paths: SweepPaths, cell_id: str, given: int | None) -> int:
+    """The rank asked for, checked against the cell's size; by default the one
+    whose failure FAILED.json records (other ranks' logs then show only the
+    collective that broke when it died), else 0."""
+    from orchestrator.contracts import read_json
+    from orchestrator.plan.planned import read_plan
 
-    try:
-        ids = [c.cell_id for c in read_plan(paths)]
-    except PlanFileError as e:
-        raise StatusError(str(e)) from None
-    if given in ids:
-        return given
-    matches = [c for c in ids if c.startswith(given)] if given else []
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise ValueError(f"cell prefix {given!r} names {len(matches)} cells ({', '.join(matches[:4])}...); give more of the id")
-    raise ValueError(f"no cell {given!r} in {paths.root}; valid: ids listed by `wattsweep status {paths.root}`")
+    shards = next((c.params.shards for c in read_plan(paths) if c.cell_id == cell_id), None)
+    if given is None:
+        try:
+            failed_rank = read_json(paths.failed_marker(cell_id)).get("rank")
+        except (OSError, ValueError, AttributeError):
+            failed_rank = None
+        given = failed_rank if isinstance(failed_rank, int) and not isinstance(failed_rank, bool) else 0
+    if shards is not None and not 0 <= given < shards:
+        raise ValueError(f"cell {cell_id} has {shards} rank(s): --rank 0..{shards - 1}")
+    return given
 
 
-def cell_logs(paths: SweepPaths, cell_id: str, rank: int) -> list[Path]:
+def cell_logs(paths: SweepPaths, cell_id: str, rank: int) -> tuple[list[Path], tuple[str, Path] | None]:
     """stderr then stdout of ``rank`` in the cell's latest job: submitit names
     them <job>_<rank>_log.err/.out in the cell's launch folder (links into the
-    sweep's launch folder for Slurm arrays). Latest: of the latest submission
-    when its files are there, else the newest pair."""
+    sweep's launch folder for Slurm arrays). Latest: the job the latest
+    submission (or, for a local cell, its runner) names when its files are
+    there, else the newest. Also (job, stdout path) of the newest other job
+    with logs, for a hint when the latest has none yet."""
     ldir = paths.launch_dir(cell_id)
     try:
         names = os.listdir(ldir)
     except OSError:
-        return []
+        return [], None
     suffix = f"_{rank}_log.out"
-    jobs = [n[: -len(suffix)] for n in names if n.endswith(suffix)]
-    if not jobs:
-        return []
+    # Existing files only: a Slurm cell's links are made at submission, before its job writes them.
+    jobs = [n[: -len(suffix)] for n in names if n.endswith(suffix) and (ldir / n).exists()]
+    newest_first = sorted(jobs, key=lambda j: _mtime(ldir / f"{j}{suffix}"), reverse=True)
     latest = _latest_job_id(paths, cell_id)
-    job = latest if latest in jobs else max(jobs, key=lambda j: _mtime(ldir / f"{j}{suffix}"))
+    if latest is not None and latest not in jobs:
+        earlier = next(((j, ldir / f"{j}{suffix}") for j in newest_first), None)
+        return [], earlier
+    job = latest if latest is not None else (newest_first[0] if newest_first else None)
+    if job is None:
+        return [], None
     pair = [ldir / f"{job}_{rank}_log.err", ldir / f"{job}_{rank}_log.out"]
-    return [p for p in pair if p.exists()]
+    return [p for p in pair if p.exists()], None
 
 
 def _latest_job_id(paths: SweepPaths, cell_id: str) -> str | None:
+    """The id submitit gave the cell's latest job: the Slurm job of the latest
+    submission; for a local cell, the job its runner started (None before it
+    started, or when no record says)."""
     from orchestrator.submit.base import latest_submission_by_cell
 
     try:
         sub = latest_submission_by_cell(paths).get(cell_id)
     except (OSError, ValueError):
         return None
-    return sub[1] if sub else None
+    if sub is None:
+        return None
+    if sub[0].launcher != "local":
+        return sub[1]
+    from orchestrator.submit.local import local_queue_states
+
+    entry = local_queue_states(paths).get(cell_id) or {}
+    return str(entry["job_id"]) if entry.get("job_id") else None
 
 
 def _mtime(p: Path) -> float:

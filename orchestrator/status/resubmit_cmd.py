@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from orchestrator.contracts import SweepPaths
 from orchestrator.plan.planned import PlannedCell, read_plan
-from orchestrator.status.common import pick_cells, run_on_sweep
+from orchestrator.status.common import pick_cells, resolve_cells, run_on_sweep
 from orchestrator.status.state import RESUBMITTABLE, StatusError, SweepStatus, sweep_status
 from orchestrator.submit.shell import SlurmCommandError
 
@@ -18,13 +18,16 @@ its earlier outputs are moved to cells/<id>/attempts/<n>/ first. Pending and
 running cells are never resubmitted."""
 EPILOG = """examples:
   wattsweep resubmit SWEEP_DIR
-  wattsweep resubmit SWEEP_DIR --cells 3f2a9c01b7de 9be0c4d1aa02
+  wattsweep resubmit SWEEP_DIR --cells 3f2a9c01b7de 9be0       ids, or prefixes that name one cell
   wattsweep resubmit SWEEP_DIR --cells 3f2a9c01b7de --force     rerun a done cell
   wattsweep resubmit SWEEP_DIR --launcher time_min=240           cells that timed out, with more time
   wattsweep resubmit SWEEP_DIR --launcher partition=long gpus_per_node=4
 
 --launcher changes only how the cells run (launcher.* keys: time, partition, resources),
-never what they measure, so their ids stay the same. One resubmit of a sweep at a time."""
+never what they measure, so their ids stay the same. It applies to this resubmission
+only: a later resubmit uses the sweep's settings again unless given --launcher too.
+One command changes a sweep's cells at a time: a resubmit waits up to 120 s for a
+sweep, resubmit or cancel of the same folder to finish."""
 
 ACTIVE = frozenset({"pending", "running"})
 
@@ -54,7 +57,7 @@ def _run(args: argparse.Namespace, paths: SweepPaths, changes: dict) -> int:
             # Without the queue a requeued or running cell looks failed or missing:
             # resubmitting now could run a cell twice.
             raise SlurmCommandError(["squeue"], f"cannot resubmit while Slurm cannot be asked ({st.queue_error}); try again on a node where squeue works")
-        todo = choose(st, args.cells, args.force)
+        todo = choose(st, resolve_cells(paths, args.cells) if args.cells else None, args.force)
     except (StatusError, SlurmCommandError, ValueError) as e:
         print(f"wattsweep resubmit: {e}", file=sys.stderr)
         return 2

@@ -151,8 +151,11 @@ def _cell_state(
         st = live[job_id].state
         return _replace(base, state="running" if st in _RUNNING else "pending",
                         reason="being cancelled (wattsweep cancel)" if by_cancel else base.reason)
-    if by_cancel and not _still_queued_locally(rec, local.get(cid)) and not (
-            queue_error and rec is not None and rec.launcher == "slurm"):
+    if by_cancel and _still_queued_locally(rec, local.get(cid)):
+        # The runner has not yet reaped the cell: its worker may already have
+        # written FAILED.json on the SIGTERM, but the cell has not ended.
+        return _replace(base, state=local[cid]["state"], reason="being cancelled (wattsweep cancel)")
+    if by_cancel and not (queue_error and rec is not None and rec.launcher == "slurm"):
         return _replace(base, state="cancelled", reason=by_cancel)
     if paths.failed_marker(cid).is_file():
         reason = failed_reason(paths, cid)
@@ -165,7 +168,9 @@ def _cell_state(
     if rec.launcher == "local" and cid in local:
         st = local[cid].get("state")
         if st in ("pending", "running"):
-            return _replace(base, state=st)
+            orphan = (f"its runner died; the cell's processes still run (controller pid {local[cid].get('job_id')}): "
+                      f"`wattsweep cancel {paths.root} --cells {cid}` stops them") if local[cid].get("orphan") else None
+            return _replace(base, state=st, reason=orphan)
     if queue_error and rec.launcher == "slurm":
         return _replace(base, state="unknown", reason=f"no marker, and Slurm could not be asked: {queue_error}")
     if ended_as is not None and ended_as.state in _SACCT_FAILED:

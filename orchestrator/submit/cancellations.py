@@ -44,9 +44,9 @@ def cancellations_path(paths: SweepPaths) -> Path:
 
 
 def append_cancellation(paths: SweepPaths, jobs: Mapping[str, str]) -> None:
-    """Record that these cells' jobs (cell id -> job id) are being cancelled.
-    Written before the jobs are signalled, so a cancel cut short still says
-    what it meant to stop; fsynced like submissions.jsonl."""
+    """Record that these cells' jobs (cell id -> job id) are being cancelled:
+    Slurm jobs once scancel has taken them; local cells before anything else,
+    since their runner acts on this record. Fsynced like submissions.jsonl."""
     if not jobs:
         return
     line = json.dumps({"unix_s": time.time(), "by": {"user": _user(), "host": socket.gethostname()},
@@ -92,7 +92,10 @@ def _parse(line: str) -> tuple[float, str, str, dict[str, str]] | None:
         jobs = d["jobs"]
         if not isinstance(jobs, dict) or not isinstance(by, dict):
             return None
-        return (float(d["unix_s"]), str(by.get("user", "?")), str(by.get("host", "?")),
+        unix_s = d["unix_s"]
+        if isinstance(unix_s, bool) or not isinstance(unix_s, (int, float)) or not 0 <= unix_s < 1e11:
+            return None  # not a time this century's clocks give (NaN fails the comparison too)
+        return (float(unix_s), str(by.get("user", "?")), str(by.get("host", "?")),
                 {str(c): str(j) for c, j in jobs.items()})
     except (ValueError, KeyError, TypeError, AttributeError):
         return None

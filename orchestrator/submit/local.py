@@ -16,6 +16,7 @@ The queue file (``SWEEP_DIR/local/queue-<n>.json``) is the local launcher's
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ from orchestrator.submit.base import (
 )
 
 POLL_S = 0.2
+# After a cancel's SIGTERM, how long a cell may take to restore its caps and
+# exit before it is killed (Slurm's KillWait default is the same).
+KILL_WAIT_S = 30.0
 
 
 def queue_dir(paths: SweepPaths) -> Path:
@@ -140,6 +144,59 @@ def _pid_alive(pid: int | None) -> bool:
             return False
 
 
+def controller_alive(job_id: Any) -> bool:
+    """The submitit local controller of job ``job_id`` (its pid) still runs:
+    the pid is alive and still that program, not a pid reused since."""
+    try:
+        pid = int(job_id)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (TypeError, ValueError, OSError):
+        return False
+    return b"submitit" in cmdline and _pid_alive(pid)
+
+
+def stop_controller(job_id: Any, sig: int = signal.SIGTERM) -> bool:
+    """Signal a cell's submitit controller, which passes the signal to every
+    task (SIGTERM: the workers restore their caps and write FAILED.json)."""
+    if not controller_alive(job_id):
+        return False
+    try:
+        os.kill(int(job_id), sig)
+    except OSError:
+        return False
+    return True
+
+
+def earlier_still_running(queue: Path) -> list[str]:
+    """What of this sweep's earlier local queues still runs: their runners, or
+    cells a dead runner left running. A new runner waits for them: two runners
+    would put cells on the same GPUs (and a cell that restores a cap while
+    another starts on its card fails that one)."""
+    mine = _queue_ns(queue)
+    busy = []
+    for other in queue.parent.glob("queue-*.json"):
+        if _queue_ns(other) >= mine:
+            continue
+        try:
+            q = read_json(other)
+        except (OSError, ValueError):
+            continue
+        if _pid_alive(q.get("runner_pid")) and not all(e["state"] == "ended" for e in q["cells"]):
+            busy.append(f"runner pid {q['runner_pid']} ({other.name})")
+        else:
+            busy += [f"cell {e['cell_id']} (controller pid {e['job_id']})" for e in q["cells"]
+                     if e["state"] == "running" and controller_alive(e.get("job_id"))]
+    return busy
+
+
+def _queue_ns(queue: Path) -> int:
+    try:
+        return int(queue.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
 def _queue_finished(queue: Path, runner_pid: int | None = None) -> bool:
     q = read_json(queue)
     if all(e["state"] == "ended" for e in q["cells"]):
@@ -164,7 +221,11 @@ def local_queue_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
         for e in q["cells"]:
             entry = dict(e, queue=str(queue))
             if e["state"] != "ended" and q.get("runner_pid") is not None and not runner_alive:
-                entry["state"] = "lost"
+                # The runner died (kill -9, a reboot of the login shell's session);
+                # a cell it had started may still run on its own: keep it running.
+                orphan = e["state"] == "running" and controller_alive(e.get("job_id"))
+                entry["state"] = "running" if orphan else "lost"
+                entry["orphan"] = orphan
             out[e["cell_id"]] = entry
     return out
 
@@ -204,18 +265,42 @@ class _Runner:
         self.q["runner_pid"] = os.getpid()
         self.save()
         pending = [e for e in self.q["cells"] if e["state"] == "pending"]
+        told = False
+        while pending and (busy := earlier_still_running(self.queue_path)):
+            if not told:
+                print(f"waiting for this sweep's earlier local work to end: {', '.join(busy)}", flush=True)
+                told = True
+            self._apply_cancels(pending)
+            time.sleep(1.0)
         while pending or self.running:
-            for entry in self._newly_cancelled():
-                if entry in pending:
-                    pending.remove(entry)
-                    entry.update(state="ended", exit=None, cancelled=True, ended_unix_s=time.time())
-                    self.save()
-                else:
-                    self._stop(entry)
+            self._apply_cancels(pending)
+            self._escalate()
             while pending and len(self.running) < self.q["max_parallel"] and self._can_start(pending[0]):
                 self._start(pending.pop(0))
             self._reap()
             time.sleep(POLL_S)
+
+    def _apply_cancels(self, pending: list[dict[str, Any]]) -> None:
+        for entry in self._newly_cancelled():
+            if entry in pending:
+                pending.remove(entry)
+                entry.update(state="ended", exit=None, cancelled=True, ended_unix_s=time.time())
+                self.save()
+            else:
+                self._stop(entry)
+
+    def _escalate(self) -> None:
+        """A cancelled cell still running KILL_WAIT_S after its SIGTERM (a worker
+        stuck in a system call, stopped, ignoring signals) is ended as Slurm
+        does after KillWait: submitit's own cancel interrupts its tasks, then
+        kills them; the runner's FAILED.json then says where caps may remain."""
+        now = time.time()
+        for entry, job, _ in self.running:
+            sent = entry.get("cancel_sent_unix_s")
+            if sent is not None and not entry.get("killed") and now - sent > KILL_WAIT_S:
+                entry["killed"] = True
+                self.save()
+                job.cancel(check=False)
 
     def _newly_cancelled(self) -> list[dict[str, Any]]:
         """Entries of this queue that `wattsweep cancel` listed since the last
@@ -239,9 +324,7 @@ class _Runner:
     def _stop(self, entry: dict[str, Any]) -> None:
         """SIGTERM to a running cell's submitit controller, which forwards it to
         every task: the workers restore their caps and write FAILED.json."""
-        import signal
-
-        entry["cancelled"] = True
+        entry.update(cancelled=True, cancel_sent_unix_s=time.time())
         self.save()
         for e, job, _ in self.running:
             if e is not entry:
