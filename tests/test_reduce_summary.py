@@ -467,3 +467,146 @@ def test_phase_mask_over_dictionary_and_plain_chunks():
     assert _equals(pa.chunked_array([d1, other]), "decode").tolist() == [False, True, False, False, False, True]
     assert _equals(pa.chunked_array([pa.array(["decode", None, "load"])]), "decode").tolist() == [True, False, False]
     assert _equals(pa.chunked_array([], pa.string()), "decode").tolist() == []
+
+
+# -- cap_binding: the GPUs reach the cap (mean within 5% or p99 within 2%) ----
+
+
+@pytest.mark.parametrize("mean_w, p99_w, binding", [
+    (190.01, 100.0, True),   # mean just inside 5% of a 200 W cap
+    (189.99, 195.99, False),  # mean just outside, p99 just outside 2%: never near the cap
+    (100.0, 196.01, True),   # p99 just inside 2%: the GPUs sat at the cap part of the time
+    (100.0, 195.99, False),
+    (210.0, 210.0, True),    # above the cap (averaging, a limit the card rounds up)
+    (None, 196.01, True),    # a reading missing: the other decides
+    (189.99, None, False),
+])
+def test_cap_binding_rule_on_both_sides_of_each_threshold(mean_w, p99_w, binding):
+    from orchestrator.reduce.metrics import cap_binding
+
+    assert cap_binding(200.0, mean_w, p99_w) is binding
+
+
+def test_cap_binding_is_null_without_a_cap_or_readings():
+    from orchestrator.reduce.metrics import cap_binding
+
+    assert cap_binding(None, 300.0, 300.0) is None
+    assert cap_binding(200.0, None, None) is None
+
+
+@pytest.mark.parametrize("power_w, ripple_w, binding", [
+    (142.0, 8.0, True),  # the user study's cell: mean 142 W under a 150 W cap, p99 at the cap
+    (140.0, 5.0, False),  # p99 ~145 W < 147 W and mean 140 W < 142.5 W: the cap never reached
+])
+def test_cap_that_the_gpus_reach_binds_though_the_mean_is_below_it(tmp_path, power_w, ripple_w, binding):
+    spec = CellSpec(seconds=11.0, warmup_s=1.0, power_w=power_w, ripple_w=ripple_w)
+    paths, _ = _one(tmp_path, spec, shards=2, power_cap_w=150)
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert row["mean_power_per_gpu_w"] < 150 * 0.95
+    assert (row["gpu_power_p99_w"] >= 150 * 0.98) is binding
+    assert row["cap_binding"] is binding
+    assert ("cap_not_binding" in row["flags"]) is (not binding)
+
+
+def test_rows_cached_by_the_previous_reducer_version_are_recomputed(tmp_path):
+    """Version 3 computed cap_binding from the mean alone and slurm_job_id without
+    the array task: its cached rows must not be reused."""
+    import hashlib
+
+    from orchestrator.reduce.cache import cache_path
+
+    paths, cid = _one(tmp_path, CellSpec(seconds=11.0, warmup_s=1.0, power_w=142.0, ripple_w=8.0), power_cap_w=150)
+    reduce_sweep(paths.root)
+    raw = json.loads(cache_path(paths).read_text())
+    entry = raw["cells"][cid]
+    entry["reduced"] = "3:" + hashlib.sha256(",".join(SUMMARY_SCHEMA.names).encode()).hexdigest()[:8]
+    entry["row"] = {**entry["row"], "cap_binding": False, "flags": "cap_not_binding"}
+    cache_path(paths).write_text(json.dumps(raw))
+    row = reduce_sweep(paths.root).to_pylist()[0]
+    assert row["cap_binding"] is True and row["flags"] == ""
+
+
+# -- slurm_job_id: the cell's own job ------------------------------------------
+
+
+def _with_slurm(paths, cid, slurm):
+    done = read_json(paths.done_marker(cid))
+    write_done(paths, cid, {rel: e["rows"] for rel, e in done["files"].items()},
+               {**{k: done[k] for k in ("world_size", "nodes", "gpu_name", "weights", "telemetry_source")},
+                "slurm": slurm})
+
+
+@pytest.mark.parametrize("slurm, job", [
+    ({"job_id": "35", "array_task_id": "0", "raw_job_id": "36"}, "35_0"),  # an array task
+    ({"job_id": "35", "array_task_id": "12", "raw_job_id": "48"}, "35_12"),
+    ({"job_id": "41", "array_task_id": None, "raw_job_id": "41"}, "41"),  # a plain job (multi-node cell)
+    ({"job_id": 41}, "41"),  # a marker without the task field
+    ({"job_id": None, "array_task_id": None}, None),  # off Slurm
+])
+def test_slurm_job_id_names_the_array_task(tmp_path, slurm, job):
+    paths, cid = _one(tmp_path)
+    _with_slurm(paths, cid, slurm)
+    assert reduce_sweep(paths.root).to_pylist()[0]["slurm_job_id"] == job
+
+
+# -- planned cells without a result ---------------------------------------------
+
+
+def _sweep_with_holes(tmp_path):
+    """shards 1, 2 and 4 planned (and one infeasible cell): shards=1 done, shards=2
+    failed (FAILED.json), shards=4 never ran."""
+    from orchestrator.contracts import atomic_write_json, cell_id_of
+
+    paths = SweepPaths.of(tmp_path / "sweep")
+    params = [cell_params(shards=s) for s in (1, 2, 4)] + [cell_params(shards=8)]
+    ids = write_plan(paths, params)
+    lines = paths.plan_jsonl.read_text().splitlines()
+    last = json.loads(lines[-1])
+    lines[-1] = json.dumps({**last, "feasible": False, "reason": "does not fit"}, sort_keys=True)
+    paths.plan_jsonl.write_text("\n".join(lines) + "\n")
+    write_cell(paths, params[0], CellSpec(seconds=11.0, warmup_s=1.0))
+    atomic_write_json(paths.failed_marker(cell_id_of(params[1])), {"error": "CUDA out of memory"})
+    return paths, ids
+
+
+def test_reduce_counts_planned_cells_without_a_result(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    def no_slurm(*a, **k):
+        raise AssertionError("reduce must not ask Slurm")
+
+    monkeypatch.setattr(subprocess, "run", no_slurm)
+    monkeypatch.setattr(subprocess, "Popen", no_slurm)
+    paths, _ = _sweep_with_holes(tmp_path)
+    assert cli_main(["reduce", str(paths.root), "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("1 cells reduced, 0 invalid")
+    assert out[1] == (f"2 of 3 planned cells have no result yet (1 with FAILED.json; 1 with no marker: cancelled, "
+                      f"timed out, pending, running or never run); `wattsweep status {paths.root} --state "
+                      "failed,cancelled,timeout,missing,planned,pending,running,unknown` lists them")
+
+
+def test_reduce_prints_no_such_line_when_every_planned_cell_has_a_result(tmp_path, capsys):
+    paths, _ = _one(tmp_path)
+    assert cli_main(["reduce", str(paths.root), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "1 cells reduced" in out and "no result" not in out
+
+
+def test_no_result_count_reads_only_the_markers(tmp_path):
+    from orchestrator.reduce.coverage import coverage
+
+    paths, ids = _sweep_with_holes(tmp_path)
+    cov = coverage(paths.root)
+    assert (cov.planned, cov.no_result, cov.with_failed_marker) == (3, (ids[1], ids[2]), 1)
+    write_cell(paths, cell_params(shards=2), CellSpec(seconds=11.0, warmup_s=1.0))  # resubmitted, done
+    assert coverage(paths.root).message().startswith(
+        "1 of 3 planned cells has no result yet (1 with no marker: cancelled, timed out, pending, running or never run)")
+
+
+def test_the_state_filter_named_by_reduce_lists_every_cell_without_a_result():
+    from orchestrator.reduce.coverage import NO_RESULT_STATES
+    from orchestrator.status.state import STATES
+
+    # every state but those of a cell with DONE.json (done, invalid) or none planned to run
+    assert set(NO_RESULT_STATES.split(",")) == set(STATES) - {"done", "invalid", "infeasible"}

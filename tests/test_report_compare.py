@@ -145,3 +145,37 @@ def test_no_match_names_the_filter_that_left_no_cell(tmp_path, capsys):
                             "of the 2 cells of A; A has shards=1,2")
     with pytest.raises(CompareError, match="--where-b power_cap_w=150 leaves none .* B has power_cap_w=null"):
         compare_sweeps(a.root, a.root, where_b={"power_cap_w": 150})
+
+
+def test_flags_of_paired_cells_are_shown_with_their_meaning(tmp_path, capsys):
+    """The 2 s windows of these sweeps are short_window: each ratio carries the flag."""
+    a = _sweep(tmp_path / "a", "h100", 400.0)
+    b = _sweep(tmp_path / "b", "h200", 300.0)
+    t = compare_sweeps(a.root, b.root)
+    assert t.column("flags").to_pylist() == ["short_window", "short_window"]
+    note = t.schema.metadata[b"flags_note"].decode()
+    assert note.startswith("Flagged cells, read with care: short_window on 4 of 4 paired cells (measured window under 5 s")
+    assert cli_main(["compare", str(a.root), str(b.root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == f"note: {note}"  # under the table, above the count line
+    assert out[-1].startswith("2 matching cells")
+
+
+def test_unflagged_pairs_have_no_note(tmp_path, capsys):
+    paths = []
+    for name, power in (("a", 400.0), ("b", 300.0)):
+        p = SweepPaths.of(tmp_path / name)
+        params = [cell_params(shards=1, gpu_kind=name)]
+        write_plan(p, params)
+        write_cell(p, params[0], CellSpec(seconds=11.0, warmup_s=1.0, power_w=power))
+        paths.append(p)
+    t = compare_sweeps(paths[0].root, paths[1].root)
+    assert t.column("flags").to_pylist() == [""] and t.schema.metadata[b"flags_note"] == b""
+    assert cli_main(["compare", str(paths[0].root), str(paths[1].root)]) == 0
+    assert "Flagged" not in capsys.readouterr().out
+
+
+def test_unwritable_csv_exits_1_as_the_help_says(tmp_path, capsys):
+    a = _sweep(tmp_path / "a", "h100", 400.0)
+    assert cli_main(["compare", str(a.root), str(a.root), "--csv", str(tmp_path / "no" / "r.csv")]) == 1
+    assert capsys.readouterr().err.startswith("wattsweep compare: ")

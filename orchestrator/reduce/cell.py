@@ -261,11 +261,25 @@ def cell_row(cell_id: str, params: dict[str, Any], plan_cell: PlanCell | None, d
         "max_new_tokens": params.get("max_new_tokens"),
         "seed": params.get("seed"),
         "telemetry_source": done.get("telemetry_source") or _sources(cell),
-        "slurm_job_id": None if slurm.get("job_id") is None else str(slurm.get("job_id")),
+        "slurm_job_id": slurm_job_id(slurm),
         **tm,
         **rm,
         "prompts_truncated": truncated,
     }
+
+
+def slurm_job_id(slurm: dict[str, Any]) -> str | None:
+    """The cell's own Slurm job: ``ARRAY_TASK`` (``35_0``) for an array task,
+    as squeue, sacct and scancel spell it; the plain id otherwise; None off Slurm.
+
+    DONE.json's ``slurm`` object (contracts.slurm_context) holds the array's
+    id as ``job_id`` and the task as ``array_task_id``: the array id alone
+    names every cell of the array, not this one."""
+    job = slurm.get("job_id")
+    if job is None:
+        return None
+    task = slurm.get("array_task_id")
+    return f"{job}_{task}" if task not in (None, "") else str(job)
 
 
 def _sources(cell: CellTelemetry) -> str:

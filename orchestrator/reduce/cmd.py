@@ -11,7 +11,15 @@ compacted, one partition per cell). Column definitions: docs/metrics.md."""
 
 EPILOG = """examples:
   wattsweep reduce sweeps/2026-11-26-a
-  wattsweep reduce sweeps/2026-11-26-a --columns cell_id,shards,tokens_per_s,energy_per_token_j"""
+  wattsweep reduce sweeps/2026-11-26-a --columns cell_id,shards,tokens_per_s,energy_per_token_j
+
+Planned cells without a result (no DONE.json: failed, cancelled, running or never
+run) are counted on a line of their own; `wattsweep status` says which they are.
+
+exit status: 0 at least one cell reduced (invalid cells or cells without a result
+may remain; the lines say how many); 1 no done cell with valid outputs (the files
+are still written), or a file of the folder could not be read or written; 2 not a
+sweep folder, a damaged plan, an unknown --columns name or a bad option."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.contracts import SweepPaths
     from orchestrator.reduce import SUMMARY_SCHEMA, ReduceError, format_table, read_invalid, reduce_sweep
+    from orchestrator.reduce.coverage import coverage
     from orchestrator.reduce.plan_io import PlanFileError, require_plan
 
     cols = [c for c in args.columns.split(",") if c] if args.columns else None
@@ -35,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # The reducer itself skips damaged plan lines; the command refuses them as
         # `status` does, before it writes anything into the folder.
-        require_plan(SweepPaths.of(args.sweep_dir))
+        plan = require_plan(SweepPaths.of(args.sweep_dir))
         table = reduce_sweep(args.sweep_dir, progress=args.progress)
     except (PlanFileError, ReduceError) as e:
         print(f"wattsweep reduce: {e}", file=sys.stderr)
@@ -46,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     for cid, reason in invalid:
         print(f"invalid cell {cid}: {reason}", file=sys.stderr)
     print(f"{table.num_rows} cells reduced, {len(invalid)} invalid -> {args.sweep_dir}/results/summary.parquet")
+    # Without this line a failed cell is invisible: the summary just lacks its row.
+    no_result = coverage(args.sweep_dir, plan).message()
+    if no_result:
+        print(no_result)
     if table.num_rows == 0:
         print("wattsweep reduce: no done cells with valid outputs; see `wattsweep status`", file=sys.stderr)
         return 1

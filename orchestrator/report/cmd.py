@@ -11,7 +11,16 @@ each. Reduces the sweep first if it was never reduced (or with --reduce)."""
 EPILOG = """examples:
   wattsweep report sweeps/2026-11-26-a                 both pages
   wattsweep report sweeps/2026-11-26-a --format md     Markdown only, also printed here
-  wattsweep report sweeps/2026-11-26-a --reduce        reduce again first"""
+  wattsweep report sweeps/2026-11-26-a --reduce        reduce again first
+
+Planned cells without a result are counted near the top of the pages, and a figure
+skipped or drawn without them names the planned values they would have supplied.
+Figures and comparisons built from flagged cells carry a note on the flags.
+
+exit status: 0 the report was written and shows at least one cell; 1 no done cell
+with valid outputs (the pages are still written, saying so), or a file could not be
+read or written; 2 not a sweep folder, a damaged plan, an unreadable summary, or a
+bad option."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ import pyarrow as pa
 from orchestrator.contracts import CellParams, SweepPaths, canonical_json
 from orchestrator.reduce.plan_io import require_plan
 from orchestrator.reduce.summary import SUMMARY_SCHEMA
-from orchestrator.report.data import Row, is_simulated, load_summary, sort_key
+from orchestrator.report.data import Row, flags_note, flags_of, is_simulated, load_summary, sort_key
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(CellParams))
 DEFAULT_IGNORE = ("gpu_kind",)
@@ -62,8 +62,9 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequen
 
     ``where_a``/``where_b`` keep only the cells of that side whose parameters
     equal the given values: one sweep against itself, one cap against another.
-    The schema metadata says what was matched on and how many cells of each
-    side found no partner.
+    The schema metadata says what was matched on, how many cells of each
+    side found no partner and (``flags_note``) which flags the paired cells carry;
+    the ``flags`` column holds the flags of either cell of a pair.
     """
     keys = match_keys(match_on, ignore)
     _known(metrics, METRIC_NAMES, "metric")
@@ -76,7 +77,8 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequen
         raise CompareError(f"no matching cells: {_why_none(a, b, keys, bool(match_on))}")
     shown = [k for i, k in enumerate(keys) if len({c[i] for c in common}) > 1] or list(keys[:1])
     cols: dict[str, list[Any]] = {k: [] for k in shown}
-    cols["cell_a"], cols["cell_b"] = [], []
+    cols["cell_a"], cols["cell_b"], cols["flags"] = [], [], []
+    paired: dict[tuple[str, str], Row] = {}  # (sweep, cell) -> row: each cell counted once in the caveat
     for m in metrics:
         cols[f"{m}_a"], cols[f"{m}_b"], cols[f"{m}_ratio"] = [], [], []
     for key in common:
@@ -85,6 +87,9 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequen
             cols[k].append(_show(key[keys.index(k)]))
         cols["cell_a"].append(ra["cell_id"])
         cols["cell_b"].append(rb["cell_id"])
+        # A ratio is only as sound as both of its cells: show the flags of either.
+        cols["flags"].append(",".join(sorted(flags_of(ra) | flags_of(rb))))
+        paired.update({(a.sweep, ra["cell_id"]): ra, (b.sweep, rb["cell_id"]): rb})
         for m in metrics:
             va, vb = ra.get(m), rb.get(m)
             cols[f"{m}_a"].append(va)
@@ -93,7 +98,8 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, *, match_on: Sequen
     table = pa.table({k: pa.array(v, type=_type_of(v)) for k, v in cols.items()})
     simulated = [s.name for s in (a, b) if is_simulated(s.index.values())]
     meta = {"match_on": ",".join(keys), "simulated": ",".join(simulated),
-            "unmatched_a": str(len(a.index) - len(common)), "unmatched_b": str(len(b.index) - len(common))}
+            "unmatched_a": str(len(a.index) - len(common)), "unmatched_b": str(len(b.index) - len(common)),
+            "flags_note": flags_note(list(paired.values()), "paired cells") or ""}
     return table.replace_schema_metadata(meta)
 
 

@@ -8,14 +8,22 @@ DESCRIPTION = """Side-by-side metrics of the cells of two sweeps that share the 
 parameters, with the ratio B/A (for example an H200 sweep against an H100 one,
 or one power cap against another). Cells match on every measurement parameter
 except gpu_kind and those --ignore names, or on exactly those --match-on names.
-The last line counts the cells of each sweep that found no partner."""
+The flags column holds the flags of either cell of a pair (docs/metrics.md), and a
+note under the table says what they mean. The last line counts the cells of each
+sweep that found no partner."""
 
 EPILOG = """examples:
   wattsweep compare sweeps/h100 sweeps/h200                       same cells, other card
   wattsweep compare sweeps/cap250 sweeps/cap150 --ignore power_cap_w
   wattsweep compare A B --match-on model,shards,batch_size --csv ratios.csv
   wattsweep compare S S --ignore power_cap_w --where-a power_cap_w=null --where-b power_cap_w=150
-                                                                  one sweep: cap 150 W against uncapped"""
+                                                                  one sweep: cap 150 W against uncapped
+
+exit status: 0 at least one pair of matching cells; 1 a file could not be read or
+written (such as the --csv path); 2 no matching cells (the line says why, also when
+a sweep has no done cell with valid outputs), not a sweep folder, a damaged plan or
+summary, an unknown key, metric or filter, two cells of one side on the same keys,
+or a bad option."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: simulated telemetry in sweep {meta['simulated']}: ratios compare models, not cards")
     cols = [c for c in table.column_names if not c.endswith(("_a", "_b")) or c in ("cell_a", "cell_b")]
     print(format_rows(cols, list(zip(*[table.column(c).to_pylist() for c in cols]))))
+    if meta.get("flags_note"):
+        print(f"note: {meta['flags_note']}")
     print(f"{table.num_rows} matching cells; unmatched: {meta.get('unmatched_a')} of A, {meta.get('unmatched_b')} of B; "
           f"ratio = B/A; matched on {meta.get('match_on')}")
     if args.csv:

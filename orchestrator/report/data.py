@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -9,6 +10,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pyarrow.parquet as pq
 
 from orchestrator.contracts import SweepPaths
+from orchestrator.reduce.metrics import FLAG_MEANINGS
 
 # Telemetry sources that are measurements of a real card. Anything else
 # (simulated backend, synthetic test data) is labelled "simulated".
@@ -52,6 +54,32 @@ def data_label(rows: Sequence[Row]) -> str:
     if any(r.get("weights") == "random" for r in rows):
         parts.append("random weights")
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def flags_of(row: Row) -> set[str]:
+    """The summary's comma-separated ``flags`` as a set."""
+    return {f for f in str(row.get("flags") or "").split(",") if f}
+
+
+def flags_note(cells: Sequence[Row], what: str = "cells") -> str | None:
+    """A caveat for a figure or comparison built from flagged cells: each flag,
+    how many of ``cells`` carry it and what it means; None when none does.
+    Without it a number such as +478% tokens/s from two 2-second cells reads
+    as a finding (docs/metrics.md, ``flags``)."""
+    counts = Counter(f for r in cells for f in flags_of(r))
+    if not counts:
+        return None
+    n = len(cells)
+    parts = [f"{flag} on {k} of {n} {what} ({FLAG_MEANINGS.get(flag, 'see docs/metrics.md')})"
+             for flag, k in sorted(counts.items())]
+    return "Flagged cells, read with care: " + "; ".join(parts) + ". Flags: docs/metrics.md."
+
+
+def value_text(v: Any) -> str:
+    """A parameter value as the notes write it: none for no cap, 150 for 150.0."""
+    if v is None:
+        return "none"
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def distinct(rows: Iterable[Row], key: str) -> list[Any]:

@@ -25,6 +25,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}.n
 class Report:
     title: str
     banner: str | None
+    no_result: str | None  # planned cells without a result (reduce's line), None when there are none
     summary_header: tuple[str, ...]
     summary_rows: tuple[tuple[Any, ...], ...]
     invalid: tuple[tuple[str, str], ...]
@@ -34,14 +35,18 @@ class Report:
 def build_report(sweep_dir: str | Path, *, reduce_first: bool = False) -> tuple[Report, Path]:
     """Compute figures (PNGs written into report/) and return what the pages show."""
     from orchestrator.reduce import read_invalid
+    from orchestrator.reduce.coverage import coverage, planned_params
+    from orchestrator.reduce.plan_io import read_plan_cells
 
     paths = SweepPaths.of(sweep_dir)
     rows = load_summary(paths.root, reduce_first=reduce_first)
+    plan = read_plan_cells(paths)
     out = paths.report_dir
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()  # a figure skipped this time must not show last time's picture
-    figures = tuple(f(rows, out) for f in ALL_FIGURES) if rows else ()
+    planned = planned_params(plan)
+    figures = tuple(f(rows, out, planned) for f in ALL_FIGURES) if rows else ()
     banner = None
     if is_simulated(rows):
         banner = ("Simulated telemetry: power and energy in this report come from a model of the card, "
@@ -50,6 +55,7 @@ def build_report(sweep_dir: str | Path, *, reduce_first: bool = False) -> tuple[
     report = Report(
         title=f"wattsweep report: {paths.root.name}{data_label(rows)}",
         banner=banner,
+        no_result=coverage(sweep_dir, plan).message(),
         summary_header=cols,
         summary_rows=tuple(tuple(r.get(c) for c in cols) for r in rows),
         invalid=tuple(read_invalid(paths.root)),
@@ -63,6 +69,8 @@ def write_html(report: Report, out: Path) -> Path:
              f"<style>{CSS}</style></head><body><h1>{_e(report.title)}</h1>"]
     if report.banner:
         parts.append(f"<p class='banner'>{_e(report.banner)}</p>")
+    if report.no_result:
+        parts.append(f"<p class='note'>{_e(report.no_result)}</p>")
     if not report.summary_rows:
         parts.append("<p class='note'>No done cells with valid outputs: nothing to plot. See <code>wattsweep status</code>.</p>")
     parts.append("<h2>Contents</h2><ul>" + "".join(f"<li><a href='#{f.key}'>{_e(f.title)}</a></li>" for f in report.figures)
@@ -73,6 +81,8 @@ def write_html(report: Report, out: Path) -> Path:
             parts.append(f"<p class='note'>{_e(f.note)}</p>")
         if f.png:
             parts.append(f"<img src='{_e(f.png)}' alt='{_e(f.title)}'>")
+        if f.flags_note:
+            parts.append(f"<p class='note flags'>{_e(f.flags_note)}</p>")
         parts.append(_html_table(f.header, f.rows))
     parts.append(f"<h2 id='cells'>All cells{_e(_sim_suffix(report))}</h2>")
     parts.append(_html_table(report.summary_header, report.summary_rows))
@@ -88,6 +98,8 @@ def write_markdown(report: Report, out: Path) -> Path:
     lines = [f"# {report.title}", ""]
     if report.banner:
         lines += [f"> **{report.banner}**", ""]
+    if report.no_result:
+        lines += [f"*{report.no_result}*", ""]
     if not report.summary_rows:
         lines += ["No done cells with valid outputs: nothing to plot. See `wattsweep status`.", ""]
     for f in report.figures:
@@ -96,6 +108,8 @@ def write_markdown(report: Report, out: Path) -> Path:
             lines += [f"*{f.note}*", ""]
         if f.png:
             lines += [f"![{f.title}]({f.png})", ""]
+        if f.flags_note:
+            lines += [f"*{f.flags_note}*", ""]
         lines += [_md_table(f.header, f.rows), ""]
     lines += [f"## All cells{_sim_suffix(report)}", "", _md_table(report.summary_header, report.summary_rows), ""]
     if report.invalid:
