@@ -54,10 +54,18 @@ def test_sudo_refusal_names_the_sudoers_rule(rig, tmp_path):
 
 
 def test_caps_show_lists_save_files(rig, capsys):
-    assert capctl.main(["set", "--index", "2", "--watts", "150"]) == 0
+    """A cap whose setter has exited is offered a restore; one whose setter still
+    runs (here: this process) is not, since that process restores it."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "workers.gpu.capctl", "set", "--index", "2", "--watts", "150"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert capctl.main(["set", "--index", "3", "--watts", "150"]) == 0
     assert cli.main(["caps", "show"]) == 0
     out = capsys.readouterr().out
     assert "GPU 2" in out and "now 150 W, previous 300 W" in out and "caps restore --index 2" in out
+    assert "GPU 3" in out and "held by that running process" in out and "--index 3" not in out
     assert cli.main(["caps", "restore"]) == 2  # says which: --all or --index
     assert cli.main(["caps", "restore", "--index", "2", "--force"]) == 0
     assert rig.sim().get_power_limit_w(2) == 300
@@ -65,9 +73,13 @@ def test_caps_show_lists_save_files(rig, capsys):
 
 def test_doctor_sudo_check_reads_sudo_l(monkeypatch):
     monkeypatch.setattr(doctor_cmd.shutil, "which", lambda name: f"/usr/bin/{name}")
-    ok = doctor_cmd.check_sudo_rule(run=lambda *a, **k: subprocess.CompletedProcess(a, 0, "/usr/local/bin/wattsweep-capctl\n", ""))
-    no = doctor_cmd.check_sudo_rule(run=lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "sudo: a password is required"))
+    ok = doctor_cmd.check_sudo_rule(run=lambda *a, **k: subprocess.CompletedProcess(a, 0, "/usr/local/bin/wattsweep-capctl\n", ""),
+                                    as_root=False)
+    no = doctor_cmd.check_sudo_rule(run=lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "sudo: a password is required"),
+                                    as_root=False)
     assert ok.ok and not no.ok and "sudoers" in no.fix
+    root = doctor_cmd.check_sudo_rule(run=lambda *a, **k: pytest.fail("root needs no sudo rule"), as_root=True)
+    assert root.ok and "not needed" in root.detail
 
 
 def test_doctor_verdicts():

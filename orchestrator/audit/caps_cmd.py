@@ -7,7 +7,7 @@ from pathlib import Path
 
 from workers.gpu.base import GpuError
 from workers.gpu.repair import backend_for, repair_node
-from workers.gpu.state import list_nodes, node_dir, node_name, read_saves, resolve_state_dir
+from workers.gpu.state import list_nodes, node_dir, node_name, owner_alive, read_saves, resolve_state_dir
 
 DESCRIPTION = """Show or restore power caps on this node from their save files.
 
@@ -86,10 +86,12 @@ def _show(state_dir: Path, nodes: list[str]) -> int:
             print(f"{node}: no save files (no GPU left capped by a killed job)")
         for s in saves:
             now = _limit_now(s, state_dir, node)
+            # A running cell's cap is not left behind: it restores it itself when it ends.
+            then = ("held by that running process: it restores the cap when it ends" if owner_alive(s) else
+                    f"restore: wattsweep caps restore --index {s.index}" + (f" --node {node}" if node != node_name() else ""))
             print(f"{node} GPU {s.index} {s.name}: now {now}, previous {s.previous_w:g} W, requested "
                   f"{s.requested_w if s.requested_w is not None else '-'} W; capped by {s.user} (job {s.job_id}, "
-                  f"cell {s.cell_id}, pid {s.pid}); restore: wattsweep caps restore --index {s.index}"
-                  + (f" --node {node}" if node != node_name() else ""))
+                  f"cell {s.cell_id}, pid {s.pid}); {then}")
     return 0
 
 
