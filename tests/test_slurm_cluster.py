@@ -78,6 +78,8 @@ def test_2x2_sweep_with_a_two_node_cell_completes_and_reduces(done_sweep, capsys
         capsys.readouterr()
         assert main(["logs", str(done_sweep.root), cid, "--rank", str(cell.params.shards - 1)]) == 0
         assert "Starting with JobEnvironment" in capsys.readouterr().out
+        assert main(["logs", str(done_sweep.root), cid[:8], "--lines", "0"]) == 0  # rank 0 says how far it got
+        assert "wattsweep worker: measuring" in capsys.readouterr().out
     recs = read_submissions(done_sweep)
     assert len(recs) == 2 and all(r.array and len(r.cell_ids) == 2 for r in recs)  # one array per resource shape
     assert main(["reduce", str(done_sweep.root)]) == 0

@@ -186,6 +186,7 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
     generated: list[list[int]] = []  # each request's tokens, decoded to words after the window
     # A requeued attempt runs at full speed, so a cell slowed on purpose still finishes.
     pause_s = opt.sleep_s / max(1, len(batches)) if task.attempt == 0 else 0.0
+    progress = _Progress(len(batches), enabled=info.rank == 0)
     for batch in batches:
         start_ns = time.time_ns()
         outs = gen.generate([list(t) for t in batch.tokens], max_new_tokens=p.max_new_tokens, eos_id=eos_id, on_phase=on_phase)
@@ -204,6 +205,7 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
                     }
                 )
                 generated.append(out)
+        progress.batch_done(len(outs))
         if pause_s:
             time.sleep(pause_s)  # tests: keeps a cell running long enough to be cancelled
     _sync(info.device)
@@ -218,6 +220,30 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
         print(f"wattsweep worker: warning: {truncated} of {len(prompts)} prompts were cut to max_prompt_tokens="
               f"{p.max_prompt_tokens} (recorded as prompts_truncated in DONE.json)", file=sys.stderr)
     return {"requests": requests, "duration_s": duration_s, "prompts_truncated": truncated}
+
+
+class _Progress:
+    """A line in the job's log at the start of the measured window and then at
+    most every PROGRESS_EVERY_S, so `wattsweep logs` shows how far a long cell
+    is. A print is host work of microseconds: it does not move the measurement."""
+
+    PROGRESS_EVERY_S = 30.0
+
+    def __init__(self, n_batches: int, *, enabled: bool) -> None:
+        self.n_batches, self.enabled = n_batches, enabled
+        self.done = self.responses = 0
+        self.t0 = self.last = time.monotonic()
+        if enabled:
+            print(f"wattsweep worker: measuring {n_batches} batch(es)", flush=True)
+
+    def batch_done(self, responses: int) -> None:
+        self.done += 1
+        self.responses += responses
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= self.PROGRESS_EVERY_S or self.done == self.n_batches):
+            self.last = now
+            print(f"wattsweep worker: {self.done}/{self.n_batches} batches, {self.responses} responses, "
+                  f"{now - self.t0:.0f} s", flush=True)
 
 
 def _gather_hosts(hostname: str) -> list[str]:
