@@ -146,3 +146,54 @@ def test_launcher_slurm_fields(in_tmp):
 def test_cell_params_round_trip(in_tmp):
     cell = compose_cells(["model=llama-7b", "power_cap_w=175"], multirun=False).cells[0]
     assert CellParams.from_dict(cell.params.to_dict()) == cell.params
+
+
+# -- data_root: where every dataset's default file lies
+
+SHARED = Path("/work/shared/data")  # the real files, read in place
+needs_data = pytest.mark.skipif(not (SHARED / "gsm8k" / "train.jsonl").is_file(), reason=f"real data not present at {SHARED}")
+
+
+@needs_data
+@pytest.mark.parametrize("preset,expected", [("paper_powercap", 18), ("paper_throughput", 40), ("paper_energy", 80)])
+def test_data_root_fixes_every_dataset_of_a_preset_from_any_folder(tmp_path, monkeypatch, preset, expected):
+    monkeypatch.chdir(tmp_path)  # no ../shared/data here
+    with pytest.raises(ConfigError, match=r"no such file .*; set data_root=FOLDER to the folder that holds "
+                                          r"alpaca/alpaca_data_1k.json and gsm8k/train.jsonl \(now data_root=../shared/data\)"):
+        compose_cells([f"+experiment={preset}"], multirun=True)
+    sweep = compose_cells([f"+experiment={preset}", f"data_root={SHARED}"], multirun=True)
+    assert len(sweep.cells) == expected
+    assert {(c.params.dataset, c.params.dataset_path) for c in sweep.cells} == {
+        ("alpaca", f"{SHARED}/alpaca/alpaca_data_1k.json"), ("gsm8k", f"{SHARED}/gsm8k/train.jsonl")}
+    assert {c.options.extra["dataset_path_resolved"] for c in sweep.cells} == {
+        f"{SHARED}/alpaca/alpaca_data_1k.json", f"{SHARED}/gsm8k/train.jsonl"}
+
+
+def test_the_default_data_root_keeps_the_ids_of_existing_configs(in_tmp):
+    # Ids of these cells as planned before data_root existed: a change here orphans earlier sweeps.
+    sweep = compose_cells(["dataset=alpaca,gsm8k"], multirun=True)
+    assert [c.params.dataset_path for c in sweep.cells] == [
+        "../shared/data/alpaca/alpaca_data_1k.json", "../shared/data/gsm8k/train.jsonl"]
+    assert ids(sweep) == ["62749c400d36", "b806d28e96d0"]
+    assert ids(compose_cells(["+experiment=paper_powercap"], multirun=True))[:2] == ["f4c9fc8fd66b", "5fba5d74cfbd"]
+    assert ids(compose_cells(["dataset=alpaca,gsm8k", "data_root=../shared/data/"], multirun=True)) == ids(sweep)
+
+
+def test_data_root_is_like_writing_the_path_out(in_tmp):
+    root = (in_tmp.parent / "shared" / "data").resolve()
+    by_root = compose_cells(["dataset=gsm8k", f"data_root={root}"], multirun=False).cells[0]
+    by_path = compose_cells(["dataset=gsm8k", f"dataset.path={root}/gsm8k/train.jsonl"], multirun=False).cells[0]
+    slash = compose_cells(["dataset=gsm8k", f"data_root={root}/"], multirun=False).cells[0]
+    assert by_root.params == by_path.params == slash.params
+    assert by_root.params.dataset_path == f"{root}/gsm8k/train.jsonl"
+
+
+def test_a_tokenizer_may_live_under_data_root(in_tmp):
+    root = in_tmp.parent / "shared" / "data"
+    (root / "tokenizer.model").write_bytes(b"\0")
+    cell = compose_cells(["tokenizer=${data_root}/tokenizer.model", f"data_root={root}/"], multirun=False).cells[0]
+    assert cell.params.tokenizer_path == f"{root}/tokenizer.model"
+
+
+def test_a_synthetic_sweep_needs_no_data_root(in_tmp):
+    assert compose_cells(["data_root=/nowhere"], multirun=False).cells[0].params.dataset_path is None

@@ -144,3 +144,51 @@ def test_an_alpaca_input_that_is_not_text(tmp_path):
     f.write_text('[{"instruction": "add", "input": 5, "output": "x"}]')
     with pytest.raises(DatasetError, match="record 0 has an 'input' that is not a string"):
         read_alpaca(str(f))
+
+
+# -- the first-record check the planner runs on the beginning of a file
+
+def _head(path: Path, n_bytes: int = 8192) -> str:
+    with open(path, "rb") as f:
+        return f.read(n_bytes).decode("utf-8", errors="ignore")
+
+
+def test_first_record_of_the_real_files_fits_their_own_kind_only():
+    from workers.load.datasets import first_record_problem
+
+    need(ALPACA), need(GSM8K)
+    alpaca, gsm8k = _head(ALPACA), _head(GSM8K)
+    assert first_record_problem("alpaca", alpaca, whole=False) is None
+    assert first_record_problem("gsm8k", gsm8k, whole=False) is None
+    assert first_record_problem("gsm8k", alpaca, whole=False).startswith("its first line is not a JSON object")
+    assert first_record_problem("alpaca", gsm8k, whole=False).endswith("not a JSON array")
+    # the Alpaca file is one long line: cut after 100 bytes it is still judged by how it begins
+    assert first_record_problem("gsm8k", _head(ALPACA, 100), whole=False).startswith("its first line is not a JSON object")
+
+
+def test_a_first_record_cut_by_the_read_is_left_to_the_worker():
+    from workers.load.datasets import first_record_problem
+
+    assert first_record_problem("gsm8k", '{"question": "abc', whole=False) is None
+    assert first_record_problem("alpaca", '[{"instruction": "x", "in', whole=False) is None
+    assert first_record_problem("alpaca", '[{"instruction": "x", ', whole=False) is None
+    # the same text as a whole file is wrong
+    assert "not valid JSON" in first_record_problem("gsm8k", '{"question": "abc', whole=True)
+    assert "not valid JSON" in first_record_problem("alpaca", '[{"instruction": "x", ', whole=True)
+
+
+@pytest.mark.parametrize("dataset,content", [
+    ("gsm8k", '{"answer": "2"}\n'),
+    ("gsm8k", '[{"question": "a"}]\n'),
+    ("alpaca", '[{"input": "x"}]'),
+    ("alpaca", '{"instruction": "x"}\n'),
+    ("alpaca", '[]'),
+])
+def test_what_the_planner_refuses_the_worker_refuses_too(tmp_path, dataset, content):
+    from workers.load.datasets import first_record_problem
+
+    assert first_record_problem(dataset, content, whole=True) is not None
+    f = tmp_path / "data.txt"
+    f.write_text(content)
+    with pytest.raises(DatasetError):
+        load_prompts(dataset, str(f), 1, seed=0)

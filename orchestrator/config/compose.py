@@ -34,6 +34,7 @@ from orchestrator.config.schema import (
     SweepConf,
     register_configs,
 )
+from orchestrator.config.sweep_rules import check_no_collapsed_variants, check_one_file_per_dataset, check_run_only_sweeps
 from orchestrator.config.validate import ConfigError, resolve_path, validate_cell_config
 from orchestrator.contracts import CellParams, RunOptions
 
@@ -46,6 +47,7 @@ TYPE_HINTS = {
     "shards": "a whole number >= 1", "batch_size": "a whole number >= 1",
     "n_prompts": "a whole number >= 1", "max_new_tokens": "a whole number >= 1",
     "max_prompt_tokens": "a whole number >= 1", "seed": "a whole number",
+    "data_root": "a folder holding alpaca/ and gsm8k/ (relative: against the current folder)",
 }
 
 
@@ -130,7 +132,7 @@ def expand(parsed: list[Override]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*(_alternatives(o) for o in parsed))]
 
 
-def _grid_overrides(sub: Mapping[str, Any], given_keys: set[str]) -> list[list[str]]:
+def _grid_overrides(sub: Mapping[str, Any], given_keys: set[str], preset: str = "") -> list[list[str]]:
     lines = []
     for key, value in sub.items():
         if key in given_keys:
@@ -138,7 +140,9 @@ def _grid_overrides(sub: Mapping[str, Any], given_keys: set[str]) -> list[list[s
         if isinstance(value, (list, tuple)):
             value = ",".join("null" if v is None else str(v) for v in value)
         lines.append(f"{key}={'null' if value is None else value}")
-    return expand(parse_overrides(lines))
+    parsed = parse_overrides(lines)
+    check_run_only_sweeps(parsed, f" (in the grid of +experiment={preset})" if preset else " (in a preset's grid)")
+    return expand(parsed)
 
 
 # ---------------------------------------------------------------------------
@@ -239,8 +243,9 @@ def _compose_all(parsed: list[Override], multirun: bool) -> list[tuple[list[str]
             continue
         if not multirun:
             raise ConfigError(f"{' '.join(combo)}: this preset is a grid of sweeps; add -m to run it")
+        preset = next((o.split("=", 1)[1] for o in combo if o.lstrip("+").startswith("experiment=")), "")
         for sub in grid:
-            for extra in _grid_overrides(OmegaConf.to_container(sub, resolve=True), given):
+            for extra in _grid_overrides(OmegaConf.to_container(sub, resolve=True), given, preset):
                 full = combo + extra
                 out.append((full, _resolve(composer.compose(full), full)))
     return out
@@ -261,18 +266,16 @@ def compose_cells(overrides: list[str], multirun: bool, *, cwd: str | os.PathLik
         sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
         if sweeps:
             raise ConfigError(f"{sweeps[0]} is a sweep; add -m to run a grid (without -m the command runs one cell)")
-    for o in parsed:
-        # Launcher settings say how a cell runs, not what it measures: they are
-        # not in the cell id, so a sweep over them would collapse to one cell.
-        if o.is_sweep_override() and o.key_or_group.split(".")[0] == "launcher":
-            raise ConfigError(f"{o.input_line}: launcher settings cannot be swept (they do not change what a cell "
-                              f"measures); run one sweep per setting, or change them later with "
-                              f"`wattsweep resubmit SWEEP_DIR --launcher KEY=VALUE`")
+    # Launcher settings, telemetry rates, test switches say how a cell runs, not what
+    # it measures: they are not in the cell id, so a sweep over them would collapse to one cell.
+    check_run_only_sweeps(parsed)
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         composed = _compose_all(parsed, multirun)
+    check_one_file_per_dataset(composed, cwd_path)  # before each cell's file check: the cause, not a symptom
     cells = tuple(_to_cell(cfg, tuple(ov), cwd_path) for ov, cfg in composed)
+    check_no_collapsed_variants(cells)
     names = sorted({c.launcher["name"] for c in cells})
     if len(names) > 1:
         raise ConfigError(f"one sweep uses one launcher; got {', '.join(names)}")
@@ -292,8 +295,26 @@ def _abs(path: str | None, cwd: Path) -> str | None:
     return None if path is None else str(resolve_path(path, cwd).resolve())
 
 
+def _tidy_root_joins(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``data_root=/data/`` makes ``${data_root}/gsm8k/...`` read ``/data//gsm8k/...``:
+    the same file as with ``data_root=/data``, and it must get the same cell id."""
+    root = str(cfg.get("data_root") or "")
+    if not root.endswith("/"):
+        return cfg
+
+    def tidy(path: Any) -> Any:
+        return root + path[len(root) + 1:] if isinstance(path, str) and path.startswith(root + "/") else path
+
+    out = {**cfg, "dataset": {**cfg["dataset"]}}
+    for node, key in ((out, "tokenizer"), (out["dataset"], "path")):
+        if key in node:
+            node[key] = tidy(node[key])
+    return out
+
+
 def _to_cell(cfg: dict[str, Any], overrides: tuple[str, ...], cwd: Path) -> ComposedCell:
     check_known_keys(cfg, overrides)
+    cfg = _tidy_root_joins(cfg)
     validate_cell_config(cfg, cwd)
     model, dataset, gpu = cfg["model"], cfg["dataset"], cfg["gpu"]
     synthetic = dataset["name"] == "synthetic"
@@ -307,8 +328,9 @@ def _to_cell(cfg: dict[str, Any], overrides: tuple[str, ...], cwd: Path) -> Comp
         batch_size=cfg["batch_size"],
         power_cap_w=None if cfg["power_cap_w"] is None else float(cfg["power_cap_w"]),
         dataset=dataset["name"],
-        # As written, so that ids do not depend on where the data lies; the
-        # absolute path the worker opens is in options.extra.
+        # As written (the default: ${data_root}/..., so ../shared/data/... as before),
+        # so that ids do not depend on the folder a sweep runs in; the absolute
+        # path is in options.extra. Another data_root is another path: another id.
         dataset_path=None if synthetic else dataset["path"],
         n_prompts=cfg["n_prompts"],
         max_prompt_tokens=cfg["max_prompt_tokens"],

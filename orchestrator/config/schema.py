@@ -33,7 +33,7 @@ class ModelConf:
 @dataclass
 class DatasetConf:
     name: str = MISSING  # synthetic | alpaca | gsm8k
-    path: Optional[str] = None  # relative paths resolve against the current folder
+    path: Optional[str] = None  # default: under ${data_root}; relative paths resolve against the current folder
 
 
 @dataclass
@@ -95,6 +95,9 @@ class SweepConf:
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32
     kv_cache_dtype: str = "auto"  # auto (= dtype) | float8_e4m3fn: 8-bit keys/values (H100/H200 class)
     tokenizer: Optional[str] = None  # sentencepiece .model; None = byte-level fallback
+    # The folder of the datasets' default files (hydra_conf/dataset/*.yaml derive their
+    # paths from it); relative: against the current folder.
+    data_root: str = "../shared/data"
     sort_by_length: bool = False
     sweep_dir: str = "sweeps/${now:%Y-%m-%d_%H-%M-%S}"
 

@@ -47,9 +47,11 @@ def validate_cell_config(cfg: Mapping[str, Any], cwd: Path) -> None:
     for key in ("telemetry_hz", "energy_hz"):
         if not cfg[key] > 0:
             raise ConfigError(f"{key}={cfg[key]}: must be > 0 samples per second")
+    if not str(cfg["data_root"]).strip():
+        raise ConfigError("data_root=: must be a folder (the default ../shared/data resolves against the current folder)")
     _validate_model(cfg["model"])
     _validate_gpu(cfg["gpu"])
-    _validate_dataset(cfg["dataset"], cwd)
+    _validate_dataset(cfg["dataset"], cwd, cfg["data_root"])
     _validate_paths(cfg, cwd)
     validate_launcher(cfg["launcher"])
     mode = cfg.get("fail_on_purpose")
@@ -98,24 +100,39 @@ def resolve_path(path: str, cwd: Path) -> Path:
     return p if p.is_absolute() else (cwd / p)
 
 
-def _validate_dataset(dataset: Mapping[str, Any], cwd: Path) -> None:
+def _validate_dataset(dataset: Mapping[str, Any], cwd: Path, data_root: str) -> None:
     name, path = dataset["name"], dataset["path"]
     _one_of("dataset", name, DATASETS)
     if name == "synthetic":
         return
     if not path:
         raise ConfigError(f"dataset={name} needs dataset.path (a {_FORMATS[name]} file)")
-    problem = _dataset_problem(str(resolve_path(path, cwd)), name)
+    file = resolve_path(path, cwd)
+    problem = _dataset_problem(str(file), name)
+    if problem and under_root(path, data_root) and not file.exists():
+        # The default path: the data lies elsewhere, and one key moves every dataset.
+        problem = (f"no such file (resolved to {file}); set data_root=FOLDER to the folder that holds "
+                   f"{_LAYOUT} (now data_root={data_root}), or dataset.path=FILE")
     if problem:
         raise ConfigError(f"dataset.path={path}: {problem}")
 
 
 _FORMATS = {"alpaca": "JSON list of {instruction, input, output}", "gsm8k": "JSON lines of {question, answer}"}
+# Where each dataset's default file lies under data_root (hydra_conf/dataset/*.yaml).
+_LAYOUT = "alpaca/alpaca_data_1k.json and gsm8k/train.jsonl"
+HEAD_BYTES = 8192  # read of a dataset file at plan time: its first record, never the whole (GBs) file
+
+
+def under_root(path: str, data_root: str) -> bool:
+    """Whether ``path`` is written as a path under ``data_root`` (as the defaults are)."""
+    root = data_root.rstrip("/")
+    return bool(root) and path.startswith(root + "/")
 
 
 @lru_cache(maxsize=64)
 def _dataset_problem(path: str, name: str) -> str | None:
-    """Why the file cannot be a dataset, or None. Cached: every cell of a sweep asks."""
+    """Why the file cannot be a dataset, or None. Reads only its first HEAD_BYTES.
+    Cached: every cell of a sweep asks."""
     p = Path(path)
     if not p.exists():
         return f"no such file (resolved to {p}); give an existing {_FORMATS[name]} file"
@@ -123,23 +140,35 @@ def _dataset_problem(path: str, name: str) -> str | None:
         return f"not a file (resolved to {p}); give a {_FORMATS[name]} file"
     size = p.stat().st_size
     with open(p, "rb") as f:
-        head = f.read(4096)
+        head = f.read(HEAD_BYTES)
     if not head.strip():
         return f"empty file; give a non-empty {_FORMATS[name]} file"
+    whole = size <= len(head)
     try:
-        head.decode("utf-8")
+        text = head.decode("utf-8")
     except UnicodeDecodeError as err:
-        if size <= len(head) or err.start < len(head) - 3:  # not a character cut by the 4 KiB read
+        if whole or err.start < len(head) - 3:  # not a character cut by the read
             return f"not UTF-8 text (byte {head[err.start]:#04x}); convert it, e.g. `iconv -f latin1 -t utf-8`"
-    if size <= 4096 and name == "alpaca":
-        # A small JSON file may still hold no records ("[]").
+        text = head[:err.start].decode("utf-8")
+    return _format_problem(text, whole, name, p)
+
+
+def _format_problem(text: str, whole: bool, name: str, p: Path) -> str | None:
+    """The first record against the format the worker reads (workers.load: one
+    definition of each format), so a wrong file fails here, not in a queued cell."""
+    from workers.load.datasets import EXPECTED, first_record_problem  # no torch: plain JSON
+
+    problem = first_record_problem(name, text, whole)
+    if problem is None and whole and name == "alpaca":
         try:
-            records = json.loads(head)
+            json.loads(text)  # a small file is checked whole
         except ValueError:
-            return f"not valid JSON; give a {_FORMATS[name]} file"
-        if not records:
-            return f"holds no records; give a non-empty {_FORMATS[name]} file"
-    return None
+            problem = "it is not valid JSON"
+    if problem is None:
+        return None
+    other = [d for d in EXPECTED if d != name and first_record_problem(d, text, whole) is None]
+    hint = f"; it looks like {other[0]} data (dataset={other[0]})" if other else ""
+    return f"not {name} data (resolved to {p}): expected {EXPECTED[name]}; {problem}{hint}"
 
 
 def _validate_paths(cfg: Mapping[str, Any], cwd: Path) -> None:

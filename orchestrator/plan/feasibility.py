@@ -75,19 +75,35 @@ def memory_needed_bytes(params: CellParams) -> int:
 # ---------------------------------------------------------------------------
 
 
-def infeasible_reason(params: CellParams, profile: GpuProfile) -> str | None:
-    """Why this cell cannot run, or None."""
-    args, shards = params.model_args, params.shards
-    splits = [
+def model_splits(args: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """What model parallelism cuts into ``shards`` equal parts."""
+    return [
         ("n_heads", args["n_heads"]),
         ("n_kv_heads", n_kv_heads(args)),
         ("dim", args["dim"]),
         ("vocab_size", args["vocab_size"]),
         ("FFN width", ffn_hidden_dim(args)),
     ]
-    for what, n in splits:
+
+
+def valid_shard_counts(args: Mapping[str, Any]) -> list[int]:
+    """Every shard count that divides all the splits (the heads bound them)."""
+    splits = [n for _, n in model_splits(args)]
+    return [d for d in range(1, min(splits) + 1) if all(n % d == 0 for n in splits)]
+
+
+def fewest_shards_that_fit(params: CellParams, profile: GpuProfile) -> int | None:
+    """The smallest valid shard count whose cards hold the cell, or None if none does."""
+    need = memory_needed_bytes(params)
+    return next((d for d in valid_shard_counts(params.model_args) if d * profile.memory_bytes >= need), None)
+
+
+def infeasible_reason(params: CellParams, profile: GpuProfile) -> str | None:
+    """Why this cell cannot run, or None."""
+    args, shards = params.model_args, params.shards
+    for what, n in model_splits(args):
         if n % shards:
-            valid = [d for d in range(1, n + 1) if n % d == 0 and all(m % d == 0 for _, m in splits)][-8:]
+            valid = valid_shard_counts(args)[-8:]
             return f"shards={shards} does not divide {what}={n} of {params.model}; valid shard counts: {', '.join(map(str, valid))}"
     total = params.max_prompt_tokens + params.max_new_tokens
     if total > args["max_seq_len"]:
@@ -98,8 +114,7 @@ def infeasible_reason(params: CellParams, profile: GpuProfile) -> str | None:
     if need > have:
         per_gpu = profile.memory_bytes / GiB
         return (f"needs {need / GiB:.1f} GiB (weights + KV cache + 10%) but {shards} x "
-                f"{per_gpu:.0f} GiB {params.gpu_kind} = {have / GiB:.0f} GiB; "
-                f"use more shards (>= {math.ceil(need / profile.memory_bytes)}), a smaller batch or shorter sequences")
+                f"{per_gpu:.0f} GiB {params.gpu_kind} = {have / GiB:.0f} GiB; {_memory_fix(params, profile)}")
     if params.kv_cache_dtype != "auto" and not profile.fp8:
         fp8_kinds = sorted(k for k, p in GPU_PROFILES.items() if p.fp8)
         return (f"kv_cache_dtype={params.kv_cache_dtype} needs 8-bit float support (compute capability "
@@ -110,6 +125,17 @@ def infeasible_reason(params: CellParams, profile: GpuProfile) -> str | None:
         return (f"power_cap_w={cap:g} outside {params.gpu_kind}'s range "
                 f"{profile.min_limit_w:g}-{profile.max_limit_w:g} W")
     return None
+
+
+def _memory_fix(params: CellParams, profile: GpuProfile) -> str:
+    # A count that fits memory but does not split the heads would only fail on the
+    # next try: suggest the fewest that does both.
+    fewest = fewest_shards_that_fit(params, profile)
+    if fewest is None:
+        most = valid_shard_counts(params.model_args)[-1]
+        return (f"even shards={most} (the most that split {params.model}'s heads) is too little; "
+                f"use a smaller batch or shorter sequences")
+    return f"use more shards (shards={fewest}: the fewest that split the heads and fit), a smaller batch or shorter sequences"
 
 
 def nodes_for(shards: int, launcher: Mapping[str, Any]) -> int:

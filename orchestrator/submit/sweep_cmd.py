@@ -101,8 +101,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: sweep folder would be {paths.root}")
         print(format_cells(cells, {}))
+        if not feasible:  # the exit status the real run gives
+            print("wattsweep sweep: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
+            return 2
         launcher.submit(paths, cells, dry_run=True)
         return 0
+    if not feasible:  # before the lock, which creates the folder: nothing to launch, nothing to leave behind
+        print(format_cells(cells, {}))
+        print("wattsweep sweep: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
+        return 2
     if paths.plan_jsonl.exists():
         print(f"wattsweep sweep: {paths.root} already holds a sweep; choose another sweep_dir=..., or use `wattsweep resubmit {paths.root}`", file=sys.stderr)
         return 2
@@ -131,9 +138,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"the refused cells are marked failed with the reason; fix it and run `wattsweep resubmit {paths.root}`"
               f" (--launcher KEY=VALUE changes their resources)", file=sys.stderr)
         return 1
-    if not feasible:
-        print("wattsweep sweep: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
-        return 2
     if not args.wait:
         print(f"follow with: wattsweep status {paths.root}")
         return 0

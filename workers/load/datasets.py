@@ -30,6 +30,15 @@ _WORDS = ("the power of a card grows with its clock and the energy per token fal
           "a cluster runs many jobs and each job reports watts tokens words seconds joules").split()
 
 
+# What each file must be; the planner checks a file's first record against it
+# (``first_record_problem``) so that a wrong file is refused before a cell is queued.
+EXPECTED = {
+    "alpaca": 'a JSON array whose first element is an object with an "instruction" string',
+    "gsm8k": 'JSON Lines whose first line is an object with a "question" string',
+}
+RECORD_KEY = {"alpaca": "instruction", "gsm8k": "question"}  # the string each record must have
+
+
 class DatasetError(ValueError):
     """A dataset file is missing, empty or malformed; the message names the file and line."""
 
@@ -126,6 +135,49 @@ def read_gsm8k(path: str) -> list[str]:
             raise DatasetError(f"{path}:{lineno}: expected an object with a 'question' string")
         prompts.append(rec["question"])
     return prompts
+
+
+def first_record_problem(dataset: str, head: str, whole: bool) -> str | None:
+    """What makes ``head`` (the beginning of a file) not the start of a ``dataset``
+    file, judged from its first record; None when it looks right. ``whole``: head
+    is the entire file. A first record cut by the end of head is judged only by
+    how it begins: the worker still reads every record."""
+    text = head.lstrip()
+    if dataset == "gsm8k":
+        line, newline, _ = text.partition("\n")
+        return _record_problem(dataset, line, "its first line", cut=not newline and not whole)
+    if not text.startswith("["):
+        return f"it begins with {_shown(text)}, not a JSON array"
+    rest = text[1:].lstrip()
+    if rest.startswith("]"):
+        return "it holds no records"
+    return _record_problem(dataset, rest, "its first element", cut=not whole)
+
+
+def _record_problem(dataset: str, text: str, where: str, *, cut: bool) -> str | None:
+    """The first JSON value of ``text`` must be an object with a string under the
+    dataset's key. ``cut``: text may end inside that value (the rest of the file unread)."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return f"{where} is not a JSON object: it begins with {_shown(text)}"
+    try:
+        record, _ = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError as err:
+        at_end = err.msg.startswith("Unterminated string") or err.pos >= len(text) - 6  # \uXXXX cut short
+        if cut and at_end:
+            return None  # longer than the part read: the worker judges it
+        return f"{where} is not valid JSON ({err.msg} at character {err.pos + 1}): {_shown(text)}"
+    key = RECORD_KEY[dataset]
+    if not isinstance(record.get(key), str):
+        keys = ", ".join(map(str, record)) or "none"
+        return f"{where} has no {key!r} string (its keys: {keys})"
+    return None
+
+
+def _shown(text: str, n_chars: int = 40) -> str:
+    """The first characters of a record, for a message that must stay one line."""
+    first = " ".join(text.split())
+    return repr(first[:n_chars] + ("..." if len(first) > n_chars else ""))
 
 
 def count_words(text: str) -> int:
