@@ -324,3 +324,15 @@ def test_a_cancelled_local_cell_that_does_not_exit_is_killed_after_kill_wait(tmp
     runner._escalate()
     runner._escalate()
     assert Job.cancels == 1 and stuck["killed"] and not fresh.get("killed")
+
+
+def test_sweep_wait_counts_cancelled_cells_as_cancelled(slurm_sweep, capsys):
+    from orchestrator.submit.sweep_cmd import _reduce_and_print
+
+    paths, ids = slurm_sweep
+    append_cancellation(paths, {ids[0]: "4242_0"})
+    write_failed(paths, ids[1], "RuntimeError: boom", "")
+    assert _reduce_and_print(paths.root, ids[:2]) == 1
+    err = capsys.readouterr().err
+    assert "2 of 2 cell(s) gave no valid result (1 cancelled, 1 failed or missing, 0 invalid)" in err
+    assert f"{ids[0]}: cancelled: cancelled by" in err and f"{ids[1]}: failed: RuntimeError: boom" in err

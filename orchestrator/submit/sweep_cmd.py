@@ -206,18 +206,37 @@ def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
     lost = [c for c in cell_ids if c not in valid]
     if not lost:
         return 0
+    cancels = _cancelled(sweep_dir)
     n_invalid = sum(c in invalid for c in lost)
-    print(f"wattsweep sweep: {len(lost)} of {len(cell_ids)} cell(s) gave no valid result ({len(lost) - n_invalid} failed or "
-          f"missing, {n_invalid} invalid); see `wattsweep status {sweep_dir}`, then `wattsweep resubmit {sweep_dir}`",
-          file=sys.stderr)
+    n_cancelled = sum(c in cancels and c not in invalid for c in lost)
+    print(f"wattsweep sweep: {len(lost)} of {len(cell_ids)} cell(s) gave no valid result ({n_cancelled} cancelled, "
+          f"{len(lost) - n_invalid - n_cancelled} failed or missing, {n_invalid} invalid); see `wattsweep status "
+          f"{sweep_dir}` and `wattsweep logs {sweep_dir} CELL`; `wattsweep resubmit {sweep_dir}` reruns them once "
+          f"the cause is fixed", file=sys.stderr)
     for cid in lost[:SHOWN_FAILURES]:  # the reasons, so a bad input file is seen without another command
-        print(f"  {cid}: {_why_lost(sweep_dir, cid, invalid)}", file=sys.stderr)
+        why = f"cancelled: {cancels[cid]}" if cid in cancels and cid not in invalid else _why_lost(sweep_dir, cid, invalid)
+        print(f"  {cid}: {why}", file=sys.stderr)
     if len(lost) > SHOWN_FAILURES:
         print(f"  (and {len(lost) - SHOWN_FAILURES} more)", file=sys.stderr)
     return 1
 
 
 SHOWN_FAILURES = 5
+
+
+def _cancelled(sweep_dir: Any) -> dict[str, str]:
+    """Cells whose latest job `wattsweep cancel` stopped -> who and when."""
+    from orchestrator.contracts import SweepPaths
+    from orchestrator.submit.base import latest_submission_by_cell
+    from orchestrator.submit.cancellations import read_cancellations
+
+    paths = SweepPaths.of(sweep_dir)
+    try:
+        latest = latest_submission_by_cell(paths)
+    except (OSError, ValueError):
+        return {}
+    return {cid: c.describe() for cid, c in read_cancellations(paths).items()
+            if cid in latest and latest[cid][1] == c.job_id}
 
 
 def _why_lost(sweep_dir: Any, cell_id: str, invalid: dict[str, str]) -> str:
