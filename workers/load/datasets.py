@@ -65,11 +65,13 @@ def load_prompts(dataset: str, path: str | None, n_prompts: int, seed: int) -> l
 
 
 def synthetic_prompts(n_prompts: int, seed: int) -> list[Prompt]:
-    """Deterministic word salad of 4 to 160 words, varied so that batches need padding."""
+    """Deterministic word salad of 4 to 24 words, varied so that batches need padding.
+    At most about 260 bytes: within the default max_prompt_tokens (256) even for the
+    byte-level tokenizer the tiny model falls back to, so no prompt is cut."""
     rng = random.Random(seed)
     prompts = []
     for i in range(n_prompts):
-        n_words = rng.randint(4, 160)
+        n_words = rng.randint(4, 24)
         prompts.append(Prompt(i, " ".join(rng.choice(_WORDS) for _ in range(n_words))))
     return prompts
 
