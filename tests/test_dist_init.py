@@ -51,3 +51,19 @@ def test_outside_submitit_the_job_environment_is_not_used():
     if any(k.startswith("SUBMITIT_") or k == "SLURM_JOB_ID" for k in os.environ):
         pytest.skip("running inside a submitit or Slurm job")
     assert REAL_FROM_SUBMITIT() is None
+
+
+def test_a_one_rank_job_listens_on_a_free_port_not_the_job_seeded_one(monkeypatch):
+    """Another job on the node held the job-seeded port: a one-rank cell failed
+    with EADDRINUSE although no other rank had to find it."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(wdist, "_from_submitit",
+                            lambda: wdist._Rendezvous(0, 1, 0, 1, "127.0.0.1", port, "submitit"))
+        rv = wdist._rendezvous()
+        assert rv.source == "submitit" and rv.master_port != port
+        assert wdist.init_distributed(1).world_size == 1

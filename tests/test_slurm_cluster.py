@@ -168,8 +168,9 @@ def test_timed_out_cell_is_requeued_and_finishes(slurm_cluster, tmp_path):
 
 def test_sbatch_errors_name_the_cells(slurm_cluster, tmp_path):
     paths, cells = plan_only(tmp_path / "bad", "batch_size=1,2", "launcher.partition=nosuch")
-    with pytest.raises(LaunchError, match=r"sbatch refused 2 cell\(s\).*(?i:invalid partition).*queued: 0 cell"):
+    with pytest.raises(LaunchError, match=r"sbatch refused 2 cell\(s\).*(?i:invalid partition).*queued: 0 cell") as e:
         launch(paths, cells)
+    assert "(sbatch exited 1)" in str(e.value) and ".submission_file" not in str(e.value)  # a removed script
     paths, cells = plan_only(tmp_path / "wide", "shards=1,4")  # shards=4 needs 4 one-GPU nodes; there are 2
     with pytest.raises(LaunchError) as e:
         launch(paths, cells)

@@ -6,6 +6,8 @@ Where rank and world size come from, first match wins:
 2. torch's variables ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
    (``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` optional), as torchrun sets them;
 3. otherwise one process on a free local port.
+A job of one rank always listens on a free local port: the job-seeded port of
+(1) can be held by another job on the same node.
 The backend is nccl on CUDA (device ``cuda:<local_rank>``), gloo on the CPU.
 """
 from __future__ import annotations
@@ -72,7 +74,13 @@ def _from_env() -> _Rendezvous | None:
 
 
 def _rendezvous() -> _Rendezvous:
-    return _from_submitit() or _from_env() or _Rendezvous(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+    rv = _from_submitit() or _from_env() or _Rendezvous(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+    if rv.world_size == 1 and rv.source != "single":
+        # No other rank has to find this one: a port the system says is free,
+        # not the job-seeded one, which another job on the node may hold
+        # (a cell failed with EADDRINUSE that way).
+        return _Rendezvous(0, 1, rv.local_rank, rv.local_world_size, "127.0.0.1", _free_port(), rv.source)
+    return rv
 
 
 def _device_for(local_rank: int, local_world: int) -> str:

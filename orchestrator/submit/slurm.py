@@ -259,12 +259,13 @@ class SlurmLauncher:
                 rec = self._submit_chunk(paths, folder, job_name, ch)
             except (SlurmCommandError, OSError) as e:
                 _remove_new(folder, before)  # submitit's pickles and script of the refused array
+                why = _refusal(e)
                 errors.append(f"sbatch refused {len(ch.cells)} cell(s) [{' '.join(c.cell_id for c in ch.cells)}] "
-                              f"({ch.res.describe()}): {e}")
+                              f"({ch.res.describe()}): {why}")
                 # The refusal goes to the sweep folder, not only the terminal:
                 # status shows it as the cells' reason, resubmit retries them.
                 for c in ch.cells:
-                    write_failed(paths, c.cell_id, f"sbatch refused the job ({ch.res.describe()}): {e}", "",
+                    write_failed(paths, c.cell_id, f"sbatch refused the job ({ch.res.describe()}): {why}", "",
                                  {"launcher": "slurm", "stage": "submit"})
                 continue
             append_submissions(paths, [rec])  # recorded at once: the file is the only memory
@@ -313,6 +314,16 @@ class SlurmLauncher:
             arrays = [a for a in arrays if a in alive]
             if arrays:
                 time.sleep(poll_s)
+
+
+def _refusal(e: Exception) -> str:
+    """sbatch's own words and exit status, without the command line: it names
+    the temporary script, which is removed with the refused array
+    (`wattsweep sweep --dry-run` prints the script)."""
+    if isinstance(e, SlurmCommandError) and e.stderr.strip():
+        lines = [ln.strip() for ln in e.stderr.strip().splitlines() if ln.strip()]
+        return "; ".join(lines[:3]) + f" (sbatch exited {e.returncode})"
+    return str(e)
 
 
 def link_logs(paths: SweepPaths, cell_id: str, folder: Path, job_id: str, tasks: int) -> None:

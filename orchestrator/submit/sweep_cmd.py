@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     jobs = {cid: jid for r in records for cid, jid in zip(r.cell_ids, r.job_ids)}
     print(f"sweep folder: {paths.root}")
-    print(format_cells(cells, jobs))
+    refused = {c.cell_id for c in feasible if c.cell_id not in jobs} if failure is not None else set()
+    print(format_cells(cells, jobs, refused))
     launched = len(feasible) if failure is None else sum(len(r.cell_ids) for r in records)
     print(f"{launched} cell(s) launched ({composed.launcher_name}), {len(cells) - len(feasible)} infeasible")
     if failure is not None:
@@ -251,7 +252,7 @@ def _why_lost(sweep_dir: Any, cell_id: str, invalid: dict[str, str]) -> str:
     return "failed: " + failed_reason(paths, cell_id).splitlines()[0][:300]
 
 
-def format_cells(cells: list[Any], jobs: dict[str, str]) -> str:
+def format_cells(cells: list[Any], jobs: dict[str, str], refused: set[str] | frozenset[str] = frozenset()) -> str:
     """One line per cell: id, model, shards, batch, cap, dataset, GPU, state or reason."""
     header = ("cell", "model", "shards", "nodes", "batch", "cap_w", "dataset", "gpu", "state")
     rows = [header]
@@ -261,6 +262,8 @@ def format_cells(cells: list[Any], jobs: dict[str, str]) -> str:
             state = f"infeasible: {c.reason}"
         elif c.cell_id in jobs:
             state = f"queued (job {jobs[c.cell_id]})"
+        elif c.cell_id in refused:
+            state = "refused by sbatch (marked failed; reason below)"
         else:
             state = "planned"
         cap = "-" if p.power_cap_w is None else f"{p.power_cap_w:g}"
