@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,32 @@ def test_cells_finish_after_the_command_exits(tmp_path):
     assert paths.done_marker(cid).exists(), failed.read_text() if failed.exists() else "no marker"
     assert json.loads(paths.submissions_jsonl.read_text().splitlines()[0])["cell_ids"] == [cid]
     assert paths.sweep_yaml.exists()
+
+
+@pytest.mark.slow
+def test_a_relative_dataset_path_still_works_when_resubmitted_from_another_folder(tmp_path):
+    """Workers open the file the plan resolved, not the path as written: the job
+    of a resubmit started elsewhere looked for data/... under its own folder."""
+    gsm8k = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if not gsm8k.exists():
+        pytest.skip(f"needs {gsm8k}")
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    (here / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    (here / "data" / "train.jsonl").symlink_to(gsm8k)
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "sweep_dir=out", "dataset=gsm8k",
+           "dataset.path=data/train.jsonl", "n_prompts=2", "max_new_tokens=2", "max_prompt_tokens=64",
+           "dtype=float32", "gpu=simulated", "--wait"]
+    done = subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    again = subprocess.run([sys.executable, "-m", "orchestrator.cli", "resubmit", str(here / "out"), "--force"],
+                           cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    paths = SweepPaths.of(here / "out")
+    (cell,) = read_plan(paths)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not paths.done_marker(cell.cell_id).exists():
+        failed = paths.failed_marker(cell.cell_id)
+        assert not failed.exists(), failed.read_text()
+        time.sleep(0.25)
+    assert json.loads(paths.done_marker(cell.cell_id).read_text())["attempt"] == 1

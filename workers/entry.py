@@ -147,6 +147,15 @@ def _decode_load(batch_size: int) -> float:
     return min(1.0, 0.35 + 0.65 * batch_size / (batch_size + 16))
 
 
+def _planned_path(task: CellTask, key: str, written: Any) -> Any:
+    """The file the plan resolved ``key`` to (absolute, ``~`` expanded, from the
+    folder `wattsweep sweep` ran in); as written when the plan has none. A path
+    as written is relative to wherever the job happens to start: a resubmit from
+    another folder, or a batch job's working directory, would not find it."""
+    resolved = (task.options.extra or {}).get(f"{key}_resolved")
+    return resolved if resolved and written not in (None, "random") else written
+
+
 def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
     """Load the model and prompts, warm up, then generate every batch inside the
     measured window. Returns the per-response rows (rank 0 keeps them)."""
@@ -157,13 +166,14 @@ def _measure(task: CellTask, info: Any, sampler: Any) -> dict[str, Any]:
     p, opt = task.params, task.options
     sampler.mark("load", load=0.1)
     # The checkpoint's own vocabulary (params.json or its embedding), not the config's.
-    args = resolve_args(ModelArgs.from_dict(p.model_args), p.weights)
-    tokenizer = get_tokenizer(p.tokenizer_path, vocab_size=args.vocab_size)
-    prompts = load_prompts(p.dataset, p.dataset_path, p.n_prompts, p.seed)
+    weights = _planned_path(task, "weights", p.weights)
+    args = resolve_args(ModelArgs.from_dict(p.model_args), weights)
+    tokenizer = get_tokenizer(_planned_path(task, "tokenizer_path", p.tokenizer_path), vocab_size=args.vocab_size)
+    prompts = load_prompts(p.dataset, _planned_path(task, "dataset_path", p.dataset_path), p.n_prompts, p.seed)
     batches = make_batches(prompts, tokenizer, p.batch_size, p.max_prompt_tokens, p.sort_by_length)
     max_seq_len = p.max_prompt_tokens + p.max_new_tokens
     model = build_model(
-        args, weights=p.weights, dtype=p.dtype, device=info.device, seed=p.seed,
+        args, weights=weights, dtype=p.dtype, device=info.device, seed=p.seed,
         max_batch_size=p.batch_size, max_seq_len=max_seq_len, kv_cache_dtype=p.kv_cache_dtype,
     )
     gen = Generator(model, max_batch_size=p.batch_size, max_seq_len=max_seq_len, device=info.device, cuda_graph=opt.cuda_graph)
