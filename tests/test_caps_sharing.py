@@ -161,3 +161,30 @@ def test_a_signal_inside_the_simulated_cards_locked_update_waits_for_it(tmp_path
     assert "were restored" in str(e.value)
     assert rig.sim().get_power_limit_w(0) == 300 and rig.save_files() == []
     assert actions(rig.cell_ledger) == [("apply", "ok"), ("restore", "ok")]
+
+
+def test_sigterm_before_and_after_a_cap_session_ends_the_worker(tmp_path, monkeypatch):
+    """A cancel that arrived while the worker was starting used to be passed
+    over (submitit's SIGTERM handler), and the cell went on to set its caps."""
+    import os
+
+    from workers.gpu.caps import stop_on_term
+
+    state = isolate(monkeypatch, tmp_path)
+    rig = Rig("simulated", tmp_path, state)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_term()
+        with pytest.raises(SignalExit, match=r"stopped by SIGTERM \(no power cap was held at the time\)"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()  # not reached: the handler raises first
+        with pytest.raises(SignalExit, match="power caps were restored"):
+            with session(rig, 150):
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.pause()
+        assert rig.sim().get_power_limit_w(0) == 300
+        with pytest.raises(SignalExit, match="no power cap was held"):  # the session gave the handler back
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()
+    finally:
+        signal.signal(signal.SIGTERM, old)

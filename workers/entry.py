@@ -40,9 +40,12 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     (after writing FAILED.json) so the scheduler sees a failed job."""
     from workers import dist
 
+    from workers.gpu.caps import stop_on_term
+
     paths = SweepPaths.of(task.sweep_dir)
     rank = 0
     try:
+        stop_on_term()  # a cancel during start-up ends the worker, not ignored
         info = dist.init_distributed(task.params.shards)
         rank = info.rank
         _limit_cpu_threads(info)

@@ -38,6 +38,22 @@ from workers.gpu.state import SaveFile, make_save, node_dir, owner_alive, read_s
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
+def stop_on_term() -> None:
+    """From the worker's first step, SIGTERM ends it (SignalExit) instead of
+    being passed over, as submitit's own handler does: a cancel that arrives
+    while the worker starts (before any cap session) used to be ignored, and
+    the cell went on to set its caps and run. A cap session replaces this
+    handler while it holds caps, and gives it back after."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SignalExit(signum, caps_held=False)
+
+    handler.outside_caps = True  # type: ignore[attr-defined]  # a cap session does not chain to it
+    signal.signal(signal.SIGTERM, handler)
+
+
 class CapPolicyError(GpuError):
     """The requested cap breaks the site policy."""
 
@@ -46,12 +62,14 @@ class SignalExit(SystemExit):
     """Raised after a signal, once the caps were put back (or failed to be):
     exit status 128 + signal, a message that says which."""
 
-    def __init__(self, signum: int, not_restored: int = 0):
+    def __init__(self, signum: int, not_restored: int = 0, *, caps_held: bool = True):
         super().__init__(128 + signum)
-        self.signum, self.not_restored = signum, not_restored
+        self.signum, self.not_restored, self.caps_held = signum, not_restored, caps_held
 
     def __str__(self) -> str:
         name = signal.Signals(self.signum).name
+        if not self.caps_held:
+            return f"stopped by {name} (no power cap was held at the time)"
         if self.not_restored:
             return (f"stopped by {name}; power cap NOT restored on {self.not_restored} GPU(s): the epilog or "
                     f"`wattsweep caps restore --all` will repair from the save files")
@@ -329,7 +347,7 @@ class CapSession:
     def _end_by_signal(self, signum: int, frame: FrameType | None, failed: int) -> None:
         old: Callable[..., Any] | int | None = self._old_handlers.get(signum)
         self._remove_handlers()
-        if callable(old):
+        if callable(old) and not getattr(old, "outside_caps", False):
             old(signum, frame)  # submitit's USR2 handler checkpoints and requeues, then exits
         # Whatever the previous handler did, the cap is gone: never keep measuring.
         raise SignalExit(signum, failed)
