@@ -336,3 +336,14 @@ def test_sweep_wait_counts_cancelled_cells_as_cancelled(slurm_sweep, capsys):
     err = capsys.readouterr().err
     assert "2 of 2 cell(s) gave no valid result (1 cancelled, 1 failed or missing, 0 invalid)" in err
     assert f"{ids[0]}: cancelled: cancelled by" in err and f"{ids[1]}: failed: RuntimeError: boom" in err
+
+
+def test_resubmit_says_why_a_cell_being_cancelled_is_not_rerun_yet(slurm_sweep, monkeypatch, capsys):
+    from orchestrator.status import resubmit_cmd
+    from orchestrator.status.state import sweep_status
+
+    paths, ids = slurm_sweep
+    fake_queue(monkeypatch, live={"4242_0": "RUNNING"})
+    append_cancellation(paths, {ids[0]: "4242_0"})
+    chosen = resubmit_cmd.choose(sweep_status(paths, validate=False), None, False)
+    assert ids[0] not in chosen and f"skipping {ids[0]}: still being cancelled" in capsys.readouterr().out

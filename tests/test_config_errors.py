@@ -233,3 +233,29 @@ def test_the_format_check_reads_only_the_beginning(in_tmp):
 def test_an_empty_data_root_is_refused(in_tmp):
     with pytest.raises(ConfigError, match="data_root=: must be a folder"):
         compose_cells(["data_root="], multirun=False)
+
+
+def test_dataset_files_with_a_byte_order_mark_blank_lines_first_or_unreadable(tmp_path):
+    from orchestrator.config.validate import _dataset_problem
+
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"question": "q", "answer": "a"}\n')
+    assert "byte-order mark" in _dataset_problem(str(bom), "gsm8k")
+    blank_first = tmp_path / "blank.jsonl"
+    blank_first.write_text("\n" * 9000 + '{"question": "q", "answer": "a"}\n')
+    assert _dataset_problem(str(blank_first), "gsm8k") is None  # the worker skips blank lines too
+    folder_like = tmp_path / "unreadable.jsonl"
+    folder_like.write_text('{"question": "q"}\n')
+    import builtins
+    real_open = builtins.open
+
+    def refuse(path, *a, **k):
+        if str(path) == str(folder_like):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **k)
+
+    builtins.open = refuse
+    try:
+        assert "cannot be read (Permission denied" in _dataset_problem(str(folder_like), "gsm8k")
+    finally:
+        builtins.open = real_open

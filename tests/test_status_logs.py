@@ -110,3 +110,10 @@ def test_status_state_spelled_as_slurm_does_json_says_the_filter_and_watch_refus
     assert sum(d["counts"].values()) == 2
     assert main(["status", str(paths.root), "--state", "failed", "--watch"]) == 2
     assert "use one of them" in capsys.readouterr().err
+
+
+def test_status_state_with_no_matching_cell_says_so(sweep, capsys):
+    paths, _ = sweep
+    assert main(["status", str(paths.root), "--state", "done,invalid", "--no-validate"]) == 0
+    out = capsys.readouterr().out
+    assert "no cell is done or invalid" in out and "2 cells:" in out and "parameters" not in out

@@ -129,6 +129,9 @@ def under_root(path: str, data_root: str) -> bool:
     return bool(root) and path.startswith(root + "/")
 
 
+MAX_LEADING_SPACE_BYTES = 1 << 20  # how far past blank lines the plan looks for the first record
+
+
 @lru_cache(maxsize=64)
 def _dataset_problem(path: str, name: str) -> str | None:
     """Why the file cannot be a dataset, or None. Reads only its first HEAD_BYTES.
@@ -138,11 +141,21 @@ def _dataset_problem(path: str, name: str) -> str | None:
         return f"no such file (resolved to {p}); give an existing {_FORMATS[name]} file"
     if not p.is_file():
         return f"not a file (resolved to {p}); give a {_FORMATS[name]} file"
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(HEAD_BYTES)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(HEAD_BYTES)
+            while head.isspace() and len(head) < MAX_LEADING_SPACE_BYTES:  # blank lines before the first record
+                more = f.read(HEAD_BYTES)
+                if not more:
+                    break
+                head += more
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e}; resolved to {p})"
     if not head.strip():
         return f"empty file; give a non-empty {_FORMATS[name]} file"
+    if head.startswith(b"\xef\xbb\xbf"):
+        return "it starts with a UTF-8 byte-order mark, which JSON readers refuse; remove it"
     whole = size <= len(head)
     try:
         text = head.decode("utf-8")

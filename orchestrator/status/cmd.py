@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         st = dataclasses.replace(st, cells=tuple(c for c in st.cells if c.state in args.state))  # counts stay whole
     if args.json:
         print(dumps(st) if not getattr(args, "state", None) else _with_filter(dumps(st), args.state))
+    elif getattr(args, "state", None) and not st.cells:
+        print(f"no cell is {' or '.join(sorted(args.state))}")
+        print(format_counts(st))
     else:
         print(format_table(st))
     return 0

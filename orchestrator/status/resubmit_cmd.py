@@ -71,7 +71,12 @@ def choose(st: SweepStatus, cell_ids: list[str] | None, force: bool) -> list[str
     """Ids to resubmit, in plan order."""
     wanted = RESUBMITTABLE | ({"done"} if force else set())
     note = (lambda c: c.state + (" (use --force to rerun)" if c.state == "done" else ""))
-    return [c.cell_id for c in pick_cells(st.cells, cell_ids, wanted, note)]
+    picked = [c.cell_id for c in pick_cells(st.cells, cell_ids, wanted, note)]
+    if not cell_ids:  # named cells got their note above; say why a cancelled one is not rerun yet
+        for c in st.cells:
+            if c.state in ACTIVE and (c.reason or "").startswith("being cancelled"):
+                print(f"skipping {c.cell_id}: still being cancelled; resubmit it once it has ended")
+    return picked
 
 
 def parse_launcher_changes(items: list[str]) -> dict:
