@@ -210,3 +210,25 @@ def test_help_states_the_exit_statuses(capsys, command, statuses):
     assert "exit status: " in text
     tail = text.split("exit status: ")[1]
     assert all(s in tail for s in statuses), tail
+
+
+def test_a_report_after_more_cells_finished_reduces_again(tmp_path):
+    """The counts of cells without a result are read fresh; the figures came from
+    the last summary: they said cells had no result that had one."""
+    import os
+
+    from orchestrator.contracts import SweepPaths
+    from orchestrator.reduce import reduce_sweep
+    from orchestrator.reduce.synthetic import CellSpec, cell_params, write_cell, write_plan
+    from orchestrator.report.data import load_summary
+
+    paths = SweepPaths.of(tmp_path / "sweep")
+    params = [cell_params(batch_size=b) for b in (1, 2)]
+    write_plan(paths, params)
+    write_cell(paths, params[0], CellSpec(seconds=6.0, warmup_s=1.0))
+    reduce_sweep(paths.root)
+    assert len(load_summary(paths.root)) == 1
+    cid = write_cell(paths, params[1], CellSpec(seconds=6.0, warmup_s=1.0))
+    later = paths.summary_parquet.stat().st_mtime_ns + 10**9
+    os.utime(paths.done_marker(cid), ns=(later, later))
+    assert len(load_summary(paths.root)) == 2

@@ -6,7 +6,8 @@ import sys
 
 DESCRIPTION = """Write the sweep's report: report/index.html (opens from disk; PNG figures
 beside it) and report/index.md, with the paper's figures and the table behind
-each. Reduces the sweep first if it was never reduced (or with --reduce)."""
+each. Reduces the sweep first if it was never reduced, if a cell finished since the
+last reduce, or with --reduce."""
 
 EPILOG = """examples:
   wattsweep report sweeps/2026-11-26-a                 both pages

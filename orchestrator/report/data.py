@@ -24,11 +24,12 @@ class ReportError(Exception):
 
 
 def load_summary(sweep_dir: str | Path, *, reduce_first: bool = False) -> list[Row]:
-    """Summary rows of a sweep; reduces it when asked or when never reduced."""
+    """Summary rows of a sweep; reduces it when asked, when never reduced, or
+    when a cell finished after the last reduce."""
     paths = SweepPaths.of(sweep_dir)
     if not paths.root.is_dir():
         raise ReportError(f"no sweep folder at {paths.root}")
-    if reduce_first or not paths.summary_parquet.exists():
+    if reduce_first or not paths.summary_parquet.exists() or _stale(paths):
         from orchestrator.reduce import reduce_sweep
 
         return reduce_sweep(paths.root).to_pylist()
@@ -36,6 +37,28 @@ def load_summary(sweep_dir: str | Path, *, reduce_first: bool = False) -> list[R
         return pq.read_table(paths.summary_parquet).to_pylist()
     except Exception as e:  # noqa: BLE001 - a damaged summary: say so, suggest the fix
         raise ReportError(f"unreadable {paths.summary_parquet} ({type(e).__name__}); run `wattsweep reduce {paths.root}`") from None
+
+
+def _stale(paths: SweepPaths) -> bool:
+    """A cell's DONE.json is newer than the summary: cells finished (or were
+    rerun) since the last reduce, and the figures would contradict the counts
+    of planned cells without a result. The reduce reuses unchanged cells, so
+    reducing again costs little."""
+    import os
+
+    try:
+        summary_ns = paths.summary_parquet.stat().st_mtime_ns
+        with os.scandir(paths.cells_dir) as it:
+            cells = [e.path for e in it if e.is_dir()]
+    except OSError:
+        return False
+    for cdir in cells:
+        try:
+            if os.stat(f"{cdir}/DONE.json").st_mtime_ns > summary_ns:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def is_simulated(rows: Iterable[Row]) -> bool:
