@@ -581,7 +581,7 @@ def test_reduce_counts_planned_cells_without_a_result(tmp_path, capsys, monkeypa
     assert cli_main(["reduce", str(paths.root), "--quiet"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("1 cells reduced, 0 invalid")
-    assert out[1] == (f"2 of 3 planned cells have no result yet (1 with FAILED.json; 1 with no marker: cancelled, "
+    assert out[1] == (f"2 of 3 planned cells have no result yet (1 failed (FAILED.json); 1 with no marker: "
                       f"timed out, pending, running or never run); `wattsweep status {paths.root} --state "
                       "failed,cancelled,timeout,missing,planned,pending,running,unknown` lists them")
 
@@ -601,7 +601,18 @@ def test_no_result_count_reads_only_the_markers(tmp_path):
     assert (cov.planned, cov.no_result, cov.with_failed_marker) == (3, (ids[1], ids[2]), 1)
     write_cell(paths, cell_params(shards=2), CellSpec(seconds=11.0, warmup_s=1.0))  # resubmitted, done
     assert coverage(paths.root).message().startswith(
-        "1 of 3 planned cells has no result yet (1 with no marker: cancelled, timed out, pending, running or never run)")
+        "1 of 3 planned cells has no result yet (1 with no marker: timed out, pending, running or never run)")
+
+
+def test_no_result_count_names_cells_wattsweep_cancel_stopped(tmp_path):
+    from orchestrator.reduce.coverage import coverage
+    from orchestrator.submit.base import SubmissionRecord, append_submissions
+    from orchestrator.submit.cancellations import append_cancellation
+
+    paths, ids = _sweep_with_holes(tmp_path)  # ids[1] failed, ids[2] never ran
+    append_submissions(paths, [SubmissionRecord((ids[1], ids[2]), "slurm", ("9_0", "9_1"), True, 1.0, 0, {})])
+    append_cancellation(paths, {ids[1]: "9_0", ids[2]: "9_1"})
+    assert coverage(paths.root).message().startswith("2 of 3 planned cells have no result yet (2 cancelled)")
 
 
 def test_the_state_filter_named_by_reduce_lists_every_cell_without_a_result():

@@ -112,7 +112,7 @@ def test_report_names_planned_cells_without_a_result(tmp_path):
     assert cli_main(["report", str(paths.root)]) == 0
     md = (paths.report_dir / "index.md").read_text()
     html = (paths.report_dir / "index.html").read_text()
-    line = (f"1 of 2 planned cells has no result yet (1 with FAILED.json); `wattsweep status {paths.root} --state "
+    line = (f"1 of 2 planned cells has no result yet (1 failed (FAILED.json)); `wattsweep status {paths.root} --state "
             "failed,cancelled,timeout,missing,planned,pending,running,unknown` lists them")
     top = md.split("\n## ")[0]
     assert f"*{line}*" in top  # near the top: before the first figure

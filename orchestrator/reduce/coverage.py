@@ -30,19 +30,22 @@ class Coverage:
     sweep_dir: str
     planned: int  # feasible cells of the plan
     no_result: tuple[str, ...]  # their ids, in plan order
-    with_failed_marker: int  # of no_result, those whose FAILED.json is there
+    with_failed_marker: int  # of no_result, those whose FAILED.json is there (and not cancelled)
+    cancelled: int = 0  # of no_result, those whose latest job `wattsweep cancel` stopped
 
     def message(self) -> str | None:
         """One line for `reduce` and the report; None when every planned cell has a result."""
         n = len(self.no_result)
         if not n:
             return None
-        others = n - self.with_failed_marker
+        others = n - self.with_failed_marker - self.cancelled
         parts = []
+        if self.cancelled:
+            parts.append(f"{self.cancelled} cancelled")
         if self.with_failed_marker:
-            parts.append(f"{self.with_failed_marker} with FAILED.json")
+            parts.append(f"{self.with_failed_marker} failed (FAILED.json)")
         if others:
-            parts.append(f"{others} with no marker: cancelled, timed out, pending, running or never run")
+            parts.append(f"{others} with no marker: timed out, pending, running or never run")
         return (f"{n} of {self.planned} planned cells {'has' if n == 1 else 'have'} no result yet ({'; '.join(parts)}); "
                 f"`wattsweep status {shlex.quote(self.sweep_dir)} --state {NO_RESULT_STATES}` lists them")
 
@@ -57,8 +60,26 @@ def coverage(sweep_dir: str | Path, plan: dict[str, PlanCell] | None = None) -> 
     feasible = [cid for cid, c in plan.items() if c.feasible]
     # Plain os calls on strings, as summary._done_ids: pathlib costs several times as much per cell.
     missing = tuple(cid for cid in feasible if not os.path.exists(f"{cells}/{cid}/{DONE_NAME}"))
-    failed = sum(os.path.exists(f"{cells}/{cid}/{FAILED_NAME}") for cid in missing)
-    return Coverage(str(sweep_dir), len(feasible), missing, failed)
+    cancelled = _cancelled(paths, missing)
+    failed = sum(os.path.exists(f"{cells}/{cid}/{FAILED_NAME}") for cid in missing if cid not in cancelled)
+    return Coverage(str(sweep_dir), len(feasible), missing, failed, len(cancelled))
+
+
+def _cancelled(paths: SweepPaths, ids: tuple[str, ...]) -> set[str]:
+    """Of ``ids``, the cells whose latest job `wattsweep cancel` recorded stopping."""
+    if not ids:
+        return set()
+    from orchestrator.submit.base import latest_submission_by_cell
+    from orchestrator.submit.cancellations import read_cancellations
+
+    cancels = read_cancellations(paths)
+    if not cancels:
+        return set()
+    try:
+        latest = latest_submission_by_cell(paths)
+    except (OSError, ValueError):
+        return set()
+    return {cid for cid in ids if cid in cancels and cid in latest and latest[cid][1] == cancels[cid].job_id}
 
 
 def planned_params(plan: dict[str, PlanCell]) -> list[dict[str, Any]]:
