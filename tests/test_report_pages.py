@@ -118,7 +118,7 @@ def test_report_names_planned_cells_without_a_result(tmp_path):
     assert f"*{line}*" in top  # near the top: before the first figure
     assert line in _notes_html(html.split("<h2")[0])  # above the contents
     skipped = ("skipped: needs at least two values of shards; this sweep has shards=1; planned shards=1,2, "
-               "but no cell with shards=2 has a valid result yet")
+               "but no uncapped cell with shards=2 has a valid result yet")
     for notes in (_notes_md(md), _notes_html(html)):
         assert sum(n.startswith(skipped) for n in notes) == 3, notes  # throughput, energy and power vs shards
     assert "planned batch_size" not in md  # batch_size=8 was the only planned value: nothing is missing
@@ -137,7 +137,7 @@ def test_figure_drawn_without_a_planned_value_says_so(tmp_path):
     md = (paths.report_dir / "index.md").read_text()
     section = md.split("## Inference throughput")[1].split("\n## ")[0]
     assert "![" in section
-    assert ("*drawn without some planned cells; planned shards=1,2,4, but no cell with shards=4 has a valid result "
+    assert ("*drawn without some planned cells; planned shards=1,2,4, but no uncapped cell with shards=4 has a valid result "
             "yet") in section
 
 

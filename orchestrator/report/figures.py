@@ -39,14 +39,15 @@ def _uncapped_params(planned: Sequence[Row], which: str) -> list[Row]:
     return list(planned)
 
 
-def _no_result_note(key: str, have: Sequence[Any], planned: Sequence[Row]) -> str:
+def _no_result_note(key: str, have: Sequence[Any], planned: Sequence[Row], kind: str = "") -> str:
     """'; planned shards=1,2, but no cell with shards=2 has a valid result ...' or ''
-    when every planned value of ``key`` has a result."""
+    when every planned value of ``key`` has a result. ``kind``: the cells the
+    figure draws ("uncapped "), so a capped cell's result is not read as missing."""
     wanted = distinct(planned, key)
     absent = [v for v in wanted if v not in have]
     if not absent:
         return ""
-    return (f"; planned {key}={','.join(map(value_text, wanted))}, but no cell with "
+    return (f"; planned {key}={','.join(map(value_text, wanted))}, but no {kind}cell with "
             f"{key}={','.join(map(value_text, absent))} has a valid result yet (not done, or invalid; "
             "`wattsweep status` tells which)")
 
@@ -100,7 +101,7 @@ def _line_figure(rows: Sequence[Row], out_dir: Path, planned: Sequence[Row], *, 
     )
     xs = distinct(use, x)
     caption = f"{caption} Cells: {which}."
-    missing = _no_result_note(x, xs, _uncapped_params(planned, which))
+    missing = _no_result_note(x, xs, _uncapped_params(planned, which), "uncapped " if which == UNCAPPED else "")
     caveat = flags_note(use)
     if len(xs) < 2:
         return Figure(key, full_title, caption, header, tuple(table), None,
