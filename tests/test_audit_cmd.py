@@ -181,3 +181,12 @@ def test_an_empty_ledger_file_is_a_ledger_with_no_changes(tmp_path, capsys):
     site.touch()  # the site ledger as docs/admin.md creates it
     rc, out, _ = run_audit_err(capsys, "--ledger", str(site))
     assert rc == 0 and "changes (0)" in out
+
+
+def test_changes_name_their_backend_and_simulated_cards_are_said_to_be_so(tmp_path, capsys):
+    ledger = write(tmp_path / "site.jsonl", rec("apply", t=1, backend="simulated"), rec("restore", t=2, backend="simulated"))
+    rc, out = run_audit(capsys, "--ledger", str(ledger))
+    assert rc == 0 and "backend" in out.splitlines()[1] and out.count("simulated") >= 3
+    assert "changed simulated cards, not real ones" in out
+    real = write(tmp_path / "real.jsonl", rec("apply", t=1, backend="nvml"), rec("restore", t=2, backend="nvml"))
+    assert "not real ones" not in run_audit(capsys, "--ledger", str(real))[1]

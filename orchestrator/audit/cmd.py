@@ -25,7 +25,7 @@ examples:
   wattsweep audit --since 24h --policy /etc/wattsweep/policy.yaml   (from cron: mail on non-zero exit)"""
 
 TABLE_COLUMNS = ("time", "user", "node", "slurm_job_id", "cell_id", "index", "previous_w", "requested_w",
-                 "enforced_w", "action", "result")
+                 "enforced_w", "action", "result", "backend")  # backend: "simulated" marks cards that are not real
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +94,8 @@ def _table(a: Audit, out: TextIO) -> None:
     for r in a.failures:
         print(f"  {r.get('time')} {r.get('user')} {r.get('node')} GPU {r.get('index')} {r.get('action')}: {r.get('error')}",
               file=out)
+    if any(r.get("backend") == "simulated" for r in a.changes):
+        print("\n(rows with backend simulated changed simulated cards, not real ones)", file=out)
     verdict = "OK" if a.ok else "PROBLEM"
     print(f"\n{verdict}: {len(a.left_capped)} left capped, {len(a.breaches)} policy breaches, "
           f"{len(a.failures)} failures", file=out)
