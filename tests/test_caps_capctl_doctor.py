@@ -134,3 +134,33 @@ def test_doctor_refuses_a_state_dir_that_is_a_file_or_missing(rig, capsys):
     assert cli.main(["doctor", "--state-dir", str(missing)]) == 1
     assert f"[--] state folder: {missing} does not exist" in capsys.readouterr().out
     assert doctor_cmd.check_folder(missing).ok  # a missing default folder: the first cap creates it
+
+
+def test_caps_restore_for_another_host_asks_slurm_whether_the_capping_job_still_runs(monkeypatch):
+    """From a login node, `caps restore --node n1` saw every process of n1 as
+    ended (it can only check its own) and pulled a running cell's cap."""
+    import dataclasses
+
+    from orchestrator.audit import caps_cmd
+    from workers.gpu.state import make_save
+
+    here = make_save(0, "GPU-1", "card", 300.0, 150.0, backend="simulated", gpu_profile="v100", cell_id="c",
+                     slurm={"job_id": "169"})
+    there = dataclasses.replace(here, host="another-host")
+    answers = {}
+
+    def squeue(args, check=True, **kw):
+        rc, out, err = answers["now"]
+        return subprocess.CompletedProcess(args, rc, out, err)
+
+    monkeypatch.setattr("orchestrator.submit.shell.run_cmd", squeue)
+    assert caps_cmd.owner_running(here)  # this process: checked directly
+    answers["now"] = (0, "RUNNING\n", "")
+    assert caps_cmd.owner_running(there)
+    answers["now"] = (0, "", "")
+    assert not caps_cmd.owner_running(there)  # the job left the queue
+    answers["now"] = (1, "", "slurm_load_jobs error: Invalid job id specified")
+    assert not caps_cmd.owner_running(there)
+    answers["now"] = (1, "", "Unable to contact slurm controller")
+    assert caps_cmd.owner_running(there)  # no answer: assume it runs
+    assert caps_cmd.owner_running(dataclasses.replace(there, job_id=None))  # nothing to ask about

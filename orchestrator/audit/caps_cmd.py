@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
 from workers.gpu.base import GpuError
 from workers.gpu.repair import backend_for, repair_node
-from workers.gpu.state import list_nodes, node_dir, node_name, owner_alive, read_saves, resolve_state_dir
+from workers.gpu.state import SaveFile, list_nodes, node_dir, node_name, owner_alive, read_saves, resolve_state_dir
 
 DESCRIPTION = """Show or restore power caps on this node from their save files.
 
@@ -50,6 +51,27 @@ def state_dir_problem(state_dir: Path, explicit: bool) -> str | None:
     return None
 
 
+def owner_running(save: SaveFile) -> bool:
+    """Whether the process that set a cap may still run. This host checks its
+    own processes; another host's (`caps restore --node n1` on a login node)
+    it cannot see, so it asks Slurm whether the job that set the cap is still
+    in the queue. Without a job, or without an answer, it assumes the process
+    runs: pulling a cap from under a running measurement is the harm to avoid."""
+    if save.host == socket.gethostname():
+        return owner_alive(save)
+    if save.job_id is None:
+        return True
+    from orchestrator.submit.shell import SlurmCommandError, run_cmd
+
+    try:
+        proc = run_cmd(["squeue", "-h", "-j", str(save.job_id), "-o", "%T"], check=False)
+    except SlurmCommandError:
+        return True
+    if proc.returncode != 0:
+        return "invalid job id" not in (proc.stderr or "").lower()  # an ended job has left the queue
+    return bool(proc.stdout.strip())
+
+
 def run(args: argparse.Namespace) -> int:
     state_dir = resolve_state_dir(args.state_dir)
     problem = state_dir_problem(state_dir, explicit=bool(args.state_dir))
@@ -63,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         outcomes = repair_node(state_dir, args.node, indices=None if args.all else args.index, force=args.force,
-                               site_ledger=args.site_ledger)
+                               site_ledger=args.site_ledger, owner_running=owner_running)
     except ValueError as exc:  # an unreadable save file
         print(f"wattsweep caps restore: {exc}", file=sys.stderr)
         return 1
@@ -87,7 +109,7 @@ def _show(state_dir: Path, nodes: list[str]) -> int:
         for s in saves:
             now = _limit_now(s, state_dir, node)
             # A running cell's cap is not left behind: it restores it itself when it ends.
-            then = ("held by that running process: it restores the cap when it ends" if owner_alive(s) else
+            then = ("held by that running process: it restores the cap when it ends" if owner_running(s) else
                     f"restore: wattsweep caps restore --index {s.index}" + (f" --node {node}" if node != node_name() else ""))
             print(f"{node} GPU {s.index} {s.name}: now {now}, previous {s.previous_w:g} W, requested "
                   f"{s.requested_w if s.requested_w is not None else '-'} W; capped by {s.user} (job {s.job_id}, "

@@ -13,7 +13,7 @@ import os
 import pwd
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from workers.gpu.base import GpuError
 from workers.gpu.ledger import LedgerWriter, site_ledger_path
@@ -66,9 +66,13 @@ def cell_ledgers(save: SaveFile) -> list[Path]:
 
 
 def repair_node(state_dir: Path, node: str | None = None, *, indices: list[int] | None = None, force: bool = False,
-                site_ledger: str | None = None, tolerance_w: float = 1.0) -> list[RepairOutcome]:
+                site_ledger: str | None = None, tolerance_w: float = 1.0,
+                owner_running: Callable[[SaveFile], bool] = owner_alive) -> list[RepairOutcome]:
     """Restore every GPU of ``node`` (default: this one) with a save file, or
-    only ``indices``. Never raises for one GPU: each outcome says what happened."""
+    only ``indices``. Never raises for one GPU: each outcome says what happened.
+    ``owner_running``: whether the process that set a cap may still run (it
+    will restore it then); this host can check only its own processes, so a
+    caller looking at another host's saves passes a check that can (Slurm)."""
     from workers.gpu.caps import restore_from_save
 
     node = node or node_name()
@@ -78,10 +82,10 @@ def repair_node(state_dir: Path, node: str | None = None, *, indices: list[int] 
     for save in read_saves(ndir):
         if indices is not None and save.index not in indices:
             continue
-        if owner_alive(save) and not force:
+        if not force and owner_running(save):
             out.append(RepairOutcome(save.index, "skipped", save.previous_w,
-                                     f"pid {save.pid} ({save.user}, job {save.job_id}) still runs and will restore it; "
-                                     f"--force to restore anyway"))
+                                     f"pid {save.pid} on {save.host} ({save.user}, job {save.job_id}) still runs, or "
+                                     f"cannot be checked from here, and will restore it; --force once it has ended"))
             continue
         ledger = LedgerWriter(([site] if site else []) + cell_ledgers(save))
         try:
