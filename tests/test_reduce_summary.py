@@ -621,3 +621,25 @@ def test_the_state_filter_named_by_reduce_lists_every_cell_without_a_result():
 
     # every state but those of a cell with DONE.json (done, invalid) or none planned to run
     assert set(NO_RESULT_STATES.split(",")) == set(STATES) - {"done", "invalid", "infeasible"}
+
+
+def test_a_cap_the_cards_did_not_enforce_is_flagged(tmp_path):
+    """A cell's cap pulled mid-run (a restore from another host), or recorded in
+    observe mode, read as a clean capped measurement."""
+    import numpy as np
+
+    from orchestrator.reduce.metrics import cap_not_enforced
+
+    assert not cap_not_enforced(None, np.array([300.0]))
+    assert not cap_not_enforced(150.0, np.array([150.0, 151.0, np.nan]))
+    assert cap_not_enforced(150.0, np.array([150.0, 300.0]))  # pulled mid-cell
+    assert cap_not_enforced(300.0, np.array([700.0]))  # observe mode on a 700 W card
+    assert not cap_not_enforced(150.0, np.array([np.nan]))  # no reading: nothing to judge
+    paths = SweepPaths.of(tmp_path / "sweep")
+    p = cell_params(power_cap_w=150.0)
+    write_plan(paths, [p])
+    cid = write_cell(paths, p, CellSpec(seconds=11.0, warmup_s=1.0, power_w=149.0))
+    assert "cap_not_enforced" not in reduce_sweep(paths.root).to_pylist()[0]["flags"]
+    _tamper(paths, cid, 0, lambda t, meta: (t.set_column(t.schema.get_field_index("power_limit_w"), "power_limit_w",
+                                                         pa.array(np.full(t.num_rows, 300.0))), meta))
+    assert "cap_not_enforced" in reduce_sweep(paths.root).to_pylist()[0]["flags"]

@@ -32,6 +32,10 @@ CAP_P99_MARGIN = 0.02  # or when the per-GPU p99 power >= cap * (1 - this)
 # window shorter than this, that step alone can move the cell's energy by more
 # than 4% (4 repeats of a 0.42 s cell on an H200 spread 25%, docs/results).
 SHORT_WINDOW_S = 5.0
+# An enforced limit further than this from the cap (the larger of the two) is
+# not the cap: cards enforce what was set to the watt (gpu.cap_tolerance_w is 1 W).
+CAP_ENFORCED_TOLERANCE_W = 2.0
+CAP_ENFORCED_TOLERANCE_FRACTION = 0.01
 # What each flag warns of, in a few words (docs/metrics.md "flags"): the report
 # prints these under every figure and comparison built from flagged cells.
 FLAG_MEANINGS = {
@@ -41,6 +45,8 @@ FLAG_MEANINGS = {
     "short_window": (f"measured window under {SHORT_WINDOW_S:g} s: the energy counter's 100 ms steps can move "
                      "its energy by more than 4%, and timing noise its rates"),
     "truncated": "prompts were cut to max_prompt_tokens: shorter prompts than the dataset holds",
+    "cap_not_enforced": ("the GPUs' enforced limit was not the cap during the window (observe mode, or the cap "
+                         "was removed mid-cell): these are not measurements at the cap"),
 }
 
 
@@ -135,8 +141,11 @@ def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | Non
     mean_power_w = energy_j / duration_s if duration_s > 0 else None
     per_gpu_w = mean_power_w / shards if mean_power_w is not None and shards else None
     stats = _window_stats(cell, ts, power, windows)
+    limits = stats.pop("_limits")
     binding = cap_binding(power_cap_w, per_gpu_w, stats["gpu_power_p99_w"])
     flags = []
+    if cap_not_enforced(power_cap_w, limits):
+        flags.append("cap_not_enforced")
     if cross is not None and abs(cross) > CROSS_CHECK_MAX_PCT:
         flags.append("cross_check")
     if binding is False:
@@ -174,17 +183,33 @@ def cap_binding(power_cap_w: float | None, mean_power_per_gpu_w: float | None,
     return bool(mean_near_cap or p99_at_cap)
 
 
+def cap_not_enforced(power_cap_w: float | None, limits_w: np.ndarray) -> bool:
+    """A cell run with a cap whose GPUs read another enforced limit during the
+    window: observe mode (the cap was recorded, not set), or a cap pulled
+    mid-cell (a restore from elsewhere). Its numbers are not those of the cap."""
+    if power_cap_w is None:
+        return False
+    limits_w = limits_w[~np.isnan(limits_w)]
+    if not limits_w.size:
+        return False
+    tolerance_w = max(CAP_ENFORCED_TOLERANCE_W, CAP_ENFORCED_TOLERANCE_FRACTION * float(power_cap_w))
+    return bool(np.abs(limits_w - float(power_cap_w)).max() > tolerance_w)
+
+
 def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, windows: RankWindows) -> dict[str, Any]:
-    """Utilisation over decode rows, memory and power peaks over the window."""
+    """Utilisation over decode rows, memory and power peaks over the window
+    (and, under "_limits", the enforced limits read in it, for the flags)."""
     t = cell.table
     win = windows.in_window(ts)
     decode = win & _equals(t.column("phase"), "decode")
+    limits = _floats(t.column("power_limit_w"))[win]
     return {
         "sm_util_pct": _nanmean(_floats(t.column("sm_util_pct"))[decode]),
         "mem_util_pct": _nanmean(_floats(t.column("mem_util_pct"))[decode]),
         "mem_used_max_bytes": _int_or_none(_nanmax(_floats(t.column("mem_used_bytes"))[win])),
         "gpu_power_p99_w": _nanpct(power[win], 99.0),
-        "power_limit_w": _nanmedian(_floats(t.column("power_limit_w"))[win]),
+        "power_limit_w": _nanmedian(limits),
+        "_limits": limits,
     }
 
 

@@ -50,7 +50,7 @@ INVALID_CSV = "invalid.csv"
 # Bump when a summary value's definition changes: cached rows of an older
 # reducer are then recomputed rather than reused. 4: cap_binding also from the
 # p99 power; slurm_job_id names the array task (ARRAY_TASK).
-REDUCE_VERSION = "4:" + hashlib.sha256(",".join(SUMMARY_SCHEMA.names).encode()).hexdigest()[:8]
+REDUCE_VERSION = "5:" + hashlib.sha256(",".join(SUMMARY_SCHEMA.names).encode()).hexdigest()[:8]
 TELEMETRY_DIR = "telemetry"
 # The compacted telemetry drops cell_id: it is the partition key (directory name).
 PARTITIONING_SCHEMA = pa.schema([("cell_id", pa.string())])

@@ -81,7 +81,8 @@ def write_cell(paths: SweepPaths, params: dict[str, Any], spec: CellSpec = CellS
     files: dict[str, int] = {}
     for rank in range(shards):
         rel = f"telemetry/rank-{rank}.parquet"
-        table = telemetry_table(cid, rank, spec)
+        # A capped cell's cards enforce its cap, as a real capped cell's do.
+        table = telemetry_table(cid, rank, spec, limit_w=float(params.get("power_cap_w") or 300.0))
         atomic_write_bytes(paths.cell_dir(cid) / rel, telemetry_parquet_bytes(table))  # as the sampler writes it
         files[rel] = table.num_rows
     req = requests_table(cid, spec)
@@ -93,7 +94,7 @@ def write_cell(paths: SweepPaths, params: dict[str, Any], spec: CellSpec = CellS
     return cid
 
 
-def telemetry_table(cell_id: str, rank: int, spec: CellSpec) -> pa.Table:
+def telemetry_table(cell_id: str, rank: int, spec: CellSpec, limit_w: float = 300.0) -> pa.Table:
     n = int(round(spec.seconds * spec.hz)) + 1
     t_s = np.arange(n) / spec.hz
     ts = T0_NS + np.round(t_s * 1e9).astype(np.int64)
@@ -112,7 +113,7 @@ def telemetry_table(cell_id: str, rank: int, spec: CellSpec) -> pa.Table:
         "energy_j": pa.array(energy, mask=~read), "sm_util_pct": pa.array(np.full(n, spec.sm_util_pct)),
         "mem_util_pct": pa.array(np.full(n, spec.mem_util_pct)), "mem_used_bytes": pa.array(np.full(n, 14 << 30, np.int64)),
         "sm_clock_mhz": pa.array(np.full(n, 1380.0)), "temperature_c": pa.array(np.full(n, 55.0)),
-        "power_limit_w": pa.array(np.full(n, 300.0)), "source": pa.array([SOURCE] * n),
+        "power_limit_w": pa.array(np.full(n, limit_w)), "source": pa.array([SOURCE] * n),
     }, schema=TELEMETRY_SCHEMA)
     meta = {
         "window_start_ns": int(ts[ws_i]), "window_end_ns": int(ts[-1]),
