@@ -164,3 +164,15 @@ def test_caps_restore_for_another_host_asks_slurm_whether_the_capping_job_still_
     answers["now"] = (1, "", "Unable to contact slurm controller")
     assert caps_cmd.owner_running(there)  # no answer: assume it runs
     assert caps_cmd.owner_running(dataclasses.replace(there, job_id=None))  # nothing to ask about
+
+
+def test_a_restore_on_a_node_without_save_files_names_the_nodes_that_have_some(rig, capsys, monkeypatch):
+    import os
+
+    monkeypatch.setenv("SLURMD_NODENAME", "n2")
+    assert capctl.main(["set", "--index", "1", "--watts", "150"]) == 0  # a save file on "n2"
+    monkeypatch.setenv("SLURMD_NODENAME", "login")
+    os.makedirs(rig.state / "nodes" / "login", exist_ok=True)
+    assert cli.main(["caps", "restore", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "login: no save files" in out and "save files on other nodes: n2" in out

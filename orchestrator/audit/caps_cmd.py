@@ -12,7 +12,7 @@ from workers.gpu.state import SaveFile, list_nodes, node_dir, node_name, owner_a
 
 DESCRIPTION = """Show or restore power caps on this node from their save files.
 
-A save file (STATE_DIR/nodes/<node>/caps/gpu-<index>.json) holds a GPU's limit
+A save file (STATE_DIR/nodes/<node>/caps/gpu-<uuid>.json) holds a GPU's limit
 from before a job changed it; it stays behind only when the job was killed
 (SIGKILL, node failure). `restore` puts those GPUs back to their previous
 limit and records a `repair` in the ledgers; the Slurm prolog and epilog run
@@ -94,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{node}: state folder {state_dir} does not exist (nothing was capped with it here); nothing to restore")
     elif not outcomes:
         print(f"{node}: no save files in {node_dir(state_dir, node)}; nothing to restore")
+        others = [n for n in list_nodes(state_dir) if n != node and read_saves(node_dir(state_dir, n))]
+        if others:  # a login node's restore looks at the login node: say where caps are left
+            print(f"save files on other nodes: {', '.join(others)} (`wattsweep caps show --all`; "
+                  f"`wattsweep caps restore --all --node NODE`)")
     for o in outcomes:
         print(f"{node} GPU {o.index}: {o.status}: {o.detail}")
     # Skipped (its job still runs and will restore it) is not a failure: the epilog must not drain the node for it.
