@@ -96,3 +96,5 @@ def test_failed_marker_text_for_an_interrupt_and_a_bare_exception():
     assert _error_text(KeyboardInterrupt()) == "KeyboardInterrupt: interrupted (SIGINT)"
     assert _error_text(RuntimeError()) == "RuntimeError"
     assert _error_text(ValueError("bad")) == "ValueError: bad"
+    gone = _error_text(RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:4242"))
+    assert gone.startswith("RuntimeError: [../gloo") and "another rank probably ended first" in gone

@@ -71,7 +71,17 @@ def _error_text(exc: BaseException) -> str:
     the worker when the exception has none (Ctrl-C, a bare exit)."""
     if isinstance(exc, KeyboardInterrupt):
         return "KeyboardInterrupt: interrupted (SIGINT)"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if any(m in text for m in _PEER_GONE):
+        # This rank saw a collective break; the cause is usually another rank that
+        # died first (killed, out of memory), whose own log says why.
+        text += " [another rank probably ended first: `wattsweep logs SWEEP_DIR CELL --rank N` for each rank]"
+    return text
+
+
+# How gloo and NCCL report a rank that went away in the middle of a collective.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+              "remote process exited or there was a network error")
 
 
 def _limit_cpu_threads(info: Any) -> None:
