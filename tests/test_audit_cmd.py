@@ -190,3 +190,14 @@ def test_changes_name_their_backend_and_simulated_cards_are_said_to_be_so(tmp_pa
     assert "changed simulated cards, not real ones" in out
     real = write(tmp_path / "real.jsonl", rec("apply", t=1, backend="nvml"), rec("restore", t=2, backend="nvml"))
     assert "not real ones" not in run_audit(capsys, "--ledger", str(real))[1]
+
+
+def test_the_table_says_where_each_record_was_written(tmp_path, capsys):
+    """A repair made from a login node (`caps restore --node n1`) must be told
+    apart from the job's own restore on n1."""
+    r = rec("repair", t=2)
+    r["by"] = {"user": "admin", "host": "login1", "pid": 7, "slurm_job_id": None}
+    ledger = write(tmp_path / "site.jsonl", rec("apply", t=1), r)
+    rc, out = run_audit(capsys, "--ledger", str(ledger))
+    lines = out.splitlines()
+    assert rc == 0 and lines[1].split()[-1] == "by_host" and lines[3].split()[-1] == "login1"

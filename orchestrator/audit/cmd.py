@@ -25,7 +25,10 @@ examples:
   wattsweep audit --since 24h --policy /etc/wattsweep/policy.yaml   (from cron: mail on non-zero exit)"""
 
 TABLE_COLUMNS = ("time", "user", "node", "slurm_job_id", "cell_id", "index", "previous_w", "requested_w",
-                 "enforced_w", "action", "result", "backend")  # backend: "simulated" marks cards that are not real
+                 "enforced_w", "action", "result", "backend", "by_host")
+# backend: "simulated" marks cards that are not real. by_host: where the record
+# was written: the GPU's node for a job's own records, a login node for an
+# admin's `caps restore --node` (the JSON output has all of "by").
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,9 +72,16 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def _value(r: dict[str, Any], column: str) -> Any:
+    if column == "by_host":
+        by = r.get("by")
+        return by.get("host") if isinstance(by, dict) else None
+    return r.get(column)
+
+
 def _rows_table(rows: list[dict[str, Any]], out: TextIO, extra: str | None = None) -> None:
     cols = list(TABLE_COLUMNS) + ([extra] if extra else [])
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[_cell(_value(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
     print("  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=out)
     for row in cells:
