@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVCLUSTER = ROOT / "slurm_templates" / "devcluster" / "devcluster"
+# The real data files beside the checkout (../shared/data), read in place; tests that need them skip without.
+SHARED_DATA = ROOT.parent / "shared" / "data"
 STATE_DIR = Path(os.environ.get("WATTSWEEP_DEVCLUSTER_DIR", "/tmp/wattsweep-devcluster"))
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from orchestrator.config import ConfigError, compose_cells, group_choices
 from orchestrator.contracts import CellParams
+from conftest import SHARED_DATA
 
 
 @pytest.fixture()
@@ -150,7 +151,7 @@ def test_cell_params_round_trip(in_tmp):
 
 # -- data_root: where every dataset's default file lies
 
-SHARED = Path("/work/shared/data")  # the real files, read in place
+SHARED = SHARED_DATA  # the real files, read in place
 needs_data = pytest.mark.skipif(not (SHARED / "gsm8k" / "train.jsonl").is_file(), reason=f"real data not present at {SHARED}")
 
 

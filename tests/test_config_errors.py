@@ -5,6 +5,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, compose_cells
+from conftest import SHARED_DATA
 
 
 @pytest.fixture()
@@ -139,7 +140,7 @@ def test_run_only_keys_cover_every_setting_outside_the_cell_id():
 
 # -- dataset files: one file per dataset kind, and the right format, checked at plan time
 
-SHARED = "/work/shared/data"
+SHARED = str(SHARED_DATA)
 ALPACA = f"{SHARED}/alpaca/alpaca_data_1k.json"
 GSM8K = f"{SHARED}/gsm8k/train.jsonl"
 SEED_TASKS = f"{SHARED}/alpaca/seed_tasks.jsonl"

@@ -8,8 +8,9 @@ import pytest
 from workers.load import (ByteTokenizer, DatasetError, Prompt, count_words, get_tokenizer, load_prompts,
                           make_batches)
 from workers.load.datasets import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+from conftest import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the checkout
+DATA = SHARED_DATA  # ../shared beside the checkout
 ALPACA = DATA / "alpaca" / "alpaca_data_1k.json"
 GSM8K = DATA / "gsm8k" / "train.jsonl"
 SPM = DATA / "tokenizer" / "llama2-tokenizer.model"

@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from orchestrator.contracts import SweepPaths
 from orchestrator.plan import read_plan
+from conftest import SHARED_DATA
 
 
 def test_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -68,7 +68,7 @@ def test_cells_finish_after_the_command_exits(tmp_path):
 def test_a_relative_dataset_path_still_works_when_resubmitted_from_another_folder(tmp_path):
     """Workers open the file the plan resolved, not the path as written: the job
     of a resubmit started elsewhere looked for data/... under its own folder."""
-    gsm8k = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+    gsm8k = SHARED_DATA / "gsm8k" / "train.jsonl"
     if not gsm8k.exists():
         pytest.skip(f"needs {gsm8k}")
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"

@@ -18,8 +18,9 @@ from orchestrator.contracts import TELEMETRY_META_KEY, TELEMETRY_SCHEMA
 from orchestrator.reduce.metrics import integrate_power_j
 from workers.gpu.base import GpuInfo, GpuLostError, GpuSample
 from workers.telemetry import Sampler
+from conftest import SHARED_DATA
 
-RECORDING = Path(__file__).resolve().parents[2] / "shared" / "data" / "nvml" / "h200-matmul-timeline.csv"
+RECORDING = SHARED_DATA / "nvml" / "h200-matmul-timeline.csv"
 T0_NS = 1_800_000_000_000_000_000
 
 
