@@ -67,19 +67,10 @@ def coverage(sweep_dir: str | Path, plan: dict[str, PlanCell] | None = None) -> 
 
 def _cancelled(paths: SweepPaths, ids: tuple[str, ...]) -> set[str]:
     """Of ``ids``, the cells whose latest job `wattsweep cancel` recorded stopping."""
-    if not ids:
-        return set()
-    from orchestrator.submit.base import latest_submission_by_cell
-    from orchestrator.submit.cancellations import read_cancellations
+    from orchestrator.submit.cancellations import cancelled_latest
 
-    cancels = read_cancellations(paths)
-    if not cancels:
-        return set()
-    try:
-        latest = latest_submission_by_cell(paths)
-    except (OSError, ValueError):
-        return set()
-    return {cid for cid in ids if cid in cancels and cid in latest and latest[cid][1] == cancels[cid].job_id}
+    return set(cancelled_latest(paths)).intersection(ids) if ids else set()
+
 
 
 def planned_params(plan: dict[str, PlanCell]) -> list[dict[str, Any]]:

@@ -49,14 +49,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, paths: SweepPaths) -> int:
-    from orchestrator.submit.cancellations import read_cancellations
+    from orchestrator.submit.cancellations import cancelled_latest
 
     try:
         st = sweep_status(paths, validate=False)
         if st.queue_error:
             raise SlurmCommandError(["squeue"], f"cannot tell which cells are queued: {st.queue_error}")
         named = resolve_cells(paths, args.cells) if args.cells else None
-        todo = choose(st.cells, named, read_cancellations(paths))
+        todo = choose(st.cells, named, cancelled_latest(paths))
     except (StatusError, SlurmCommandError, ValueError) as e:
         print(f"wattsweep cancel: {e}", file=sys.stderr)
         return 2
@@ -74,13 +74,14 @@ def _run(args: argparse.Namespace, paths: SweepPaths) -> int:
 def choose(cells: tuple[CellStatus, ...], cell_ids: list[str] | None,
            cancels: dict[str, Cancellation] | None = None) -> list[CellStatus]:
     """The cells to cancel, in plan order: pending or running, and named if any are.
-    A cell whose current job a cancel already stopped is skipped: cancelling it
-    again would only overwrite who cancelled it and when."""
+    A cell whose current job a cancel already stopped (``cancels``: of the
+    cells' latest jobs) is skipped: cancelling it again would only overwrite
+    who cancelled it and when."""
     picked = pick_cells(cells, cell_ids, ACTIVE, lambda c: f"{c.state}, not pending or running")
     out = []
     for c in picked:
         earlier = (cancels or {}).get(c.cell_id)
-        if earlier is not None and earlier.job_id == c.job_id:
+        if earlier is not None:
             print(f"skipping {c.cell_id}: already {earlier.describe()}, still ending")
         elif c.job_id:
             out.append(c)

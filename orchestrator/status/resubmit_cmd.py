@@ -8,7 +8,7 @@ from collections import defaultdict
 from orchestrator.contracts import SweepPaths
 from orchestrator.plan.planned import PlannedCell, read_plan
 from orchestrator.status.common import pick_cells, resolve_cells, run_on_sweep
-from orchestrator.status.state import RESUBMITTABLE, StatusError, SweepStatus, sweep_status
+from orchestrator.status.state import BEING_CANCELLED, RESUBMITTABLE, StatusError, SweepStatus, sweep_status
 from orchestrator.submit.shell import SlurmCommandError
 
 DESCRIPTION = """Resubmit exactly the cells that did not finish well: failed, cancelled, timed out,
@@ -74,7 +74,7 @@ def choose(st: SweepStatus, cell_ids: list[str] | None, force: bool) -> list[str
     picked = [c.cell_id for c in pick_cells(st.cells, cell_ids, wanted, note)]
     if not cell_ids:  # named cells got their note above; say why a cancelled one is not rerun yet
         for c in st.cells:
-            if c.state in ACTIVE and (c.reason or "").startswith("being cancelled"):
+            if c.state in ACTIVE and c.reason == BEING_CANCELLED:
                 print(f"skipping {c.cell_id}: still being cancelled; resubmit it once it has ended")
     return picked
 

@@ -27,11 +27,13 @@ from orchestrator.plan.planned import PlanFileError, PlannedCell, read_plan
 from orchestrator.status.slurm_queue import JobFacts, sacct_jobs, squeue_jobs
 from orchestrator.submit.shell import SlurmCommandError
 from orchestrator.submit.base import SubmissionRecord, read_submissions
-from orchestrator.submit.cancellations import Cancellation, read_cancellations
+from orchestrator.submit.cancellations import Cancellation, cancelled_latest
 
 STATES = ("planned", "pending", "running", "done", "failed", "cancelled", "timeout", "infeasible", "missing", "invalid",
           "unknown")  # unknown: Slurm could not be asked; never resubmitted
 ENDED = frozenset({"done", "failed", "cancelled", "timeout", "infeasible", "missing", "invalid"})
+# The reason of a cell whose latest job `wattsweep cancel` stopped and that has not ended yet.
+BEING_CANCELLED = "being cancelled (wattsweep cancel)"
 RESUBMITTABLE = frozenset({"failed", "cancelled", "timeout", "missing", "invalid", "planned"})
 
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING"}
@@ -99,7 +101,7 @@ def sweep_status(paths: SweepPaths, *, validate: bool = True, query_queue: bool 
     local = _local_states(paths) if any(r.launcher == "local" for r, _ in latest.values()) else {}
     done_ids = [c.cell_id for c in plan if paths.done_marker(c.cell_id).is_file()]
     verdicts = _validate(paths, done_ids, deep) if validate else {cid: (True, None) for cid in done_ids}
-    cancels = read_cancellations(paths)
+    cancels = cancelled_latest(paths, latest)
     cells = tuple(
         _cell_state(paths, c, latest.get(c.cell_id), live, acct or {}, local, verdicts, queue_error, cancels)
         for c in plan
@@ -135,8 +137,8 @@ def _cell_state(
     elif rec is not None and rec.launcher == "local" and cid in local:
         base = _replace(base, elapsed_s=_local_elapsed_s(local[cid]))
     ended_as = acct.get(job_id) if job_id and job_id not in live else None
-    cancel = (cancels or {}).get(cid)
-    by_cancel = cancel.describe() if cancel is not None and job_id is not None and cancel.job_id == job_id else None
+    cancel = (cancels or {}).get(cid)  # of the latest job only
+    by_cancel = cancel.describe() if cancel is not None else None
     if ended_as is not None and ended_as.state in ("CANCELLED", "TIMEOUT"):
         if ended_as.state == "CANCELLED":
             return _replace(base, state="cancelled", reason=by_cancel or base.reason)
@@ -150,11 +152,11 @@ def _cell_state(
         # leaves the marker of the interrupted one until it moves it aside.
         st = live[job_id].state
         return _replace(base, state="running" if st in _RUNNING else "pending",
-                        reason="being cancelled (wattsweep cancel)" if by_cancel else base.reason)
+                        reason=BEING_CANCELLED if by_cancel else base.reason)
     if by_cancel and _still_queued_locally(rec, local.get(cid)):
         # The runner has not yet reaped the cell: its worker may already have
         # written FAILED.json on the SIGTERM, but the cell has not ended.
-        return _replace(base, state=local[cid]["state"], reason="being cancelled (wattsweep cancel)")
+        return _replace(base, state=local[cid]["state"], reason=BEING_CANCELLED)
     if by_cancel and not (queue_error and rec is not None and rec.launcher == "slurm"):
         return _replace(base, state="cancelled", reason=by_cancel)
     if paths.failed_marker(cid).is_file():

@@ -120,10 +120,16 @@ def append_submissions(paths: SweepPaths, records: list[SubmissionRecord]) -> No
     if not records:
         return
     paths.root.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in records)
-    if _ends_torn(paths.submissions_jsonl):
-        text = "\n" + text  # keep a line cut short by a crash on its own line
-    with open(paths.submissions_jsonl, "a", encoding="utf-8") as f:
+    append_lines(paths.submissions_jsonl, "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in records))
+
+
+def append_lines(path: Path, text: str) -> None:
+    """Append whole lines to a sweep's record file (submissions, cancellations),
+    fsynced: these files are the only memory of what was done to the jobs. A
+    last line cut short by a crash is left on its own line."""
+    if _ends_torn(path):
+        text = "\n" + text
+    with open(path, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

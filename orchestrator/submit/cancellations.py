@@ -49,15 +49,11 @@ def append_cancellation(paths: SweepPaths, jobs: Mapping[str, str]) -> None:
     since their runner acts on this record. Fsynced like submissions.jsonl."""
     if not jobs:
         return
-    line = json.dumps({"unix_s": time.time(), "by": {"user": _user(), "host": socket.gethostname()},
-                       "jobs": dict(jobs)}, sort_keys=True) + "\n"
-    path = cancellations_path(paths)
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() and not _ends_with_newline(path):
-            line = "\n" + line  # keep a line cut short by a crash on its own line
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    from orchestrator.submit.base import append_lines
+
+    append_lines(cancellations_path(paths), json.dumps(
+        {"unix_s": time.time(), "by": {"user": _user(), "host": socket.gethostname()}, "jobs": dict(jobs)},
+        sort_keys=True) + "\n")
 
 
 def read_cancellations(paths: SweepPaths) -> dict[str, Cancellation]:
@@ -108,7 +104,18 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+def cancelled_latest(paths: SweepPaths, latest: Mapping[str, tuple[Any, str]] | None = None) -> dict[str, Cancellation]:
+    """Cells whose latest job (``latest``: cell id -> (submission, job id), read
+    from submissions.jsonl when not given) `wattsweep cancel` recorded stopping.
+    A cancel of an earlier job of a cell that was resubmitted since does not count."""
+    cancels = read_cancellations(paths)
+    if not cancels:
+        return {}
+    if latest is None:
+        from orchestrator.submit.base import latest_submission_by_cell
+
+        try:
+            latest = latest_submission_by_cell(paths)
+        except (OSError, ValueError):
+            return {}
+    return {cid: c for cid, c in cancels.items() if cid in latest and latest[cid][1] == c.job_id}

@@ -228,16 +228,9 @@ SHOWN_FAILURES = 5
 def _cancelled(sweep_dir: Any) -> dict[str, str]:
     """Cells whose latest job `wattsweep cancel` stopped -> who and when."""
     from orchestrator.contracts import SweepPaths
-    from orchestrator.submit.base import latest_submission_by_cell
-    from orchestrator.submit.cancellations import read_cancellations
+    from orchestrator.submit.cancellations import cancelled_latest
 
-    paths = SweepPaths.of(sweep_dir)
-    try:
-        latest = latest_submission_by_cell(paths)
-    except (OSError, ValueError):
-        return {}
-    return {cid: c.describe() for cid, c in read_cancellations(paths).items()
-            if cid in latest and latest[cid][1] == c.job_id}
+    return {cid: c.describe() for cid, c in cancelled_latest(SweepPaths.of(sweep_dir)).items()}
 
 
 def _why_lost(sweep_dir: Any, cell_id: str, invalid: dict[str, str]) -> str:
