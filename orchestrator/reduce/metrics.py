@@ -140,8 +140,7 @@ def telemetry_metrics(cell: CellTelemetry, shards: int, power_cap_w: float | Non
     period = max(float(m.get("sample_period_s") or 0.1) for m in cell.metas)
     mean_power_w = energy_j / duration_s if duration_s > 0 else None
     per_gpu_w = mean_power_w / shards if mean_power_w is not None and shards else None
-    stats = _window_stats(cell, ts, power, windows)
-    limits = stats.pop("_limits")
+    stats, limits = _window_stats(cell, ts, power, windows)
     binding = cap_binding(power_cap_w, per_gpu_w, stats["gpu_power_p99_w"])
     flags = []
     if cap_not_enforced(power_cap_w, limits):
@@ -196,9 +195,10 @@ def cap_not_enforced(power_cap_w: float | None, limits_w: np.ndarray) -> bool:
     return bool(np.abs(limits_w - float(power_cap_w)).max() > tolerance_w)
 
 
-def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, windows: RankWindows) -> dict[str, Any]:
-    """Utilisation over decode rows, memory and power peaks over the window
-    (and, under "_limits", the enforced limits read in it, for the flags)."""
+def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray,
+                  windows: RankWindows) -> tuple[dict[str, Any], np.ndarray]:
+    """Utilisation over decode rows, memory and power peaks over the window;
+    and the enforced limits read in it (for the cap_not_enforced flag)."""
     t = cell.table
     win = windows.in_window(ts)
     decode = win & _equals(t.column("phase"), "decode")
@@ -209,8 +209,7 @@ def _window_stats(cell: CellTelemetry, ts: np.ndarray, power: np.ndarray, window
         "mem_used_max_bytes": _int_or_none(_nanmax(_floats(t.column("mem_used_bytes"))[win])),
         "gpu_power_p99_w": _nanpct(power[win], 99.0),
         "power_limit_w": _nanmedian(limits),
-        "_limits": limits,
-    }
+    }, limits
 
 
 def _equals(col: pa.ChunkedArray, value: str) -> np.ndarray:

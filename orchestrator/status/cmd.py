@@ -75,22 +75,13 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "state", None):
         st = dataclasses.replace(st, cells=tuple(c for c in st.cells if c.state in args.state))  # counts stay whole
     if args.json:
-        print(dumps(st) if not getattr(args, "state", None) else _with_filter(dumps(st), args.state))
+        print(dumps(st, state_filter=sorted(args.state)) if getattr(args, "state", None) else dumps(st))
     elif getattr(args, "state", None) and not st.cells:
         print(f"no cell is {' or '.join(sorted(args.state))}")
         print(format_counts(st))
     else:
         print(format_table(st))
     return 0
-
-
-def _with_filter(text: str, states: frozenset[str]) -> str:
-    """The JSON with the filter that chose its cells ("counts" still count all)."""
-    import json
-
-    d = json.loads(text)
-    d["state_filter"] = sorted(states)
-    return json.dumps(d, indent=2, sort_keys=True)
 
 
 def format_table(st: SweepStatus) -> str:

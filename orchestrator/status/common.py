@@ -1,6 +1,7 @@
 """What the commands that act on a sweep's cells share (resubmit, cancel)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Callable, Collection
 
@@ -22,18 +23,14 @@ def run_on_sweep(paths: SweepPaths, command: str, fn: Callable[[], int], *, lock
 
     try:
         require_sweep(paths)
-        if not lock:
+        with contextlib.ExitStack() as held:
+            if lock:
+                try:
+                    held.enter_context(submit_lock(paths, command, wait_s=LOCK_WAIT_S))
+                except OSError as e:  # a read-only folder, a full disk: only the lock's errors read so
+                    raise StatusError(f"cannot take the lock {paths.root / '.submit.lock'} ({e.strerror}); "
+                                      f"nothing was changed") from None
             return fn()
-        try:
-            held = submit_lock(paths, command, wait_s=LOCK_WAIT_S)
-            held.__enter__()
-        except OSError as e:  # a read-only folder, a full disk
-            raise StatusError(f"cannot take the lock {paths.root / '.submit.lock'} ({e.strerror}); "
-                              f"nothing was changed") from None
-        try:
-            return fn()
-        finally:
-            held.__exit__(None, None, None)
     except (StatusError, LaunchError, ValueError) as e:
         print(f"wattsweep {command}: {e}", file=sys.stderr)
         return 2

@@ -327,5 +327,6 @@ def select(status: SweepStatus, states: Iterable[str]) -> list[CellStatus]:
     return [c for c in status.cells if c.state in wanted]
 
 
-def dumps(status: SweepStatus) -> str:
-    return json.dumps(status.to_dict(), indent=2, sort_keys=True)
+def dumps(status: SweepStatus, **extra: Any) -> str:
+    """The status as JSON; ``extra``: top-level keys to add (e.g. the filter that chose the cells)."""
+    return json.dumps({**status.to_dict(), **extra}, indent=2, sort_keys=True)

@@ -110,22 +110,20 @@ def run(args: argparse.Namespace) -> int:
         print(format_cells(cells, {}))
         print("wattsweep sweep: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
         return 2
-    if paths.plan_jsonl.exists():
-        print(f"wattsweep sweep: {paths.root} already holds a sweep; choose another sweep_dir=..., or use `wattsweep resubmit {paths.root}`", file=sys.stderr)
-        return 2
     # Under the sweep's lock from before the plan exists: a cancel or resubmit
     # started meanwhile waits for every cell to be queued instead of missing some.
     try:
         with submit_lock(paths, "sweep"):
-            if paths.plan_jsonl.exists():  # another sweep into this folder got here first
-                raise LaunchError(f"{paths.root} already holds a sweep; choose another sweep_dir=...")
+            if paths.plan_jsonl.exists():  # checked under the lock: two sweeps into one new folder
+                raise LaunchError(f"{paths.root} already holds a sweep; choose another sweep_dir=..., "
+                                  f"or use `wattsweep resubmit {paths.root}`")
             write_sweep_yaml(paths, composed, len(cells), len(feasible))
             write_plan(paths, cells)
             try:
                 records, failure = launcher.submit(paths, feasible), None
             except LaunchError as e:
                 records, failure = e.records, e  # some cells may be queued: show them all the same
-    except LaunchError as e:  # the lock: another command has this folder
+    except LaunchError as e:  # the folder holds a sweep, or another command has it
         print(f"wattsweep sweep: {e}", file=sys.stderr)
         return 2
     jobs = {cid: jid for r in records for cid, jid in zip(r.cell_ids, r.job_ids)}
