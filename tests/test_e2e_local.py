@@ -41,6 +41,7 @@ def test_two_by_two_sweep_reduces_to_numbers_that_hold_together(tmp_path, monkey
     for cell in read_plan(paths):
         done = json.loads(paths.done_marker(cell.cell_id).read_text())
         assert done["world_size"] == cell.params.shards
+        assert done["rendezvous"] == ("published" if cell.params.shards > 1 else "single")
         assert sorted(done["files"]) == sorted(
             [f"telemetry/rank-{r}.parquet" for r in range(cell.params.shards)] + ["requests/rank-0.parquet"]
         )
@@ -81,6 +82,6 @@ def test_eight_ranks_on_one_machine(tmp_path, monkeypatch):
                    "n_prompts=2", "max_new_tokens=2")
     (cell,) = read_plan(paths)
     done = json.loads(paths.done_marker(cell.cell_id).read_text())
-    assert done["world_size"] == 8
+    assert done["world_size"] == 8 and done["rendezvous"] == "published"
     assert len(list(paths.cell_dir(cell.cell_id).glob("telemetry/rank-*.parquet"))) == 8
     assert pq.read_table(paths.summary_parquet).num_rows == 1

@@ -72,6 +72,11 @@ def test_2x2_sweep_with_a_two_node_cell_completes_and_reduces(done_sweep, capsys
         assert done["world_size"] == cell.params.shards
         if cell.params.shards == 2:
             assert sorted(done["hosts"]) == ["n1", "n2"]  # one rank per node
+            # rank 1 found rank 0 through the cell folder, not the job-seeded port
+            assert done["rendezvous"] == "published"
+            assert not list(done_sweep.launch_dir(cid).glob("rendezvous-*.json"))  # removed once joined
+        else:
+            assert done["rendezvous"] == "single"
         assert done["slurm"]["job_id"] and done["slurm"]["array_task_id"] is not None
         logs = list(done_sweep.launch_dir(cid).glob("*_0_log.out"))
         assert logs and logs[0].resolve().is_file()  # the cell's log, found from its own folder

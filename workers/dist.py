@@ -2,20 +2,30 @@
 
 Where rank and world size come from, first match wins:
 1. submitit's job environment (local or Slurm executor): ``TorchDistributedEnvironment``
-   gives rank, world, local rank and the master address/port (port seeded by the job id);
+   gives rank, world, local rank and the master address;
 2. torch's variables ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
    (``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` optional), as torchrun sets them;
 3. otherwise one process on a free local port.
-A job of one rank always listens on a free local port: the job-seeded port of
-(1) can be held by another job on the same node.
+No rank of a submitit job listens on a port it did not get from the system.
+submitit's port is seeded by the job id, and another job on the node can hold it
+(a cell failed with EADDRINUSE that way). So a job of one rank listens on a free
+local port, and in a job of several ranks rank 0 opens torch's key-value store on
+a port the system picks and publishes ``host:port`` in the cell's folder
+(``launch/rendezvous-<job>.<restart>.a<attempt>.json``, seen by every node of the
+job); the other ranks read it from there. The name holds the job, its restart
+count and the cell's attempt, so a requeued or resubmitted cell never reads an
+earlier job's address.
 The backend is nccl on CUDA (device ``cuda:<local_rank>``), gloo on the CPU.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +42,9 @@ class DistInfo:
     backend: str  # "nccl" | "gloo"
     hostname: str
     node_rank: int
+    # how the ranks found rank 0: "published" (file in the cell folder), "seeded"
+    # (submitit's job-seeded port), "env" (torch's variables), "single" (one rank)
+    rendezvous: str = "single"
 
 
 @dataclass(frozen=True)
@@ -95,8 +108,14 @@ def _device_for(local_rank: int, local_world: int) -> str:
                        "ask for one GPU per rank")
 
 
-def init_distributed(expected_world_size: int, *, timeout_s: float = 600.0) -> DistInfo:
-    """Join the process group and make a model-parallel group of all ranks."""
+def init_distributed(expected_world_size: int, *, timeout_s: float = 600.0,
+                     rendezvous: Path | None = None, abort_if: Path | None = None) -> DistInfo:
+    """Join the process group and make a model-parallel group of all ranks.
+
+    ``rendezvous``: the file where rank 0 of a multi-rank submitit job publishes
+    its store's address (in a folder every node sees; name it with ``job_key``).
+    Without it such a job uses the job-seeded port. ``abort_if``: a file whose appearance while waiting for rank 0
+    means rank 0 failed (the cell's FAILED.json), so the wait ends at once."""
     rv = _rendezvous()
     if rv.world_size != expected_world_size:
         raise RuntimeError(f"this job has {rv.world_size} ranks (from {rv.source}) but the cell needs "
@@ -105,15 +124,87 @@ def init_distributed(expected_world_size: int, *, timeout_s: float = 600.0) -> D
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+    how = "single" if rv.world_size == 1 else ("env" if rv.source == "env" else "seeded")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=f"tcp://{rv.master_addr}:{rv.master_port}",
-                                rank=rv.rank, world_size=rv.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if rv.world_size > 1 and rv.source == "submitit" and rendezvous is not None:
+            how = "published"
+            published = Path(rendezvous)
+            store = _published_store(rv, published, timeout_s, abort_if)
+            dist.init_process_group(backend=backend, store=store, rank=rv.rank, world_size=rv.world_size,
+                                    timeout=timeout)
+            if rv.rank == 0:  # every rank has joined: the address is no longer needed
+                published.unlink(missing_ok=True)
+        else:
+            dist.init_process_group(backend=backend, init_method=f"tcp://{rv.master_addr}:{rv.master_port}",
+                                    rank=rv.rank, world_size=rv.world_size, timeout=timeout)
     if not mp.model_parallel_is_initialized():
         mp.initialize_model_parallel(rv.world_size)
     return DistInfo(rank=rv.rank, world_size=rv.world_size, local_rank=rv.local_rank,
                     local_world_size=rv.local_world_size, device=device, backend=backend,
-                    hostname=socket.gethostname(), node_rank=rv.rank // max(1, rv.local_world_size))
+                    hostname=socket.gethostname(), node_rank=rv.rank // max(1, rv.local_world_size),
+                    rendezvous=how)
+
+
+def job_key() -> str:
+    """This job's name for its rendezvous file: the Slurm job (one per array task)
+    and its restart count, or submitit's local job id off Slurm (this process's
+    pid outside any job, where no other rank reads the file)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        try:
+            import submitit
+
+            job = submitit.JobEnvironment().job_id
+        except (ImportError, RuntimeError):
+            job = f"pid{os.getpid()}"
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}".replace("/", "_")
+
+
+def _published_store(rv: _Rendezvous, published: Path, timeout_s: float,
+                     abort_if: Path | None) -> dist.TCPStore:
+    """Rank 0: a store on a port the system picks, its address written to
+    ``published``. Others: wait for that file, then connect."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rv.rank == 0:
+        store = dist.TCPStore(rv.master_addr, 0, rv.world_size, True, timeout, wait_for_workers=False)
+        from orchestrator.contracts import atomic_write_json
+
+        atomic_write_json(published, {"addr": rv.master_addr, "port": int(store.port), "host": socket.gethostname(),
+                                      "pid": os.getpid(), "written_unix_s": time.time()})
+        return store
+    addr, port = wait_for_address(published, timeout_s, abort_if)
+    return dist.TCPStore(addr, port, rv.world_size, False, timeout)
+
+
+def wait_for_address(published: Path, timeout_s: float, abort_if: Path | None = None,
+                     poll_s: float = 0.2) -> tuple[str, int]:
+    """(addr, port) from rank 0's rendezvous file, once it is there. Gives up when
+    ``abort_if`` appears after the wait began (rank 0 failed first) or after
+    ``timeout_s``, naming the file it waited for."""
+    started = time.time()
+    while True:
+        try:
+            record = json.loads(published.read_text())
+            return str(record["addr"]), int(record["port"])
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"rank 0's rendezvous file {published} is not readable ({e}); "
+                               "resubmit the cell") from None
+        if abort_if is not None and _written_since(abort_if, started):
+            raise RuntimeError(f"rank 0 failed before it published its address ({abort_if.name} names the cause)")
+        if time.time() - started > timeout_s:
+            raise RuntimeError(f"rank 0 did not publish its address in {published} within {timeout_s:.0f} s; "
+                               "read rank 0's log (`wattsweep logs SWEEP_DIR CELL --rank 0`)")
+        time.sleep(poll_s)
+
+
+def _written_since(path: Path, t: float) -> bool:
+    try:
+        return path.stat().st_mtime >= t - 1.0
+    except OSError:
+        return False
 
 
 def barrier() -> None:

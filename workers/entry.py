@@ -46,7 +46,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     rank = 0
     try:
         stop_on_term()  # a cancel during start-up ends the worker, not ignored
-        info = dist.init_distributed(task.params.shards)
+        info = dist.init_distributed(
+            task.params.shards,
+            rendezvous=paths.launch_dir(task.cell_id) / f"rendezvous-{dist.job_key()}.a{task.attempt}.json",
+            abort_if=paths.failed_marker(task.cell_id),
+        )
         rank = info.rank
         _limit_cpu_threads(info)
         result = _run_rank(task, paths, info)
@@ -326,6 +330,7 @@ def _write_done(task: CellTask, paths: SweepPaths, info: Any, gpu_name: str, sou
         files,
         {
             "world_size": info.world_size,
+            "rendezvous": info.rendezvous,
             "nodes": len(set(hosts)),
             "hosts": hosts,
             "gpu_name": gpu_name,

@@ -1,0 +1,110 @@
+"""Ranks of a multi-rank job find rank 0 through a file in the cell folder,
+on a port the system picked, never on the job-seeded port another job may hold."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from workers import dist as wdist
+
+# One rank of a two-rank "submitit" job whose job-seeded port is PORT.
+RANK_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from workers import dist as wdist
+rank, port, published = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+wdist._from_submitit = lambda: wdist._Rendezvous(rank, 2, rank, 2, "127.0.0.1", port, "submitit")
+info = wdist.init_distributed(2, timeout_s=60, rendezvous=published)
+t = torch.tensor([rank + 1.0])
+dist.all_reduce(t)
+print("SUM", int(t.item()), info.world_size, flush=True)
+wdist.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_join_through_the_published_file_when_the_seeded_port_is_taken(tmp_path):
+    """Before, rank 0 listened on the job-seeded port: another job holding it
+    failed the cell with EADDRINUSE."""
+    published = tmp_path / "launch" / "rendezvous-77.0.a0.json"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # rank 1 first: it must wait for rank 0's file, not fail on its absence
+        procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), str(port), str(published)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in (1, 0)]
+        outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert "SUM 3 2" in out
+    assert not published.exists()  # rank 0 removes it once every rank has joined
+
+
+def _write_later(path, obj, delay_s):
+    def write():
+        time.sleep(delay_s)
+        path.write_text(json.dumps(obj))
+    t = threading.Thread(target=write)
+    t.start()
+    return t
+
+
+def test_a_waiting_rank_reads_the_address_once_rank_0_writes_it(tmp_path):
+    published = tmp_path / "rendezvous-5.0.a0.json"
+    t = _write_later(published, {"addr": "n1", "port": 41234}, 0.3)
+    assert wdist.wait_for_address(published, timeout_s=10, poll_s=0.05) == ("n1", 41234)
+    t.join()
+
+
+def test_a_waiting_rank_stops_when_rank_0_fails_first(tmp_path):
+    published, failed = tmp_path / "rendezvous-5.0.a0.json", tmp_path / "FAILED.json"
+    t = _write_later(failed, {"error": "boom"}, 0.2)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 0 failed before it published its address .FAILED.json"):
+        wdist.wait_for_address(published, timeout_s=30, abort_if=failed, poll_s=0.05)
+    assert time.monotonic() - t0 < 5
+    t.join()
+
+
+def test_an_earlier_attempts_failed_marker_does_not_stop_the_wait(tmp_path):
+    published, failed = tmp_path / "rendezvous-5.0.a1.json", tmp_path / "FAILED.json"
+    failed.write_text("{}")
+    old = time.time() - 3600
+    os.utime(failed, (old, old))
+    t = _write_later(published, {"addr": "n1", "port": 5}, 0.3)
+    assert wdist.wait_for_address(published, timeout_s=10, abort_if=failed, poll_s=0.05) == ("n1", 5)
+    t.join()
+
+
+def test_the_wait_times_out_naming_the_file_and_rank_0s_logs(tmp_path):
+    published = tmp_path / "rendezvous-5.0.a0.json"
+    with pytest.raises(RuntimeError, match=r"did not publish its address in .*rendezvous-5.0.a0.json within 0 s.*--rank 0"):
+        wdist.wait_for_address(published, timeout_s=0.2, poll_s=0.05)
+
+
+def test_an_unreadable_file_is_named(tmp_path):
+    published = tmp_path / "rendezvous-5.0.a0.json"
+    published.write_text('{"addr": "n1"}')
+    with pytest.raises(RuntimeError, match="not readable .*resubmit"):
+        wdist.wait_for_address(published, timeout_s=1)
+
+
+def test_job_key_names_the_slurm_job_and_its_restart(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert wdist.job_key() == "4711.2"
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert wdist.job_key() == "4711.0"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    if not any(k.startswith("SUBMITIT_") for k in os.environ):
+        assert wdist.job_key() == f"pid{os.getpid()}.0"
