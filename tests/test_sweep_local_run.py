@@ -13,7 +13,8 @@ import pytest
 from orchestrator.config import compose_cells
 from orchestrator.contracts import CellTask, SweepPaths, write_done
 from orchestrator.plan import plan_cells
-from orchestrator.submit.base import make_task, read_submissions
+from orchestrator.submit.base import LaunchError, make_task, read_submissions
+from orchestrator.submit.gpu_leases import GpuLeases
 from orchestrator.submit.local import LocalLauncher, local_queue_states
 
 
@@ -25,15 +26,19 @@ class StandInTask(CellTask):
     def __call__(self):
         import torch
         import torch.distributed as dist
+        import os
+
         from submitit.helpers import TorchDistributedEnvironment
 
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # as the launcher set it (export() rewrites it)
         env = TorchDistributedEnvironment().export()
         dist.init_process_group("gloo", init_method="env://", rank=env.rank, world_size=env.world_size)
         total = torch.tensor([env.rank + 1])
         dist.all_reduce(total)
         paths = SweepPaths.of(self.sweep_dir)
         out = paths.cell_dir(self.cell_id) / f"standin-rank-{env.rank}.json"
-        out.write_text(json.dumps({"rank": env.rank, "world": env.world_size, "sum": int(total), "attempt": self.attempt}))
+        out.write_text(json.dumps({"rank": env.rank, "world": env.world_size, "sum": int(total), "attempt": self.attempt,
+                                   "visible": visible}))
         dist.barrier()
         if self.options.sleep_s:
             time.sleep(self.options.sleep_s)
@@ -120,3 +125,51 @@ def test_rerun_moves_attempt_aside(tmp_path, monkeypatch, by_value):
     assert (paths.attempts_dir(cid) / "0" / "DONE.json").exists()
     assert json.loads((paths.cell_dir(cid) / "standin-rank-0.json").read_text())["attempt"] == 1
     assert [r.attempt for r in read_submissions(paths)] == [0, 1]
+
+
+def _two_sweeps(tmp_path, monkeypatch, gpus):
+    """Sweep a and sweep b, one 2-second cell each, submitted at once."""
+    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", gpus)
+    monkeypatch.setenv("WATTSWEEP_LEASE_DIR", str(tmp_path / "leases"))
+    out = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        paths, cells = _plan(tmp_path / name, monkeypatch, "shards=1", "sleep_s=2", f"seed={ord(name)}")
+        launcher = StandInLauncher({"max_parallel": 1, "timeout_min": 5})
+        out[name] = (paths, cells[0].cell_id, launcher, launcher.submit(paths, cells))
+    for paths, cid, launcher, records in out.values():
+        launcher.wait(paths, records)
+        assert paths.done_marker(cid).exists()
+    return {n: (paths, local_queue_states(paths)[cid], cid) for n, (paths, cid, _, _) in out.items()}
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_one_gpu_take_turns(tmp_path, monkeypatch, by_value):
+    """Before GPU leases, runners of two sweeps started both cells on GPU 0 at once."""
+    runs = _two_sweeps(tmp_path, monkeypatch, "0")
+    (a_paths, a, a_id), (b_paths, b, b_id) = runs["a"], runs["b"]
+    first, second = sorted([a, b], key=lambda e: e["started_unix_s"])
+    assert second["started_unix_s"] >= first["ended_unix_s"] - 0.3
+    waiting = runs["b"] if second is b else runs["a"]
+    log = Path(waiting[1]["queue"]).with_suffix(".log").read_text()
+    assert "waits for 1 free GPU(s) of [0]; held: GPU 0:" in log
+    for paths, _, cid in runs.values():
+        assert json.loads((paths.cell_dir(cid) / "standin-rank-0.json").read_text())["visible"] == "0"
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_two_gpus_run_side_by_side_on_different_cards(tmp_path, monkeypatch, by_value):
+    runs = _two_sweeps(tmp_path, monkeypatch, "0,1")
+    (_, a, _), (_, b, _) = runs["a"], runs["b"]
+    assert max(a["started_unix_s"], b["started_unix_s"]) < min(a["ended_unix_s"], b["ended_unix_s"])  # overlap
+    cards = {json.loads((paths.cell_dir(cid) / "standin-rank-0.json").read_text())["visible"]
+             for paths, _, cid in runs.values()}
+    assert cards == {"0", "1"}
+    assert not GpuLeases(tmp_path / "leases").holders([0, 1])  # released when the cells ended
+
+
+def test_a_bad_gpu_list_is_refused_at_submission(tmp_path, monkeypatch):
+    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "0,x")
+    paths, cells = _plan(tmp_path, monkeypatch, "shards=1")
+    with pytest.raises(LaunchError, match="WATTSWEEP_LOCAL_GPUS='0,x'; expected GPU indices such as 0,1"):
+        LocalLauncher({"max_parallel": 1}).submit(paths, cells)

@@ -7,7 +7,9 @@ the command and a closed terminal). The runner starts the cells in order,
 ``max_parallel`` at a time; each cell is one submitit local job with one task
 per shard (``tasks_per_node=shards``), whose ranks find each other through
 submitit's job environment. On a machine with NVIDIA GPUs each job gets
-``shards`` free GPUs of its own.
+``shards`` GPUs of its own, leased machine-wide (``gpu_leases``), so runners of
+other sweeps and other users wait for them; ``WATTSWEEP_LOCAL_GPUS=0,2`` limits
+the launcher to those GPUs.
 
 The queue file (``SWEEP_DIR/local/queue-<n>.json``) is the local launcher's
 "queue": per cell its state (pending, running, ended), submitit job id and exit.
@@ -26,6 +28,8 @@ from typing import Any, Mapping
 
 from orchestrator.contracts import SweepPaths, atomic_write_json, read_json, write_failed
 from orchestrator.plan.planned import PlannedCell
+from orchestrator.submit.gpu_leases import GpuLeases, controller_alive
+from orchestrator.submit.gpu_leases import pid_alive as _pid_alive
 from orchestrator.submit.base import (
     LaunchError,
     SubmissionRecord,
@@ -63,6 +67,10 @@ class LocalLauncher:
             return []
         if not todo:
             return []
+        try:
+            local_gpus()  # a bad WATTSWEEP_LOCAL_GPUS is said here, not in the runner's log
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
         entries = [self._stage(paths, c) for c in todo]
         qdir = queue_dir(paths)
         qdir.mkdir(parents=True, exist_ok=True)
@@ -126,34 +134,6 @@ class LocalLauncher:
             queue = Path((rec.extra or {}).get("queue", ""))
             while queue.is_file() and not _queue_finished(queue, pid):
                 time.sleep(POLL_S)
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-
-
-def controller_alive(job_id: Any) -> bool:
-    """The submitit local controller of job ``job_id`` (its pid) still runs:
-    the pid is alive and still that program, not a pid reused since."""
-    try:
-        pid = int(job_id)
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (TypeError, ValueError, OSError):
-        return False
-    return b"submitit" in cmdline and _pid_alive(pid)
 
 
 def stop_controller(job_id: Any, sig: int = signal.SIGTERM) -> bool:
@@ -249,13 +229,30 @@ def _gpu_count() -> int:
         return 0
 
 
+def local_gpus() -> list[int]:
+    """The GPUs the local launcher may use: ``WATTSWEEP_LOCAL_GPUS`` (indices,
+    comma-separated) when set, else every GPU of the machine."""
+    text = os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip()
+    if not text:
+        return list(range(_gpu_count()))
+    try:
+        gpus = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"WATTSWEEP_LOCAL_GPUS={text!r}; expected GPU indices such as 0,1") from None
+    if any(g < 0 for g in gpus):
+        raise ValueError(f"WATTSWEEP_LOCAL_GPUS={text!r}; GPU indices start at 0")
+    return gpus
+
+
 class _Runner:
     def __init__(self, queue_path: Path) -> None:
         self.queue_path = queue_path
         self.q = read_json(queue_path)
         self.paths = SweepPaths.of(self.q["sweep_dir"])
-        self.free_gpus = list(range(_gpu_count()))
+        self.gpus = local_gpus()
+        self.leases = GpuLeases()
         self.running: list[tuple[dict[str, Any], Any, list[int]]] = []
+        self._told_held: tuple[int, ...] = ()
         self._cancels_seen: tuple[int, int] | None = None  # (mtime_ns, size) of cancellations.jsonl
 
     def save(self) -> None:
@@ -275,8 +272,11 @@ class _Runner:
         while pending or self.running:
             self._apply_cancels(pending)
             self._escalate()
-            while pending and len(self.running) < self.q["max_parallel"] and self._can_start(pending[0]):
-                self._start(pending.pop(0))
+            while pending and len(self.running) < self.q["max_parallel"]:
+                gpus = self._claim(pending[0])
+                if gpus is None:
+                    break
+                self._start(pending.pop(0), gpus)
             self._reap()
             time.sleep(POLL_S)
 
@@ -337,21 +337,40 @@ class _Runner:
             elif process.poll() is None:
                 process.send_signal(signal.SIGTERM)
 
-    def _can_start(self, entry: dict[str, Any]) -> bool:
-        total = len(self.free_gpus) + sum(len(g) for _, _, g in self.running)
-        return total == 0 or entry["shards"] > total or len(self.free_gpus) >= entry["shards"]
+    def _claim(self, entry: dict[str, Any]) -> list[int] | None:
+        """The GPUs the cell may start on, leased to it; [] on a machine without
+        GPUs (or for a cell too wide for this one, which _start fails); None
+        while other cells, of any sweep, hold too many of them."""
+        if not self.gpus or entry["shards"] > len(self.gpus):
+            return []
+        gpus = self.leases.claim(self.gpus, entry["shards"], sweep=str(self.paths.root), cell_id=entry["cell_id"])
+        if gpus is None:
+            self._say_who_holds(entry)
+        return gpus
 
-    def _start(self, entry: dict[str, Any]) -> None:
+    def _say_who_holds(self, entry: dict[str, Any]) -> None:
+        """Once per change of holders: which other cells keep this one waiting."""
+        mine = {g for _, _, gs in self.running for g in gs}
+        others = {g: r for g, r in self.leases.holders(self.gpus).items() if g not in mine}
+        key = tuple(sorted(others))
+        if not others or key == self._told_held:
+            return
+        self._told_held = key
+        held_by = "; ".join(f"GPU {g}: {r.get('user')}'s cell {r.get('cell_id')} of {r.get('sweep')}"
+                            for g, r in sorted(others.items()))
+        print(f"cell {entry['cell_id']} waits for {entry['shards']} free GPU(s) of {self.gpus}; held: {held_by}",
+              flush=True)
+
+    def _start(self, entry: dict[str, Any], gpus: list[int]) -> None:
         import cloudpickle
         import submitit
 
         cell_id, shards = entry["cell_id"], entry["shards"]
-        total = len(self.free_gpus) + sum(len(g) for _, _, g in self.running)
-        if total and shards > total:
-            self._fail(entry, f"cell needs {shards} GPUs; this machine has {total}; use launcher=slurm or fewer shards")
+        if self.gpus and shards > len(self.gpus):
+            limit = " (WATTSWEEP_LOCAL_GPUS)" if os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip() else ""
+            self._fail(entry, f"cell needs {shards} GPUs; the local launcher has {len(self.gpus)}{limit}; "
+                              "use launcher=slurm or fewer shards")
             return
-        gpus = self.free_gpus[:shards] if total else []
-        self.free_gpus = self.free_gpus[len(gpus):]
         try:
             with open(entry["task"], "rb") as f:
                 task = cloudpickle.load(f)
@@ -362,9 +381,11 @@ class _Runner:
             executor.update_parameters(**params)
             job = executor.submit(task)
         except Exception as e:  # a broken task must not stop the other cells
-            self.free_gpus.extend(gpus)
+            self.leases.release(gpus)
             self._fail(entry, f"could not start: {e}", traceback.format_exc())
             return
+        if gpus:
+            self.leases.bind(gpus, int(job.job_id))
         entry.update(state="running", job_id=job.job_id, started_unix_s=time.time())
         self.save()
         self.running.append((entry, job, gpus))
@@ -375,7 +396,7 @@ class _Runner:
             if not job.done():
                 continue
             self.running.remove(item)
-            self.free_gpus.extend(gpus)
+            self.leases.release(gpus)
             code = job._process.poll() if getattr(job, "_process", None) is not None else None
             entry.update(state="ended", exit=code, ended_unix_s=time.time())
             self._mark_if_silent(entry, job)

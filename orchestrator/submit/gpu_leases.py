@@ -1,0 +1,187 @@
+"""Which of this machine's GPUs a local cell holds, across every local runner.
+
+Runners of one sweep take turns (``local.earlier_still_running``), but runners of
+two sweeps, or of two users, on one workstation used to start cells on the same
+GPUs: two cells then shared a card, and a cell that restored its cap pulled the
+other's. A runner now leases a GPU before it starts a cell on it, in a folder
+every local user of the machine shares (``$WATTSWEEP_LEASE_DIR``, else
+``/tmp/wattsweep-gpu-leases``, sticky and writable by all).
+
+One file per GPU index, ``gpu-<i>.json``, rewritten in place under one ``flock``
+(``.lock``); an empty file is a free GPU. A lease names its holders: the runner
+that took it and, once started, the cell's submitit controller. It stays held
+while the controller runs (a runner killed with ``kill -9`` leaves its cells
+running, and their GPUs stay leased) or, before the controller exists, while the
+runner does. A lease whose holders have ended is free: nothing has to clean up
+after a crash. Files are rewritten, never replaced, so another user's lease file
+in the sticky folder can still be taken over once its holders have ended.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import getpass
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_DIR = Path("/tmp/wattsweep-gpu-leases")
+
+
+def lease_dir() -> Path:
+    return Path(os.environ.get("WATTSWEEP_LEASE_DIR") or DEFAULT_DIR)
+
+
+def pid_alive(pid: Any) -> bool:
+    """A process ``pid`` runs (a zombie has ended; another user's process counts)."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+
+
+def controller_alive(job_id: Any) -> bool:
+    """The submitit local controller of job ``job_id`` (its pid) still runs:
+    the pid is alive and still that program, not a pid reused since."""
+    try:
+        pid = int(job_id)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (TypeError, ValueError, OSError):
+        return False
+    return b"submitit" in cmdline and pid_alive(pid)
+
+
+def held(record: dict[str, Any]) -> bool:
+    """A lease is held while its cell's controller runs, or, before the runner
+    has started one, while the runner runs."""
+    if record.get("controller_pid") is not None:
+        return controller_alive(record["controller_pid"])
+    return pid_alive(record.get("runner_pid"))
+
+
+class GpuLeases:
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else lease_dir()
+
+    # -- the three things a runner does --------------------------------------
+    def claim(self, gpus: list[int], n: int, *, sweep: str, cell_id: str) -> list[int] | None:
+        """Lease ``n`` of ``gpus`` for ``cell_id`` (held by this process until
+        ``bind``); None when fewer than ``n`` are free now."""
+        with self._locked():
+            free = [g for g in gpus if not self._read_held(g)]
+            if len(free) < n:
+                return None
+            record = {"runner_pid": os.getpid(), "controller_pid": None, "sweep": sweep, "cell_id": cell_id,
+                      "user": _user(), "since_unix_s": time.time()}
+            for g in free[:n]:
+                self._write(g, record)
+            return free[:n]
+
+    def bind(self, gpus: list[int], controller_pid: int) -> None:
+        """The cell started: its controller holds the leases from now on."""
+        with self._locked():
+            for g in gpus:
+                record = self._read(g) or {}
+                if record.get("runner_pid") == os.getpid():
+                    self._write(g, {**record, "controller_pid": int(controller_pid)})
+
+    def release(self, gpus: list[int]) -> None:
+        """Free this runner's leases of ``gpus`` (the cell ended, or never started)."""
+        with self._locked():
+            for g in gpus:
+                record = self._read(g)
+                if record and record.get("runner_pid") == os.getpid():
+                    self._write(g, None)
+
+    # -- reading, for messages ------------------------------------------------
+    def holders(self, gpus: list[int]) -> dict[int, dict[str, Any]]:
+        """GPU -> the lease that holds it, for the GPUs that are held."""
+        with self._locked():
+            return {g: r for g in gpus if (r := self._read_held(g))}
+
+    # -- files ------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        _shared_folder(self.folder)
+        fd = _open_shared(self.folder / ".lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _path(self, gpu: int) -> Path:
+        return self.folder / f"gpu-{int(gpu)}.json"
+
+    def _read(self, gpu: int) -> dict[str, Any] | None:
+        try:
+            text = self._path(gpu).read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(text) if text.strip() else None
+        except ValueError:
+            return None  # a torn write of a runner killed mid-write: its holder is gone
+        return record if isinstance(record, dict) else None
+
+    def _read_held(self, gpu: int) -> dict[str, Any] | None:
+        record = self._read(gpu)
+        return record if record is not None and held(record) else None
+
+    def _write(self, gpu: int, record: dict[str, Any] | None) -> None:
+        fd = _open_shared(self._path(gpu))
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, b"" if record is None else json.dumps(record, sort_keys=True).encode())
+        finally:
+            os.close(fd)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no name for this uid (a container)
+        return str(os.getuid())
+
+
+def _shared_folder(folder: Path) -> None:
+    """The folder, made sticky and writable by all when this process creates it."""
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        return
+    os.chmod(folder, 0o1777)
+
+
+def _open_shared(path: Path) -> int:
+    """Open (creating) a file every local user may rewrite."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError as e:
+        raise PermissionError(errno.EACCES, f"cannot write the GPU lease file {path}; set WATTSWEEP_LEASE_DIR "
+                              "to a folder every local user of wattsweep can write", str(path)) from None
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o666)  # whatever the umask: another user's runner rewrites it later
+    except OSError:
+        pass
+    return fd

@@ -1,0 +1,112 @@
+"""GPU leases of the local launcher: one holder per GPU across runners, sweeps
+and users of a machine; a lease ends with its holder, without any clean-up."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from orchestrator.submit.gpu_leases import GpuLeases, held
+
+
+@pytest.fixture()
+def leases(tmp_path):
+    return GpuLeases(tmp_path / "leases")
+
+
+def test_each_claim_gets_gpus_no_one_holds_until_released(leases):
+    assert leases.claim([0, 1, 2], 2, sweep="/s/a", cell_id="a1") == [0, 1]
+    assert leases.claim([0, 1, 2], 2, sweep="/s/b", cell_id="b1") is None  # only GPU 2 is free
+    assert leases.claim([0, 1, 2], 1, sweep="/s/b", cell_id="b1") == [2]
+    leases.release([0, 1])
+    assert leases.claim([0, 1, 2], 2, sweep="/s/b", cell_id="b2") == [0, 1]
+    holders = leases.holders([0, 1, 2])
+    assert {g: r["cell_id"] for g, r in holders.items()} == {0: "b2", 1: "b2", 2: "b1"}
+    assert holders[0]["runner_pid"] == os.getpid() and holders[0]["user"]
+
+
+def test_a_lease_of_a_runner_that_died_is_free(leases):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    leases.folder.mkdir(parents=True)
+    (leases.folder / "gpu-0.json").write_text(json.dumps({"runner_pid": int(dead.stdout), "controller_pid": None}))
+    assert leases.claim([0], 1, sweep="/s", cell_id="c") == [0]
+
+
+def test_a_started_cell_holds_its_gpus_while_its_controller_runs_even_if_the_runner_died(leases):
+    """kill -9 of a runner leaves its cells running: their GPUs stay leased."""
+    controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    try:
+        assert leases.claim([0, 1], 1, sweep="/s/a", cell_id="a1") == [0]
+        leases.bind([0], controller.pid)
+        record = json.loads((leases.folder / "gpu-0.json").read_text())
+        record["runner_pid"] = 999_999_999  # the runner is gone
+        (leases.folder / "gpu-0.json").write_text(json.dumps(record))
+        assert held(record)
+        assert leases.claim([0, 1], 2, sweep="/s/b", cell_id="b1") is None
+    finally:
+        controller.kill()
+        controller.wait()
+    assert leases.claim([0, 1], 2, sweep="/s/b", cell_id="b1") == [0, 1]  # the cell ended: free
+
+
+def test_a_reused_pid_that_is_not_a_submitit_controller_does_not_hold(leases):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not held({"runner_pid": None, "controller_pid": other.pid})
+        assert held({"runner_pid": other.pid, "controller_pid": None})
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_release_frees_only_this_runners_leases(leases):
+    leases.folder.mkdir(parents=True)
+    mine = leases.claim([0], 1, sweep="/s", cell_id="c")
+    theirs = {"runner_pid": os.getppid(), "controller_pid": None, "cell_id": "x"}  # alive, not us
+    (leases.folder / "gpu-1.json").write_text(json.dumps(theirs))
+    leases.release([0, 1])
+    assert mine == [0] and leases.holders([0, 1]) == {1: theirs}
+
+
+def test_a_torn_lease_file_reads_free(leases):
+    leases.folder.mkdir(parents=True)
+    (leases.folder / "gpu-0.json").write_text('{"runner_pid": 1')
+    assert leases.claim([0], 1, sweep="/s", cell_id="c") == [0]
+
+
+def test_the_folder_and_files_are_shared_by_every_local_user(leases):
+    old = os.umask(0o077)
+    try:
+        leases.claim([0], 1, sweep="/s", cell_id="c")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(leases.folder.stat().st_mode) == 0o1777
+    for name in (".lock", "gpu-0.json"):
+        assert stat.S_IMODE((leases.folder / name).stat().st_mode) == 0o666
+
+
+def _claim_and_hold(folder, out, done):
+    got = GpuLeases(folder).claim([0, 1, 2, 3], 1, sweep=f"/s/{os.getpid()}", cell_id="c")
+    out.put(got)
+    done.wait(60)  # hold (stay alive) until every process has claimed
+
+
+def test_runners_claiming_at_once_get_different_gpus(tmp_path):
+    ctx = mp.get_context("spawn")
+    out, done = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_claim_and_hold, args=(tmp_path / "leases", out, done)) for _ in range(5)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in procs]
+    done.set()
+    for p in procs:
+        p.join(timeout=60)
+    claimed = [g[0] for g in got if g is not None]
+    assert sorted(claimed) == [0, 1, 2, 3] and got.count(None) == 1
