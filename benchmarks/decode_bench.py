@@ -154,6 +154,7 @@ class Step:
     hand_kernels: bool = True  # fused.HAND_KERNELS: rotary + cache writes in one Triton kernel
     skinny: bool = False  # linear.SKINNY: Triton products for few rows
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
+    blas: str | None = None  # torch.backends.cuda.preferred_blas_library while capturing; None: torch's default
 
 
 STEPS = {
@@ -164,8 +165,11 @@ STEPS = {
     "fused-skinny": Step("as fused, with Triton skinny products where faster than cuBLAS", skinny=True),
     "fused-split4": Step("as fused, attention in up to four key chunks per head at large batch"
                          " (the default before 2026-11-27 09:20)", splits_busy=4),
+    "fused-lt": Step("as fused, matrix products through cuBLASLt (torch's preferred BLAS library)",
+                     blas="cublaslt"),
 }
 _DEFAULT_SPLITS_BUSY = attention.MAX_SPLITS_BUSY
+_DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
 
 
 def _use_step(model, step: str) -> None:
@@ -173,6 +177,8 @@ def _use_step(model, step: str) -> None:
     v = STEPS[step]
     model.fuse, fused.HAND_KERNELS, linear.SKINNY = v.fuse, v.hand_kernels, v.skinny
     attention.MAX_SPLITS_BUSY = v.splits_busy or _DEFAULT_SPLITS_BUSY
+    if _DEFAULT_BLAS is not None:
+        torch.backends.cuda.preferred_blas_library(v.blas or _DEFAULT_BLAS)
 
 
 def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device, args: argparse.Namespace,
