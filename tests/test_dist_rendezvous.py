@@ -108,3 +108,34 @@ def test_job_key_names_the_slurm_job_and_its_restart(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     if not any(k.startswith("SUBMITIT_") for k in os.environ):
         assert wdist.job_key() == f"pid{os.getpid()}.0"
+
+
+def test_rank_0_removes_the_file_only_once_the_others_have_connected(tmp_path):
+    """With NCCL, init_process_group returns before the other ranks join: rank 0
+    removed the file at once, and a rank that started later waited out its
+    timeout (seen on two H200s). Here rank 1 starts a second after rank 0."""
+    published = tmp_path / "rendezvous-9.0.a0.json"
+    rank0 = wdist._Rendezvous(0, 2, 0, 2, "127.0.0.1", 1, "submitit")
+    rank1 = wdist._Rendezvous(1, 2, 1, 2, "127.0.0.1", 1, "submitit")
+    store0 = wdist._published_store(rank0, published, 30, None)
+    joined = {}
+
+    def late_rank():
+        time.sleep(1.0)
+        joined["store"] = wdist._published_store(rank1, published, 30, None)
+
+    t = threading.Thread(target=late_rank)
+    t.start()
+    assert published.exists()
+    wdist.remove_when_joined(store0, published, 2, timeout_s=30)
+    assert not published.exists() and "store" in joined  # removed after rank 1 had read it
+    t.join()
+    joined["store"].set("k", "v")
+    assert store0.get("k") == b"v"
+
+
+def test_rank_0_names_how_many_ranks_never_connected(tmp_path):
+    published = tmp_path / "rendezvous-9.0.a0.json"
+    store0 = wdist._published_store(wdist._Rendezvous(0, 3, 0, 3, "127.0.0.1", 1, "submitit"), published, 30, None)
+    with pytest.raises(RuntimeError, match="0 of the 2 other ranks connected within 0 s"):
+        wdist.remove_when_joined(store0, published, 3, timeout_s=0.2)

@@ -133,8 +133,8 @@ def init_distributed(expected_world_size: int, *, timeout_s: float = 600.0,
             store = _published_store(rv, published, timeout_s, abort_if)
             dist.init_process_group(backend=backend, store=store, rank=rv.rank, world_size=rv.world_size,
                                     timeout=timeout)
-            if rv.rank == 0:  # every rank has joined: the address is no longer needed
-                published.unlink(missing_ok=True)
+            if rv.rank == 0:
+                remove_when_joined(store, published, rv.world_size, timeout_s)
         else:
             dist.init_process_group(backend=backend, init_method=f"tcp://{rv.master_addr}:{rv.master_port}",
                                     rank=rv.rank, world_size=rv.world_size, timeout=timeout)
@@ -174,7 +174,28 @@ def _published_store(rv: _Rendezvous, published: Path, timeout_s: float,
                                       "pid": os.getpid(), "written_unix_s": time.time()})
         return store
     addr, port = wait_for_address(published, timeout_s, abort_if)
-    return dist.TCPStore(addr, port, rv.world_size, False, timeout)
+    store = dist.TCPStore(addr, port, rv.world_size, False, timeout)
+    store.add(_JOINED, 1)
+    return store
+
+
+# Counted in rank 0's store by each other rank once it has connected.
+_JOINED = "wattsweep/joined"
+
+
+def remove_when_joined(store: dist.Store, published: Path, world_size: int, timeout_s: float,
+                       poll_s: float = 0.05) -> None:
+    """Rank 0: remove the rendezvous file once every other rank has connected.
+    Not as soon as the process group exists: with NCCL, init_process_group
+    returns before the other ranks have joined (gloo's waits for them), and a
+    rank that started late then found no file and waited out its timeout."""
+    started = time.time()
+    while (joined := store.add(_JOINED, 0)) < world_size - 1:
+        if time.time() - started > timeout_s:
+            raise RuntimeError(f"{joined} of the {world_size - 1} other ranks connected within {timeout_s:.0f} s; "
+                               "read their logs (`wattsweep logs SWEEP_DIR CELL --rank N`)")
+        time.sleep(poll_s)
+    published.unlink(missing_ok=True)
 
 
 def wait_for_address(published: Path, timeout_s: float, abort_if: Path | None = None,
