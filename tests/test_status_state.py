@@ -243,9 +243,11 @@ def test_one_submitter_of_a_sweep_at_a_time(sweep, monkeypatch, capsys):
     import threading
 
     from orchestrator.cli import main
-    from orchestrator.status import common
+    from orchestrator.status import common, state
 
     paths, ids = sweep
+    monkeypatch.setattr(state, "squeue_jobs", lambda ids: {})  # the jobs have left the queue
+    monkeypatch.setattr(state, "sacct_jobs", lambda ids: {})  # (no cluster needed)
     monkeypatch.setattr(common, "LOCK_WAIT_S", 0.5)
     with open(paths.root / ".submit.lock", "a+") as held:  # another open file: flock conflicts in-process too
         fcntl.flock(held, fcntl.LOCK_EX)

@@ -173,3 +173,22 @@ def test_a_bad_gpu_list_is_refused_at_submission(tmp_path, monkeypatch):
     paths, cells = _plan(tmp_path, monkeypatch, "shards=1")
     with pytest.raises(LaunchError, match="WATTSWEEP_LOCAL_GPUS='0,x'; expected GPU indices such as 0,1"):
         LocalLauncher({"max_parallel": 1}).submit(paths, cells)
+
+
+@pytest.mark.slow
+def test_status_names_the_job_a_local_cells_logs_carry(tmp_path, monkeypatch, by_value):
+    """Status showed the runner's id (<runner pid>_<index>); the log files carry the
+    submitit controller's, so the logs of the job status named could not be found."""
+    from orchestrator.plan.planned import write_plan
+    from orchestrator.status.cmd import format_table
+    from orchestrator.status.state import sweep_status
+
+    paths, cells = _plan(tmp_path, monkeypatch, "shards=1")
+    write_plan(paths, cells)
+    launcher = StandInLauncher({"max_parallel": 1, "timeout_min": 5})
+    records = launcher.submit(paths, cells)
+    launcher.wait(paths, records)
+    (cell,) = sweep_status(paths, validate=False).cells
+    assert cell.job_id == records[0].job_ids[0] and cell.log_job and cell.log_job != cell.job_id
+    assert (paths.launch_dir(cell.cell_id) / f"{cell.log_job}_0_log.out").is_file()
+    assert f"{cell.log_job} ({cell.job_id})" in format_table(sweep_status(paths, validate=False))

@@ -7,7 +7,7 @@ import sys
 import time
 
 from orchestrator.contracts import SweepPaths
-from orchestrator.status.state import STATES, StatusError, SweepStatus, dumps, sweep_status
+from orchestrator.status.state import STATES, CellStatus, StatusError, SweepStatus, dumps, sweep_status
 from orchestrator.submit.shell import SlurmCommandError
 
 DESCRIPTION = """Show each cell's state: the plan and markers of the sweep folder joined with
@@ -15,7 +15,10 @@ squeue and, where the cluster keeps accounting, sacct.
 
 states: planned pending running done failed cancelled timeout infeasible missing invalid unknown
 (invalid: DONE.json present but an output file fails validation; unknown: Slurm could not
-be asked, so a cell without a marker cannot be judged)."""
+be asked, so a cell without a marker cannot be judged).
+
+job: the Slurm job (ARRAY_TASK for an array task); for a local cell that has started,
+the id its log files carry, then in brackets the id it was queued under."""
 EPILOG = """examples:
   wattsweep status runs/2026-11-26_12-00-00
   wattsweep status SWEEP_DIR --json | jq '.counts'
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 def format_table(st: SweepStatus) -> str:
     head = ("cell", "parameters", "state", "job", "elapsed", "nodes", "reason")
-    rows = [(c.cell_id, c.params, c.state, c.job_id or "-", _hms(c.elapsed_s), c.nodes or "-", c.reason or "")
+    rows = [(c.cell_id, c.params, c.state, _job(c), _hms(c.elapsed_s), c.nodes or "-", c.reason or "")
             for c in st.cells]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
@@ -140,6 +143,14 @@ def _stop_watching(st: SweepStatus, paths: SweepPaths) -> tuple[int, str] | None
         return 1, (f"{st.counts.get('planned', 0)} cell(s) were never submitted; nothing to wait for "
                    f"(`wattsweep resubmit {paths.root}` launches them)")
     return None
+
+
+def _job(c: CellStatus) -> str:
+    """The job column: a local cell's controller id once started (what its log
+    files are named after), with the runner's id it was queued under."""
+    if c.log_job and c.log_job != c.job_id:
+        return f"{c.log_job} ({c.job_id})"
+    return c.job_id or "-"
 
 
 def _hms(s: int | None) -> str:

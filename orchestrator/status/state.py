@@ -51,6 +51,9 @@ class CellStatus:
     state: str  # one of STATES
     launcher: str | None = None
     job_id: str | None = None  # "<array>_<index>" for Slurm array tasks
+    # The id the job's log files carry when it differs from job_id: a local cell's
+    # submitit controller, once its runner started it (its logs: <log_job>_<rank>_log.out)
+    log_job: str | None = None
     array_index: int | None = None
     elapsed_s: int | None = None
     nodes: str | None = None
@@ -135,7 +138,9 @@ def _cell_state(
     if facts is not None:
         base = _with_facts(base, facts)
     elif rec is not None and rec.launcher == "local" and cid in local:
-        base = _replace(base, elapsed_s=_local_elapsed_s(local[cid]))
+        controller = local[cid].get("job_id")
+        base = _replace(base, elapsed_s=_local_elapsed_s(local[cid]),
+                        log_job=str(controller) if controller is not None else None)
     ended_as = acct.get(job_id) if job_id and job_id not in live else None
     cancel = (cancels or {}).get(cid)  # of the latest job only
     by_cancel = cancel.describe() if cancel is not None else None
