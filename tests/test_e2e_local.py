@@ -64,6 +64,27 @@ def test_a_raising_rank_fails_its_cell_with_the_traceback_and_the_others_finish(
 
 
 @pytest.mark.slow
+def test_a_rank_killed_outright_is_named_not_the_peer_that_saw_it_go(tmp_path, monkeypatch, capsys):
+    """A rank ended by SIGKILL (the out-of-memory killer) writes nothing; the rank
+    that saw it go wrote FAILED.json with its gloo error. Status and logs used to
+    show only that error: they now name the killed rank and show its log."""
+    paths = _sweep(tmp_path, monkeypatch, "shards=2", "fail_on_purpose=kill-rank-1", status=1)
+    assert "failed: rank 1 was killed" in capsys.readouterr().err  # --wait says so at once
+    (cell,) = read_plan(paths)
+    failed = json.loads(paths.failed_marker(cell.cell_id).read_text())
+    assert failed["rank"] == 0 and "another rank probably ended first" in failed["error"]
+    capsys.readouterr()
+    assert main(["status", str(paths.root)]) == 0
+    out = capsys.readouterr().out
+    assert "rank 1 was killed (log stops without an error: out of memory, or the node?)" in out
+    assert "Rank 0 saw: " in out
+    assert main(["logs", str(paths.root), cell.cell_id]) == 0
+    captured = capsys.readouterr()
+    assert "rank 1's log stops without an error or an end: it was killed" in captured.err
+    assert f"_1_log.out <==" in captured.out  # rank 1's own log, not rank 0's
+
+
+@pytest.mark.slow
 def test_capped_cell_applies_and_restores_on_the_simulated_card(tmp_path, monkeypatch):
     paths = _sweep(tmp_path, monkeypatch, "power_cap_w=150")
     (cell,) = read_plan(paths)

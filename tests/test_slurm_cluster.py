@@ -159,6 +159,17 @@ def test_raising_worker_fails_alone(slurm_cluster, tmp_path):
     assert "raised on purpose" in next(c.reason for c in st.cells if c.cell_id == bad.cell_id)
 
 
+def test_a_rank_killed_on_the_second_node_is_named(slurm_cluster, tmp_path):
+    """Rank 1 of a two-node cell dies by SIGKILL (as the out-of-memory killer ends
+    it): status names it, not rank 0's broken collective alone."""
+    paths, (cell,) = plan_only(tmp_path / "kill", "shards=2", "fail_on_purpose=kill-rank-1")
+    launch(paths, [cell])
+    st = wait_for(paths, lambda st: st.all_ended, 150, "the cell")
+    assert states(st) == {cell.cell_id: "failed"}
+    assert read_json(paths.failed_marker(cell.cell_id))["rank"] == 0
+    assert next(c.reason for c in st.cells).startswith("rank 1 was killed (log stops without an error")
+
+
 def test_timed_out_cell_is_requeued_and_finishes(slurm_cluster, tmp_path):
     # time limit 1 min, USR2 30 s before it: the first attempt (sleeping 120 s) is
     # checkpointed and requeued by submitit; the requeued attempt does not sleep.

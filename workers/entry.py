@@ -285,11 +285,19 @@ def _gather_hosts(hostname: str) -> list[str]:
 
 def _maybe_fail_on_purpose(mode: str | None, rank: int) -> None:
     """Failure injection for tests of the failure paths: "raise" on every rank,
-    "raise-rank-N" on rank N only (cells with fewer ranks run normally)."""
+    "raise-rank-N" on rank N only (cells with fewer ranks run normally),
+    "kill-rank-N": rank N dies by SIGKILL, as the out-of-memory killer ends a
+    process (no traceback, no marker, no restore)."""
     if not mode:
         return
-    if mode != "raise" and not mode.startswith("raise-rank-"):
-        raise ValueError(f"fail_on_purpose={mode!r} is not valid; valid: raise, raise-rank-N")
+    if mode != "raise" and not mode.startswith(("raise-rank-", "kill-rank-")):
+        raise ValueError(f"fail_on_purpose={mode!r} is not valid; valid: raise, raise-rank-N, kill-rank-N")
+    if mode == f"kill-rank-{rank}":
+        import os
+        import signal
+
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
     if mode in ("raise", f"raise-rank-{rank}"):
         raise RuntimeError(f"worker raised on purpose (fail_on_purpose={mode})")
 

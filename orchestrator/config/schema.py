@@ -105,7 +105,9 @@ class SweepConf:
     energy_hz: float = 1.0
     warmup_batches: int = 1
     cuda_graph: bool = True
-    fail_on_purpose: Optional[str] = None  # "raise": the worker raises after loading (to test failure paths)
+    # to test failure paths: "raise" (every rank raises after loading), "raise-rank-N",
+    # "kill-rank-N" (rank N dies by SIGKILL, as the out-of-memory killer ends a process)
+    fail_on_purpose: Optional[str] = None
     sleep_s: float = 0.0  # extra decode-time sleep per batch (to catch a cell while it runs)
 
     # Sub-grids of a preset (+experiment=...): each maps a key to a sweep value

@@ -55,8 +55,10 @@ def validate_cell_config(cfg: Mapping[str, Any], cwd: Path) -> None:
     _validate_paths(cfg, cwd)
     validate_launcher(cfg["launcher"])
     mode = cfg.get("fail_on_purpose")
-    if mode is not None and mode != "raise" and not (mode.startswith("raise-rank-") and mode[11:].isdigit()):
-        raise ConfigError(f"fail_on_purpose={mode}: unknown; valid: raise, raise-rank-N (N a rank), or null")
+    if mode is not None and mode != "raise" and not any(mode.startswith(prefix) and mode[len(prefix):].isdigit()
+                                                        for prefix in ("raise-rank-", "kill-rank-")):
+        raise ConfigError(f"fail_on_purpose={mode}: unknown; valid: raise, raise-rank-N, kill-rank-N "
+                          "(N a rank), or null")
 
 
 def validate_launcher(launcher: Mapping[str, Any]) -> None:

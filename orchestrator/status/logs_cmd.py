@@ -74,10 +74,17 @@ def _rank(paths: SweepPaths, cell_id: str, given: int | None) -> int:
     shards = next((c.params.shards for c in read_plan(paths) if c.cell_id == cell_id), None)
     if given is None:
         try:
-            failed_rank = read_json(paths.failed_marker(cell_id)).get("rank")
+            failed = read_json(paths.failed_marker(cell_id))
+            failed_rank = failed.get("rank")
         except (OSError, ValueError, AttributeError):
-            failed_rank = None
+            failed, failed_rank = {}, None
         given = failed_rank if isinstance(failed_rank, int) and not isinstance(failed_rank, bool) else 0
+        killed = ranks_killed(paths, cell_id, shards or 0) if PEER_GONE_HINT in str(failed.get("error", "")) else []
+        if killed:  # FAILED.json's rank only saw the collective break; show the rank that died
+            given = killed[0]
+            print(f"wattsweep logs: rank {given}'s log stops without an error or an end: it was killed "
+                  f"(SIGKILL: out of memory, or the node); FAILED.json is rank {failed_rank}'s, "
+                  f"which saw it go", file=sys.stderr)
     if shards is not None and not 0 <= given < shards:
         raise ValueError(f"cell {cell_id} has {shards} rank(s): --rank 0..{shards - 1}")
     return given
@@ -135,6 +142,34 @@ def _mtime(p: Path) -> float:
         return p.stat().st_mtime
     except OSError:
         return 0.0
+
+
+# What the worker adds to FAILED.json when its rank saw a collective break
+# (workers/entry.py); the rank that ended first is then usually the cause.
+PEER_GONE_HINT = "another rank probably ended first"
+# Lines a task's logs hold once it ended by itself: submitit's success line, its
+# line for an exception, or a Python traceback. A log with none of them stops
+# where its process was killed.
+_ENDED = ("Job completed successfully", "Submitted job triggered an exception", "Traceback (most recent call last)")
+
+
+def ranks_killed(paths: SweepPaths, cell_id: str, shards: int) -> list[int]:
+    """Ranks of the cell's latest job whose logs exist but never say how the
+    task ended: killed outright (SIGKILL, the out-of-memory killer, a node lost)."""
+    killed = []
+    for rank in range(shards):
+        logs, _ = cell_logs(paths, cell_id, rank)
+        if logs and not any(_mentions(p, _ENDED) for p in logs):
+            killed.append(rank)
+    return killed
+
+
+def _mentions(path: Path, needles: tuple[str, ...]) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return any(any(n in line for n in needles) for line in f)
+    except OSError:
+        return True  # unreadable: make no claim about it
 
 
 def _tail(path: Path, n: int) -> list[str]:

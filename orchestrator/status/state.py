@@ -165,7 +165,7 @@ def _cell_state(
     if by_cancel and not (queue_error and rec is not None and rec.launcher == "slurm"):
         return _replace(base, state="cancelled", reason=by_cancel)
     if paths.failed_marker(cid).is_file():
-        reason = failed_reason(paths, cid)
+        reason = failed_reason(paths, cid, cell.params.shards)
         if _hit_time_limit(reason):
             return _replace(base, state="timeout", reason=f"{reason} (more time: `wattsweep resubmit "
                                                            f"{paths.root} --launcher time_min=N`)")
@@ -275,12 +275,22 @@ def _local_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
     return local_queue_states(paths)
 
 
-def failed_reason(paths: SweepPaths, cid: str) -> str:
-    """FAILED.json's error line (what status shows for a failed cell)."""
+def failed_reason(paths: SweepPaths, cid: str, shards: int | None = None) -> str:
+    """FAILED.json's error line (what status shows for a failed cell). When the
+    rank that wrote it only saw another rank go, and ``shards`` is given, the
+    ranks whose logs stop without an end (killed) are named first."""
     try:
-        return str(read_json(paths.failed_marker(cid)).get("error") or "FAILED.json without an error")
-    except (OSError, ValueError) as e:
+        failed = read_json(paths.failed_marker(cid))
+        error = str(failed.get("error") or "FAILED.json without an error")
+    except (OSError, ValueError, AttributeError) as e:
         return f"FAILED.json unreadable ({e})"
+    from orchestrator.status.logs_cmd import PEER_GONE_HINT, ranks_killed
+
+    if shards and PEER_GONE_HINT in error and (killed := ranks_killed(paths, cid, shards)):
+        who = f"rank {killed[0]} was" if len(killed) == 1 else f"ranks {', '.join(map(str, killed))} were"
+        return (f"{who} killed (log stops without an error: out of memory, or the node?); "
+                f"`wattsweep logs {paths.root} {cid}` shows it. Rank {failed.get('rank', '?')} saw: {error}")
+    return error
 
 
 def _done_hosts(paths: SweepPaths, cid: str) -> str | None:

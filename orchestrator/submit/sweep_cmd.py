@@ -240,7 +240,10 @@ def _why_lost(sweep_dir: Any, cell_id: str, invalid: dict[str, str]) -> str:
         return f"invalid: {invalid[cell_id]}"
     if not paths.failed_marker(cell_id).is_file():
         return "no DONE.json or FAILED.json"
-    return "failed: " + failed_reason(paths, cell_id).splitlines()[0][:300]
+    from orchestrator.plan.planned import read_plan
+
+    shards = next((c.params.shards for c in read_plan(paths) if c.cell_id == cell_id), None)
+    return "failed: " + failed_reason(paths, cell_id, shards).splitlines()[0][:300]
 
 
 def format_cells(cells: list[Any], jobs: dict[str, str], refused: set[str] | frozenset[str] = frozenset()) -> str:
