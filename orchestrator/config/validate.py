@@ -122,7 +122,7 @@ def _validate_dataset(dataset: Mapping[str, Any], cwd: Path, data_root: str) -> 
 _FORMATS = {"alpaca": "JSON list of {instruction, input, output}", "gsm8k": "JSON lines of {question, answer}"}
 # Where each dataset's default file lies under data_root (hydra_conf/dataset/*.yaml).
 _LAYOUT = "alpaca/alpaca_data_1k.json and gsm8k/train.jsonl"
-HEAD_BYTES = 8192  # read of a dataset file at plan time: its first record, never the whole (GBs) file
+HEAD_BYTES = 65536  # read of a dataset file at plan time: its first record (Alpaca records run to a few KiB), never the whole (GBs) file
 
 
 def under_root(path: str, data_root: str) -> bool:
