@@ -66,24 +66,60 @@ def test_a_waiting_rank_reads_the_address_once_rank_0_writes_it(tmp_path):
     t.join()
 
 
+def _attempt_failed(paths, attempt):
+    """What run_cell gives the wait: this attempt's FAILED.json of cell c1."""
+    from types import SimpleNamespace
+
+    from workers.entry import _failed_this_attempt
+
+    task = SimpleNamespace(cell_id="c1", attempt=attempt)
+    return lambda: _failed_this_attempt(paths, task)
+
+
 def test_a_waiting_rank_stops_when_rank_0_fails_first(tmp_path):
-    published, failed = tmp_path / "rendezvous-5.0.a0.json", tmp_path / "FAILED.json"
-    t = _write_later(failed, {"error": "boom"}, 0.2)
+    from orchestrator.contracts import SweepPaths
+
+    paths = SweepPaths.of(tmp_path)
+    published = tmp_path / "rendezvous-5.0.a0.json"
+    paths.cell_dir("c1").mkdir(parents=True)
+    t = _write_later(paths.failed_marker("c1"), {"error": "boom", "rank": 0, "attempt": 0}, 0.2)
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="rank 0 failed before it published its address .FAILED.json"):
-        wdist.wait_for_address(published, timeout_s=30, abort_if=failed, poll_s=0.05)
+    with pytest.raises(RuntimeError, match=r"rank 0 failed before it published its address \(rank 0: boom\)"):
+        wdist.wait_for_address(published, timeout_s=30, abort_if=_attempt_failed(paths, 0), poll_s=0.05)
     assert time.monotonic() - t0 < 5
     t.join()
 
 
-def test_an_earlier_attempts_failed_marker_does_not_stop_the_wait(tmp_path):
-    published, failed = tmp_path / "rendezvous-5.0.a1.json", tmp_path / "FAILED.json"
-    failed.write_text("{}")
+def test_a_failed_marker_written_long_before_the_wait_still_stops_it(tmp_path):
+    """The wait used to heed only a FAILED.json written after it began: a rank that
+    started late waited out its timeout beside rank 0's marker."""
+    from orchestrator.contracts import SweepPaths
+
+    paths = SweepPaths.of(tmp_path)
+    paths.cell_dir("c1").mkdir(parents=True)
+    paths.failed_marker("c1").write_text(json.dumps({"error": "boom", "rank": 0, "attempt": 2}))
     old = time.time() - 3600
-    os.utime(failed, (old, old))
+    os.utime(paths.failed_marker("c1"), (old, old))
+    with pytest.raises(RuntimeError, match="rank 0 failed before it published"):
+        wdist.wait_for_address(tmp_path / "rendezvous-5.0.a2.json", timeout_s=10, abort_if=_attempt_failed(paths, 2))
+
+
+def test_an_earlier_attempts_failed_marker_does_not_stop_the_wait(tmp_path):
+    from orchestrator.contracts import SweepPaths
+
+    paths = SweepPaths.of(tmp_path)
+    paths.cell_dir("c1").mkdir(parents=True)
+    paths.failed_marker("c1").write_text(json.dumps({"error": "old", "rank": 1, "attempt": 0}))
+    published = tmp_path / "rendezvous-5.0.a1.json"
     t = _write_later(published, {"addr": "n1", "port": 5}, 0.3)
-    assert wdist.wait_for_address(published, timeout_s=10, abort_if=failed, poll_s=0.05) == ("n1", 5)
+    assert wdist.wait_for_address(published, timeout_s=10, abort_if=_attempt_failed(paths, 1), poll_s=0.05) == ("n1", 5)
     t.join()
+
+
+def test_failed_json_names_the_rank_that_failed_to_join(monkeypatch):
+    """A rank that failed while joining was recorded as rank 0."""
+    monkeypatch.setattr(wdist, "_from_submitit", lambda: wdist._Rendezvous(1, 2, 1, 2, "127.0.0.1", 1, "submitit"))
+    assert wdist.own_rank() == 1
 
 
 def test_the_wait_times_out_naming_the_file_and_rank_0s_logs(tmp_path):

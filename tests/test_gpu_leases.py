@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from orchestrator.submit.gpu_leases import GpuLeases, held
+from orchestrator.submit.gpu_leases import GpuLeases, LeaseError, held
 
 
 @pytest.fixture()
@@ -110,3 +110,44 @@ def test_runners_claiming_at_once_get_different_gpus(tmp_path):
         p.join(timeout=60)
     claimed = [g[0] for g in got if g is not None]
     assert sorted(claimed) == [0, 1, 2, 3] and got.count(None) == 1
+
+
+def test_a_lease_file_of_bytes_that_are_not_text_reads_free(leases):
+    leases.folder.mkdir(parents=True)
+    (leases.folder / "gpu-0.json").write_bytes(b"\xff\xfe\x00garbage")
+    assert leases.claim([0], 1, sweep="/s", cell_id="c") == [0]
+
+
+def test_a_link_planted_in_the_shared_folder_is_never_followed(leases, tmp_path):
+    """Another user who made the folder could plant gpu-0.json -> ~victim/.bashrc:
+    the victim's runner truncated that file and opened it to everyone."""
+    leases.folder.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    victim.chmod(0o600)
+    (leases.folder / "gpu-0.json").symlink_to(victim)
+    with pytest.raises(LeaseError, match="gpu-0.json .a symbolic link.; remove it"):
+        leases.claim([0], 1, sweep="/s", cell_id="c")
+    os.link(victim, leases.folder / "gpu-1.json")  # a second name of the same file
+    with pytest.raises(LeaseError, match="gpu-1.json is not a plain file of its own"):
+        leases.claim([1], 1, sweep="/s", cell_id="c")
+    assert victim.read_text() == "keep me" and stat.S_IMODE(victim.stat().st_mode) == 0o600
+
+
+def test_a_pipe_or_a_folder_in_place_of_a_lease_file_is_refused_without_blocking(leases):
+    leases.folder.mkdir(parents=True)
+    os.mkfifo(leases.folder / "gpu-0.json")
+    (leases.folder / "gpu-1.json").mkdir()
+    for g in (0, 1):
+        with pytest.raises(LeaseError, match=f"gpu-{g}.json"):
+            leases.claim([g], 1, sweep="/s", cell_id="c")
+
+
+def test_a_lease_folder_that_is_a_link_or_a_file_is_refused(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(LeaseError, match="is not a folder"):
+        GpuLeases(tmp_path / "link").claim([0], 1, sweep="/s", cell_id="c")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LeaseError, match="cannot make the GPU lease folder"):
+        GpuLeases(tmp_path / "file" / "leases").claim([0], 1, sweep="/s", cell_id="c")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,6 +129,10 @@ def test_rerun_moves_attempt_aside(tmp_path, monkeypatch, by_value):
     assert [r.attempt for r in read_submissions(paths)] == [0, 1]
 
 
+def first_sweep(runs, entry):
+    return next(str(paths.root.resolve()) for paths, e, _ in runs.values() if e is entry)
+
+
 def _two_sweeps(tmp_path, monkeypatch, gpus):
     """Sweep a and sweep b, one 2-second cell each, submitted at once."""
     monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", gpus)
@@ -152,7 +158,7 @@ def test_two_sweeps_on_one_gpu_take_turns(tmp_path, monkeypatch, by_value):
     assert second["started_unix_s"] >= first["ended_unix_s"] - 0.3
     waiting = runs["b"] if second is b else runs["a"]
     log = Path(waiting[1]["queue"]).with_suffix(".log").read_text()
-    assert "waits for 1 free GPU(s) of [0]; held: GPU 0:" in log
+    assert "waits for 1 free GPU(s); held: GPU 0: " in log and f"of {first_sweep(runs, first)}" in log
     for paths, _, cid in runs.values():
         assert json.loads((paths.cell_dir(cid) / "standin-rank-0.json").read_text())["visible"] == "0"
 
@@ -192,3 +198,72 @@ def test_status_names_the_job_a_local_cells_logs_carry(tmp_path, monkeypatch, by
     assert cell.job_id == records[0].job_ids[0] and cell.log_job and cell.log_job != cell.job_id
     assert (paths.launch_dir(cell.cell_id) / f"{cell.log_job}_0_log.out").is_file()
     assert f"{cell.log_job} ({cell.job_id})" in format_table(sweep_status(paths, validate=False))
+
+
+def test_what_would_stop_the_runner_is_refused_at_submission(tmp_path, monkeypatch):
+    """A cell wider than the GPU list, and a lease folder that cannot be used,
+    were accepted, then failed in the runner (or killed it, silently)."""
+    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "0")
+    monkeypatch.setenv("WATTSWEEP_LEASE_DIR", str(tmp_path / "leases"))
+    paths, cells = _plan(tmp_path, monkeypatch, "shards=2")
+    with pytest.raises(LaunchError, match=r"need more GPUs than the local launcher has: 1 \(WATTSWEEP_LOCAL_GPUS\)"):
+        LocalLauncher({"max_parallel": 1}).submit(paths, cells)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("WATTSWEEP_LEASE_DIR", str(tmp_path / "afile" / "leases"))
+    paths, cells = _plan(tmp_path, monkeypatch, "shards=1")
+    with pytest.raises(LaunchError, match="cannot make the GPU lease folder .*WATTSWEEP_LEASE_DIR"):
+        LocalLauncher({"max_parallel": 1}).submit(paths, cells)
+    for bad in ("0,0", " , ", "0,,1"):
+        monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", bad)
+        with pytest.raises(LaunchError, match="WATTSWEEP_LOCAL_GPUS"):
+            LocalLauncher({"max_parallel": 1}).submit(paths, cells)
+
+
+def test_status_says_what_a_waiting_local_cell_waits_for(tmp_path, monkeypatch):
+    from orchestrator.plan.planned import write_plan
+    from orchestrator.status.state import sweep_status
+    from orchestrator.submit.local import _Runner
+
+    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "0")
+    monkeypatch.setenv("WATTSWEEP_LEASE_DIR", str(tmp_path / "leases"))
+    paths, cells = _plan(tmp_path, monkeypatch, "shards=1")
+    write_plan(paths, cells)
+    launcher = LocalLauncher({"max_parallel": 1})
+    monkeypatch.setattr(launcher, "_start_runner", lambda q: type("P", (), {"pid": os.getpid()})())
+    (rec,) = launcher.submit(paths, cells)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # another sweep's runner
+    try:
+        leases = GpuLeases(tmp_path / "leases")  # the folder the runner uses
+        with leases._locked():
+            leases._write(0, {"runner_pid": other.pid, "controller_pid": None, "cell_id": "x1",
+                              "sweep": "/s/other", "user": "bob"})
+        runner = _Runner(Path(rec.extra["queue"]))
+        assert runner._claim(runner.q["cells"][0]) is None
+        (cell,) = sweep_status(paths, validate=False).cells
+        assert cell.state == "pending"
+        assert cell.reason == "waits for 1 free GPU(s); held: GPU 0: bob's cell x1 of /s/other"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_runner_that_cannot_go_on_fails_its_cells_where_status_looks(tmp_path, monkeypatch):
+    """The runner died with a traceback in its own log and the cells read `missing`."""
+    from orchestrator.plan.planned import write_plan
+    from orchestrator.status.state import sweep_status
+    from orchestrator.submit.gpu_leases import LeaseError
+    from orchestrator.submit.local import _Runner
+
+    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "0")
+    monkeypatch.setenv("WATTSWEEP_LEASE_DIR", str(tmp_path / "leases"))
+    paths, cells = _plan(tmp_path, monkeypatch, "shards=1")
+    write_plan(paths, cells)
+    launcher = LocalLauncher({"max_parallel": 1})
+    monkeypatch.setattr(launcher, "_start_runner", lambda q: type("P", (), {"pid": os.getpid()})())
+    (rec,) = launcher.submit(paths, cells)
+    (tmp_path / "leases" / "gpu-0.json").unlink()
+    (tmp_path / "leases" / "gpu-0.json").mkdir()  # broken after submission
+    with pytest.raises(LeaseError):
+        _Runner(Path(rec.extra["queue"])).run()
+    (cell,) = sweep_status(paths, validate=False).cells
+    assert cell.state == "failed" and cell.reason.startswith("the local runner stopped: LeaseError: ")

@@ -26,6 +26,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,15 @@ def _rendezvous() -> _Rendezvous:
     return rv
 
 
+def own_rank() -> int:
+    """This process's rank before joining (0 when nothing says): what FAILED.json
+    names when the join itself fails."""
+    try:
+        return (_from_submitit() or _from_env() or _Rendezvous(0, 1, 0, 1, "", 0, "single")).rank
+    except (ValueError, KeyError):
+        return 0
+
+
 def _device_for(local_rank: int, local_world: int) -> str:
     if not torch.cuda.is_available():
         return "cpu"
@@ -109,13 +119,14 @@ def _device_for(local_rank: int, local_world: int) -> str:
 
 
 def init_distributed(expected_world_size: int, *, timeout_s: float = 600.0,
-                     rendezvous: Path | None = None, abort_if: Path | None = None) -> DistInfo:
+                     rendezvous: Path | None = None, abort_if: Callable[[], str | None] | None = None) -> DistInfo:
     """Join the process group and make a model-parallel group of all ranks.
 
     ``rendezvous``: the file where rank 0 of a multi-rank submitit job publishes
     its store's address (in a folder every node sees; name it with ``job_key``).
-    Without it such a job uses the job-seeded port. ``abort_if``: a file whose appearance while waiting for rank 0
-    means rank 0 failed (the cell's FAILED.json), so the wait ends at once."""
+    Without it such a job uses the job-seeded port. ``abort_if``: called while a
+    rank waits for rank 0's address; a text (why: rank 0 failed first, so this
+    attempt's FAILED.json exists) ends the wait at once."""
     rv = _rendezvous()
     if rv.world_size != expected_world_size:
         raise RuntimeError(f"this job has {rv.world_size} ranks (from {rv.source}) but the cell needs "
@@ -162,7 +173,7 @@ def job_key() -> str:
 
 
 def _published_store(rv: _Rendezvous, published: Path, timeout_s: float,
-                     abort_if: Path | None) -> dist.TCPStore:
+                     abort_if: Callable[[], str | None] | None) -> dist.TCPStore:
     """Rank 0: a store on a port the system picks, its address written to
     ``published``. Others: wait for that file, then connect."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -198,11 +209,11 @@ def remove_when_joined(store: dist.Store, published: Path, world_size: int, time
     published.unlink(missing_ok=True)
 
 
-def wait_for_address(published: Path, timeout_s: float, abort_if: Path | None = None,
+def wait_for_address(published: Path, timeout_s: float, abort_if: Callable[[], str | None] | None = None,
                      poll_s: float = 0.2) -> tuple[str, int]:
     """(addr, port) from rank 0's rendezvous file, once it is there. Gives up when
-    ``abort_if`` appears after the wait began (rank 0 failed first) or after
-    ``timeout_s``, naming the file it waited for."""
+    ``abort_if`` says why (rank 0 failed first) or after ``timeout_s``, naming the
+    file it waited for."""
     started = time.time()
     while True:
         try:
@@ -210,22 +221,15 @@ def wait_for_address(published: Path, timeout_s: float, abort_if: Path | None = 
             return str(record["addr"]), int(record["port"])
         except FileNotFoundError:
             pass
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
             raise RuntimeError(f"rank 0's rendezvous file {published} is not readable ({e}); "
                                "resubmit the cell") from None
-        if abort_if is not None and _written_since(abort_if, started):
-            raise RuntimeError(f"rank 0 failed before it published its address ({abort_if.name} names the cause)")
+        if abort_if is not None and (why := abort_if()):
+            raise RuntimeError(f"rank 0 failed before it published its address ({why})")
         if time.time() - started > timeout_s:
             raise RuntimeError(f"rank 0 did not publish its address in {published} within {timeout_s:.0f} s; "
-                               "read rank 0's log (`wattsweep logs SWEEP_DIR CELL --rank 0`)")
+                               "its log says why (`wattsweep logs SWEEP_DIR CELL --rank 0`)")
         time.sleep(poll_s)
-
-
-def _written_since(path: Path, t: float) -> bool:
-    try:
-        return path.stat().st_mtime >= t - 1.0
-    except OSError:
-        return False
 
 
 def barrier() -> None:

@@ -43,13 +43,13 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     from workers.gpu.caps import stop_on_term
 
     paths = SweepPaths.of(task.sweep_dir)
-    rank = 0
+    rank = dist.own_rank()  # FAILED.json names this rank even when joining fails
     try:
         stop_on_term()  # a cancel during start-up ends the worker, not ignored
         info = dist.init_distributed(
             task.params.shards,
             rendezvous=paths.launch_dir(task.cell_id) / f"rendezvous-{dist.job_key()}.a{task.attempt}.json",
-            abort_if=paths.failed_marker(task.cell_id),
+            abort_if=lambda: _failed_this_attempt(paths, task),
         )
         rank = info.rank
         _limit_cpu_threads(info)
@@ -68,6 +68,20 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         raise
     finally:
         dist.shutdown()
+
+
+def _failed_this_attempt(paths: SweepPaths, task: CellTask) -> str | None:
+    """Why this attempt already failed, from a FAILED.json that another rank of
+    it wrote (an earlier attempt's marker names another attempt)."""
+    from orchestrator.contracts import read_json
+
+    try:
+        failed = read_json(paths.failed_marker(task.cell_id))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(failed, dict) or failed.get("attempt") != task.attempt:
+        return None
+    return f"rank {failed.get('rank', '?')}: {str(failed.get('error', ''))[:200]}"
 
 
 def _error_text(exc: BaseException) -> str:

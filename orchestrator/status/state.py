@@ -177,7 +177,11 @@ def _cell_state(
         if st in ("pending", "running"):
             orphan = (f"its runner died; the cell's processes still run (controller pid {local[cid].get('job_id')}): "
                       f"`wattsweep cancel {paths.root} --cells {cid}` stops them") if local[cid].get("orphan") else None
-            return _replace(base, state=st, reason=orphan)
+            waiting = local[cid].get("waiting_for") if st == "pending" else None
+            return _replace(base, state=st, reason=orphan or waiting)
+        if st == "lost":
+            return _replace(base, state="missing", reason=f"its local runner ended before the cell did (killed?); "
+                                                          f"`wattsweep resubmit {paths.root}` runs it again")
     if queue_error and rec.launcher == "slurm":
         return _replace(base, state="unknown", reason=f"no marker, and Slurm could not be asked: {queue_error}")
     if ended_as is not None and ended_as.state in _SACCT_FAILED:

@@ -15,11 +15,17 @@ running, and their GPUs stay leased) or, before the controller exists, while the
 runner does. A lease whose holders have ended is free: nothing has to clean up
 after a crash. Files are rewritten, never replaced, so another user's lease file
 in the sticky folder can still be taken over once its holders have ended.
+
+The folder is shared, so nothing in it is trusted: a lease file is opened without
+following a symbolic link, without blocking, and used only when it is a regular
+file with one name (a link planted there would otherwise have this user's runner
+truncate, and open to all, a file elsewhere). Anything else is refused by name.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import stat
 import getpass
 import json
 import os
@@ -33,6 +39,11 @@ DEFAULT_DIR = Path("/tmp/wattsweep-gpu-leases")
 
 def lease_dir() -> Path:
     return Path(os.environ.get("WATTSWEEP_LEASE_DIR") or DEFAULT_DIR)
+
+
+class LeaseError(RuntimeError):
+    """The lease folder or one of its files cannot be used; the message says
+    which and what to do."""
 
 
 def pid_alive(pid: Any) -> bool:
@@ -81,6 +92,12 @@ def held(record: dict[str, Any]) -> bool:
 class GpuLeases:
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else lease_dir()
+
+    def check(self, gpus: list[int]) -> None:
+        """Raise LeaseError now (at submission) for what would stop a runner later."""
+        with self._locked():
+            for g in gpus:
+                os.close(_open_shared(self._path(g)))
 
     # -- the three things a runner does --------------------------------------
     def claim(self, gpus: list[int], n: int, *, sweep: str, cell_id: str) -> list[int] | None:
@@ -133,13 +150,14 @@ class GpuLeases:
         return self.folder / f"gpu-{int(gpu)}.json"
 
     def _read(self, gpu: int) -> dict[str, Any] | None:
+        fd = _open_shared(self._path(gpu))
         try:
-            text = self._path(gpu).read_text()
-        except FileNotFoundError:
-            return None
+            data = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
         try:
-            record = json.loads(text) if text.strip() else None
-        except ValueError:
+            record = json.loads(data) if data.strip() else None
+        except ValueError:  # UnicodeDecodeError included
             return None  # a torn write of a runner killed mid-write: its holder is gone
         return record if isinstance(record, dict) else None
 
@@ -163,25 +181,42 @@ def _user() -> str:
         return str(os.getuid())
 
 
+_FIX = "set WATTSWEEP_LEASE_DIR to a folder every local user of wattsweep can write"
+
+
 def _shared_folder(folder: Path) -> None:
-    """The folder, made sticky and writable by all when this process creates it."""
+    """The folder, made sticky and writable by all when this process creates it.
+    One made by another user must be a real folder with the sticky bit (so no
+    user can remove another's files)."""
     try:
         folder.mkdir(parents=True)
     except FileExistsError:
+        pass
+    except OSError as e:
+        raise LeaseError(f"cannot make the GPU lease folder {folder} ({e.strerror}); {_FIX}") from None
+    else:
+        os.chmod(folder, 0o1777)
         return
-    os.chmod(folder, 0o1777)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        raise LeaseError(f"the GPU lease folder {folder} is not a folder (a link or a file); {_FIX}")
+    if st.st_uid not in (0, os.getuid()) and not st.st_mode & stat.S_ISVTX:
+        raise LeaseError(f"the GPU lease folder {folder} belongs to another user and is not sticky; {_FIX}")
 
 
 def _open_shared(path: Path) -> int:
-    """Open (creating) a file every local user may rewrite."""
+    """Open (creating) a lease file every local user may rewrite: never through a
+    link, never a FIFO or device, never a file with a second name elsewhere."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError as e:
-        raise PermissionError(errno.EACCES, f"cannot write the GPU lease file {path}; set WATTSWEEP_LEASE_DIR "
-                              "to a folder every local user of wattsweep can write", str(path)) from None
-    try:
-        if os.fstat(fd).st_uid == os.getuid():
-            os.fchmod(fd, 0o666)  # whatever the umask: another user's runner rewrites it later
-    except OSError:
-        pass
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise LeaseError(f"cannot use the GPU lease file {path} ({why}); remove it, or {_FIX}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise LeaseError(f"the GPU lease file {path} is not a plain file of its own (a device, a pipe or a "
+                         f"hard link); remove it, or {_FIX}")
+    if st.st_uid == os.getuid():
+        os.fchmod(fd, 0o666)  # whatever the umask: another user's runner rewrites it later
     return fd

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from orchestrator.contracts import SweepPaths, atomic_write_json, read_json, write_failed
 from orchestrator.plan.planned import PlannedCell
-from orchestrator.submit.gpu_leases import GpuLeases, controller_alive
+from orchestrator.submit.gpu_leases import GpuLeases, LeaseError, controller_alive
 from orchestrator.submit.gpu_leases import pid_alive as _pid_alive
 from orchestrator.submit.base import (
     LaunchError,
@@ -67,10 +67,7 @@ class LocalLauncher:
             return []
         if not todo:
             return []
-        try:
-            local_gpus()  # a bad WATTSWEEP_LOCAL_GPUS is said here, not in the runner's log
-        except ValueError as e:
-            raise LaunchError(str(e)) from None
+        _check_gpus(todo)  # said here, not later in the runner's log
         entries = [self._stage(paths, c) for c in todo]
         qdir = queue_dir(paths)
         qdir.mkdir(parents=True, exist_ok=True)
@@ -229,19 +226,42 @@ def _gpu_count() -> int:
         return 0
 
 
+def _check_gpus(cells: list[PlannedCell]) -> None:
+    """What would stop the runner, refused at submission: a bad GPU list, a
+    cell wider than it, a lease folder that cannot be used."""
+    try:
+        gpus = local_gpus()
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    if not gpus:
+        return  # no GPU: cells run on the CPU, nothing to lease
+    wide = [c.cell_id for c in cells if c.params.shards > len(gpus)]
+    if wide:
+        limit = " (WATTSWEEP_LOCAL_GPUS)" if os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip() else ""
+        raise LaunchError(f"cell(s) {', '.join(wide)} need more GPUs than the local launcher has: "
+                          f"{len(gpus)}{limit}; use launcher=slurm or fewer shards")
+    try:
+        GpuLeases().check(gpus)
+    except LeaseError as e:
+        raise LaunchError(str(e)) from None
+
+
 def local_gpus() -> list[int]:
     """The GPUs the local launcher may use: ``WATTSWEEP_LOCAL_GPUS`` (indices,
     comma-separated) when set, else every GPU of the machine."""
     text = os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip()
     if not text:
         return list(range(_gpu_count()))
+    parts = [x.strip() for x in text.split(",")]
     try:
-        gpus = sorted({int(x) for x in text.split(",") if x.strip()})
+        gpus = [int(x) for x in parts]
     except ValueError:
         raise ValueError(f"WATTSWEEP_LOCAL_GPUS={text!r}; expected GPU indices such as 0,1") from None
     if any(g < 0 for g in gpus):
         raise ValueError(f"WATTSWEEP_LOCAL_GPUS={text!r}; GPU indices start at 0")
-    return gpus
+    if len(set(gpus)) != len(gpus):
+        raise ValueError(f"WATTSWEEP_LOCAL_GPUS={text!r} names a GPU twice")
+    return sorted(gpus)
 
 
 class _Runner:
@@ -252,7 +272,7 @@ class _Runner:
         self.gpus = local_gpus()
         self.leases = GpuLeases()
         self.running: list[tuple[dict[str, Any], Any, list[int]]] = []
-        self._told_held: tuple[int, ...] = ()
+        self._told_held: tuple[Any, ...] = ()
         self._cancels_seen: tuple[int, int] | None = None  # (mtime_ns, size) of cancellations.jsonl
 
     def save(self) -> None:
@@ -261,6 +281,16 @@ class _Runner:
     def run(self) -> None:
         self.q["runner_pid"] = os.getpid()
         self.save()
+        try:
+            self._run()
+        except Exception as e:  # the runner cannot go on: say so where status looks
+            why = f"the local runner stopped: {type(e).__name__}: {e}"
+            for entry in self.q["cells"]:
+                if entry["state"] == "pending":
+                    self._fail(entry, why, traceback.format_exc())
+            raise
+
+    def _run(self) -> None:
         pending = [e for e in self.q["cells"] if e["state"] == "pending"]
         told = False
         while pending and (busy := earlier_still_running(self.queue_path)):
@@ -352,14 +382,16 @@ class _Runner:
         """Once per change of holders: which other cells keep this one waiting."""
         mine = {g for _, _, gs in self.running for g in gs}
         others = {g: r for g, r in self.leases.holders(self.gpus).items() if g not in mine}
-        key = tuple(sorted(others))
+        key = tuple((g, r.get("cell_id"), r.get("sweep")) for g, r in sorted(others.items()))
         if not others or key == self._told_held:
             return
         self._told_held = key
         held_by = "; ".join(f"GPU {g}: {r.get('user')}'s cell {r.get('cell_id')} of {r.get('sweep')}"
                             for g, r in sorted(others.items()))
-        print(f"cell {entry['cell_id']} waits for {entry['shards']} free GPU(s) of {self.gpus}; held: {held_by}",
-              flush=True)
+        entry["waiting_for"] = f"waits for {entry['shards']} free GPU(s); held: {held_by}"
+        self.save()  # status shows it
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} cell {entry['cell_id']} of {self.paths.root} "
+              f"{entry['waiting_for']}", flush=True)
 
     def _start(self, entry: dict[str, Any], gpus: list[int]) -> None:
         import cloudpickle
@@ -386,6 +418,7 @@ class _Runner:
             return
         if gpus:
             self.leases.bind(gpus, int(job.job_id))
+        entry.pop("waiting_for", None)
         entry.update(state="running", job_id=job.job_id, started_unix_s=time.time())
         self.save()
         self.running.append((entry, job, gpus))
