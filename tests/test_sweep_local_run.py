@@ -267,3 +267,44 @@ def test_a_runner_that_cannot_go_on_fails_its_cells_where_status_looks(tmp_path,
         _Runner(Path(rec.extra["queue"])).run()
     (cell,) = sweep_status(paths, validate=False).cells
     assert cell.state == "failed" and cell.reason.startswith("the local runner stopped: LeaseError: ")
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyDeathTask(StandInTask):
+    """Rank 1 dies before the ranks join (as a process the out-of-memory killer
+    ends); rank 0 waits to join, as a real worker does, until it is stopped."""
+
+    def __call__(self):
+        import os
+        import signal
+
+        if os.environ.get("SUBMITIT_LOCAL_GLOBALID") == "1":
+            os._exit(137)
+        signal.signal(signal.SIGTERM, lambda *a: os._exit(143))  # the worker's stop_on_term
+        while True:  # as rank 1 of a real cell waits for rank 0's address (dist.wait_for_address)
+            time.sleep(0.1)
+
+
+class EarlyDeathLauncher(LocalLauncher):
+    def _stage(self, paths, cell):
+        entry = super()._stage(paths, cell)
+        task = make_task(paths, cell, entry["attempt"])
+        with open(entry["task"], "wb") as f:
+            cloudpickle.dump(EarlyDeathTask(**{f.name: getattr(task, f.name) for f in dataclasses.fields(task)}), f)
+        return entry
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_before_the_join_stops_the_others(tmp_path, monkeypatch, by_value):
+    """The other rank waited for it until the rendezvous timed out (600 s)."""
+    from orchestrator.contracts import read_json
+
+    monkeypatch.setenv("WATTSWEEP_GANG_GRACE_S", "2")
+    paths, cells = _plan(tmp_path, monkeypatch, "shards=2")
+    launcher = EarlyDeathLauncher({"max_parallel": 1, "timeout_min": 5})
+    t0 = time.monotonic()
+    launcher.wait(paths, launcher.submit(paths, cells))
+    assert time.monotonic() - t0 < 25  # the grace, not the rendezvous timeout nor the kill wait
+    failed = read_json(paths.failed_marker(cells[0].cell_id))
+    assert failed["rank"] == 1 and failed["error"].startswith("rank 1 ended (killed? its log says how far it got)")
+    assert "stopped them after 2 s" in failed["error"]

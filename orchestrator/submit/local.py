@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 from orchestrator.contracts import SweepPaths, atomic_write_json, read_json, write_failed
 from orchestrator.plan.planned import PlannedCell
+from orchestrator.submit.gang import GangWatch
 from orchestrator.submit.gpu_leases import GpuLeases, LeaseError, controller_alive
 from orchestrator.submit.gpu_leases import pid_alive as _pid_alive
 from orchestrator.submit.base import (
@@ -273,6 +274,7 @@ class _Runner:
         self.leases = GpuLeases()
         self.running: list[tuple[dict[str, Any], Any, list[int]]] = []
         self._told_held: tuple[Any, ...] = ()
+        self._gangs: dict[str, GangWatch] = {}
         self._cancels_seen: tuple[int, int] | None = None  # (mtime_ns, size) of cancellations.jsonl
 
     def save(self) -> None:
@@ -302,6 +304,7 @@ class _Runner:
         while pending or self.running:
             self._apply_cancels(pending)
             self._escalate()
+            self._watch_gangs()
             while pending and len(self.running) < self.q["max_parallel"]:
                 gpus = self._claim(pending[0])
                 if gpus is None:
@@ -331,6 +334,30 @@ class _Runner:
                 entry["killed"] = True
                 self.save()
                 job.cancel(check=False)
+
+    def _watch_gangs(self) -> None:
+        """A rank that ended while its cell's other ranks run on (killed before
+        they joined, say): after the gang's grace, FAILED.json names it, unless a
+        rank wrote one, and the others are stopped as a cancel stops them."""
+        for entry, job, _ in self.running:
+            if entry["shards"] < 2 or entry.get("cancel_sent_unix_s") is not None:
+                continue
+            watch = self._gangs.setdefault(entry["cell_id"], GangWatch(int(job.job_id), entry["shards"]))
+            gone = watch.look()
+            if gone is None:
+                continue
+            ranks = ", ".join(map(str, gone))
+            if not self.paths.failed_marker(entry["cell_id"]).exists():
+                write_failed(self.paths, entry["cell_id"],
+                             f"rank {ranks} ended (killed? its log says how far it got) while the other ranks "
+                             f"ran on; the local runner stopped them after {watch.grace_s:.0f} s",
+                             "", {"launcher": "local", "job_id": entry["job_id"], "rank": gone[0],
+                                  "attempt": entry.get("attempt")})
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} cell {entry['cell_id']}: rank {ranks} ended while the "
+                  "others ran on; stopping them", flush=True)
+            entry.update(gang_stopped=True, cancel_sent_unix_s=time.time())  # _escalate kills after KILL_WAIT_S
+            self.save()
+            stop_controller(job.job_id)
 
     def _newly_cancelled(self) -> list[dict[str, Any]]:
         """Entries of this queue that `wattsweep cancel` listed since the last
