@@ -117,3 +117,22 @@ def test_status_state_with_no_matching_cell_says_so(sweep, capsys):
     assert main(["status", str(paths.root), "--state", "done,invalid", "--no-validate"]) == 0
     out = capsys.readouterr().out
     assert "no cell is done or invalid" in out and "2 cells:" in out and "parameters" not in out
+
+
+def test_a_rank_slurm_stopped_because_another_died_points_at_the_dead_one(sweep, capsys):
+    """With srun --kill-on-bad-exit, the survivor is stopped by SIGTERM: its
+    FAILED.json says so and its log has no end either. The killed rank is the
+    one whose log stops and who wrote no marker; the marker's rank is not."""
+    from orchestrator.status.state import failed_reason
+
+    paths, ids = sweep
+    write_log(paths, ids[0], "77_0", 0, "wattsweep worker: measuring\n")
+    write_log(paths, ids[0], "77_0", 1, "wattsweep worker: measuring\n")
+    write_failed(paths, ids[0], "SignalExit: stopped by SIGTERM; power caps were restored to their previous values",
+                 "", {"rank": 0})
+    assert failed_reason(paths, ids[0], 2).startswith("rank 1 was killed (log stops without an error")
+    assert main(["logs", str(paths.root), ids[0]]) == 0
+    captured = capsys.readouterr()
+    assert "rank 1's log stops without an error" in captured.err and "77_0_1_log.out" in captured.out
+    write_log(paths, ids[0], "77_0", 1, "Traceback (most recent call last):\nMemoryError\n")  # it ended by itself
+    assert failed_reason(paths, ids[0], 2).startswith("SignalExit: stopped by SIGTERM")

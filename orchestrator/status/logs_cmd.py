@@ -79,7 +79,8 @@ def _rank(paths: SweepPaths, cell_id: str, given: int | None) -> int:
         except (OSError, ValueError, AttributeError):
             failed, failed_rank = {}, None
         given = failed_rank if isinstance(failed_rank, int) and not isinstance(failed_rank, bool) else 0
-        killed = ranks_killed(paths, cell_id, shards or 0) if PEER_GONE_HINT in str(failed.get("error", "")) else []
+        killed = (ranks_killed(paths, cell_id, shards or 0, failed_rank)
+                  if saw_another_rank_go(str(failed.get("error", ""))) else [])
         if killed:  # FAILED.json's rank only saw the collective break; show the rank that died
             given = killed[0]
             print(f"wattsweep logs: rank {given}'s log stops without an error or an end: it was killed "
@@ -147,17 +148,29 @@ def _mtime(p: Path) -> float:
 # What the worker adds to FAILED.json when its rank saw a collective break
 # (workers/entry.py); the rank that ended first is then usually the cause.
 PEER_GONE_HINT = "another rank probably ended first"
+# ... or how it reads when Slurm stopped it because another task of the step died
+# (srun --kill-on-bad-exit, which the Slurm launcher sets for cells of several ranks).
+STOPPED_BY_TERM = "SignalExit: stopped by SIGTERM"
+
+
+def saw_another_rank_go(error: str) -> bool:
+    """FAILED.json's rank did not fail by itself: it saw another rank go, or was
+    stopped because one did."""
+    return PEER_GONE_HINT in error or error.startswith(STOPPED_BY_TERM)
 # Lines a task's logs hold once it ended by itself: submitit's success line, its
 # line for an exception, or a Python traceback. A log with none of them stops
 # where its process was killed.
 _ENDED = ("Job completed successfully", "Submitted job triggered an exception", "Traceback (most recent call last)")
 
 
-def ranks_killed(paths: SweepPaths, cell_id: str, shards: int) -> list[int]:
+def ranks_killed(paths: SweepPaths, cell_id: str, shards: int, marker_rank: object = None) -> list[int]:
     """Ranks of the cell's latest job whose logs exist but never say how the
-    task ended: killed outright (SIGKILL, the out-of-memory killer, a node lost)."""
+    task ended: killed outright (SIGKILL, the out-of-memory killer, a node lost).
+    ``marker_rank`` wrote FAILED.json, so it was not."""
     killed = []
     for rank in range(shards):
+        if rank == marker_rank:
+            continue
         logs, _ = cell_logs(paths, cell_id, rank)
         if logs and not any(_mentions(p, _ENDED) for p in logs):
             killed.append(rank)

@@ -288,9 +288,9 @@ def failed_reason(paths: SweepPaths, cid: str, shards: int | None = None) -> str
         error = str(failed.get("error") or "FAILED.json without an error")
     except (OSError, ValueError, AttributeError) as e:
         return f"FAILED.json unreadable ({e})"
-    from orchestrator.status.logs_cmd import PEER_GONE_HINT, ranks_killed
+    from orchestrator.status.logs_cmd import ranks_killed, saw_another_rank_go
 
-    if shards and PEER_GONE_HINT in error and (killed := ranks_killed(paths, cid, shards)):
+    if shards and saw_another_rank_go(error) and (killed := ranks_killed(paths, cid, shards, failed.get("rank"))):
         who = f"rank {killed[0]} was" if len(killed) == 1 else f"ranks {', '.join(map(str, killed))} were"
         return (f"{who} killed (log stops without an error: out of memory, or the node?); "
                 f"`wattsweep logs {paths.root} {cid}` shows it. Rank {failed.get('rank', '?')} saw: {error}")
