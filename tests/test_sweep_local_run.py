@@ -219,10 +219,9 @@ def test_what_would_stop_the_runner_is_refused_at_submission(tmp_path, monkeypat
             LocalLauncher({"max_parallel": 1}).submit(paths, cells)
 
 
-def test_status_says_what_a_waiting_local_cell_waits_for(tmp_path, monkeypatch):
+def _queued_on_gpu_0(tmp_path, monkeypatch):
+    """A one-cell sweep queued for GPU 0, its runner not started (the test runs it)."""
     from orchestrator.plan.planned import write_plan
-    from orchestrator.status.state import sweep_status
-    from orchestrator.submit.local import _Runner
 
     monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "0")
     monkeypatch.setenv("WATTSWEEP_LEASE_DIR", str(tmp_path / "leases"))
@@ -231,13 +230,21 @@ def test_status_says_what_a_waiting_local_cell_waits_for(tmp_path, monkeypatch):
     launcher = LocalLauncher({"max_parallel": 1})
     monkeypatch.setattr(launcher, "_start_runner", lambda q: type("P", (), {"pid": os.getpid()})())
     (rec,) = launcher.submit(paths, cells)
+    return paths, Path(rec.extra["queue"])
+
+
+def test_status_says_what_a_waiting_local_cell_waits_for(tmp_path, monkeypatch):
+    from orchestrator.status.state import sweep_status
+    from orchestrator.submit.local import _Runner
+
+    paths, queue = _queued_on_gpu_0(tmp_path, monkeypatch)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # another sweep's runner
     try:
         leases = GpuLeases(tmp_path / "leases")  # the folder the runner uses
         with leases._locked():
             leases._write(0, {"runner_pid": other.pid, "controller_pid": None, "cell_id": "x1",
                               "sweep": "/s/other", "user": "bob"})
-        runner = _Runner(Path(rec.extra["queue"]))
+        runner = _Runner(queue)
         assert runner._claim(runner.q["cells"][0]) is None
         (cell,) = sweep_status(paths, validate=False).cells
         assert cell.state == "pending"
@@ -249,22 +256,15 @@ def test_status_says_what_a_waiting_local_cell_waits_for(tmp_path, monkeypatch):
 
 def test_a_runner_that_cannot_go_on_fails_its_cells_where_status_looks(tmp_path, monkeypatch):
     """The runner died with a traceback in its own log and the cells read `missing`."""
-    from orchestrator.plan.planned import write_plan
     from orchestrator.status.state import sweep_status
     from orchestrator.submit.gpu_leases import LeaseError
     from orchestrator.submit.local import _Runner
 
-    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "0")
-    monkeypatch.setenv("WATTSWEEP_LEASE_DIR", str(tmp_path / "leases"))
-    paths, cells = _plan(tmp_path, monkeypatch, "shards=1")
-    write_plan(paths, cells)
-    launcher = LocalLauncher({"max_parallel": 1})
-    monkeypatch.setattr(launcher, "_start_runner", lambda q: type("P", (), {"pid": os.getpid()})())
-    (rec,) = launcher.submit(paths, cells)
+    paths, queue = _queued_on_gpu_0(tmp_path, monkeypatch)
     (tmp_path / "leases" / "gpu-0.json").unlink()
     (tmp_path / "leases" / "gpu-0.json").mkdir()  # broken after submission
     with pytest.raises(LeaseError):
-        _Runner(Path(rec.extra["queue"])).run()
+        _Runner(queue).run()
     (cell,) = sweep_status(paths, validate=False).cells
     assert cell.state == "failed" and cell.reason.startswith("the local runner stopped: LeaseError: ")
 
