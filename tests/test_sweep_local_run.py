@@ -51,11 +51,13 @@ class StandInTask(CellTask):
 
 
 class StandInLauncher(LocalLauncher):
+    task_class = StandInTask
+
     def _stage(self, paths, cell):
         entry = super()._stage(paths, cell)
         task = make_task(paths, cell, entry["attempt"])
         with open(entry["task"], "wb") as f:
-            cloudpickle.dump(StandInTask(**{f.name: getattr(task, f.name) for f in dataclasses.fields(task)}), f)
+            cloudpickle.dump(self.task_class(**{f.name: getattr(task, f.name) for f in dataclasses.fields(task)}), f)
         return entry
 
 
@@ -285,13 +287,8 @@ class EarlyDeathTask(StandInTask):
             time.sleep(0.1)
 
 
-class EarlyDeathLauncher(LocalLauncher):
-    def _stage(self, paths, cell):
-        entry = super()._stage(paths, cell)
-        task = make_task(paths, cell, entry["attempt"])
-        with open(entry["task"], "wb") as f:
-            cloudpickle.dump(EarlyDeathTask(**{f.name: getattr(task, f.name) for f in dataclasses.fields(task)}), f)
-        return entry
+class EarlyDeathLauncher(StandInLauncher):
+    task_class = EarlyDeathTask
 
 
 @pytest.mark.slow
