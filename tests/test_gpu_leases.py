@@ -151,3 +151,21 @@ def test_a_lease_folder_that_is_a_link_or_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(LeaseError, match="cannot make the GPU lease folder"):
         GpuLeases(tmp_path / "file" / "leases").claim([0], 1, sweep="/s", cell_id="c")
+
+
+def test_the_local_launcher_keeps_to_the_gpus_an_allocation_shows(monkeypatch):
+    """Inside `salloc` with CUDA_VISIBLE_DEVICES=2,3 the launcher handed out GPU 0."""
+    from orchestrator.submit import local
+
+    monkeypatch.delenv("WATTSWEEP_LOCAL_GPUS", raising=False)
+    monkeypatch.setattr(local, "_gpu_count", lambda: 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,2")
+    assert local.local_gpus() == [2, 3]
+    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "5")  # said explicitly: that wins
+    assert local.local_gpus() == [5]
+    monkeypatch.delenv("WATTSWEEP_LOCAL_GPUS")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234abcd")  # by UUID: not indices, all GPUs
+    assert local.local_gpus() == list(range(8))
+    monkeypatch.setattr(local, "_gpu_count", lambda: 0)  # a CPU machine with the variable set
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert local.local_gpus() == []

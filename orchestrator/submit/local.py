@@ -249,10 +249,16 @@ def _check_gpus(cells: list[PlannedCell]) -> None:
 
 def local_gpus() -> list[int]:
     """The GPUs the local launcher may use: ``WATTSWEEP_LOCAL_GPUS`` (indices,
-    comma-separated) when set, else every GPU of the machine."""
+    comma-separated) when set; else, on a machine with GPUs, those an inherited
+    ``CUDA_VISIBLE_DEVICES`` lists by index (an interactive allocation, `salloc`,
+    shows only its own: the launcher must not hand out the others); else every GPU."""
     text = os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip()
     if not text:
-        return list(range(_gpu_count()))
+        count = _gpu_count()
+        inherited = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+        if count and inherited and all(x.isdigit() for x in inherited):
+            return sorted({int(x) for x in inherited})
+        return list(range(count))
     parts = [x.strip() for x in text.split(",")]
     try:
         gpus = [int(x) for x in parts]
