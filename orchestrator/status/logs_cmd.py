@@ -148,8 +148,8 @@ def _mtime(p: Path) -> float:
 # What the worker adds to FAILED.json when its rank saw a collective break
 # (workers/entry.py); the rank that ended first is then usually the cause.
 PEER_GONE_HINT = "another rank probably ended first"
-# ... or how it reads when Slurm stopped it because another task of the step died
-# (srun --kill-on-bad-exit, which the Slurm launcher sets for cells of several ranks).
+# ... or how it reads when it was stopped because another task of the step died
+# (a site's KillOnBadExit, the local runner's gang stop).
 STOPPED_BY_TERM = "SignalExit: stopped by SIGTERM"
 
 

@@ -138,11 +138,6 @@ def sbatch_parameters(res: SlurmResources, job_name: str) -> dict[str, Any]:
         "account": res.account, "qos": res.qos, "constraint": res.constraint, "exclude": res.exclude,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
-    if res.nodes * res.tasks_per_node > 1:
-        # The ranks of a cell live and die together: when one dies (the out-of-memory
-        # killer, a lost node), Slurm stops the others (SIGTERM: their caps are
-        # restored) instead of leaving them in a collective until the timeout.
-        params["srun_args"] = ["--kill-on-bad-exit=1"]
     if res.mem_gb is not None:
         params["mem"] = f"{res.mem_gb}GB"
     extra = parse_sbatch_extra(res.sbatch_extra)
