@@ -14,14 +14,10 @@ MODELS=${2:-llama-7b,llama-13b}
 shift $(( $# >= 2 ? 2 : 1 ))
 DATA=${DATA:-.devdata}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -c "import pyarrow" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .wheels-pa/*.whl
-python3 -c "import fairscale, submitit, hydra" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .wheels/*.whl
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/gpu_host_env.sh"
 export WATTSWEEP_STATE_DIR=$OUT/capstate
 NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=index,name,power.limit,power.min_limit,power.max_limit,driver_version --format=csv | tee "$OUT/cards.csv"
-ws() { python3 -m orchestrator.cli "$@"; }
 common=(dataset=alpaca dataset.path="$DATA/alpaca_data_1k.json" tokenizer="$DATA/llama2-tokenizer.model"
         weights=random dtype=bfloat16 gpu=nvml gpu.observe=true gpu.profile=h100
         launcher.max_parallel="$NGPU")

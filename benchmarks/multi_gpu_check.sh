@@ -11,14 +11,10 @@ set -uo pipefail
 OUT=${1:?usage: multi_gpu_check.sh OUT_DIR}
 DATA=${DATA:-.devdata}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -c "import pyarrow" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .wheels-pa/*.whl
-python3 -c "import fairscale, submitit, hydra" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .wheels/*.whl
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/gpu_host_env.sh"
 export WATTSWEEP_STATE_DIR=$OUT/capstate WATTSWEEP_LEASE_DIR=$OUT/leases
 NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=index,name,power.limit --format=csv | tee "$OUT/cards.csv"
-ws() { python3 -m orchestrator.cli "$@"; }
 common=(dataset=alpaca dataset.path="$DATA/alpaca_data_1k.json" tokenizer="$DATA/llama2-tokenizer.model"
         weights=random dtype=bfloat16 gpu=nvml gpu.observe=true gpu.profile=h100 launcher.max_parallel="$NGPU")
 fails() { for f in "$1"/cells/*/FAILED.json; do [[ -f $f ]] && { echo "== $f"; tail -c 2000 "$f"; }; done; }
