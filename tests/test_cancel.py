@@ -232,6 +232,39 @@ def test_local_cancel_stops_the_running_cell_restores_its_cap_and_never_starts_t
     assert json.loads(cancellations_path(paths).read_text())["jobs"].keys() == set(ids)
 
 
+@pytest.mark.slow
+def test_cancel_reaches_a_rank_blocked_in_a_collective(tmp_path):
+    """Rank 1 hangs (ignores SIGTERM); rank 0 blocks in its next gloo collective,
+    where Python cannot run its handler. On cancel, rank 0's stop watcher puts
+    its cap back and writes FAILED.json within the grace; rank 1 is killed after
+    the kill wait and its cap is repaired from its save file."""
+    import os
+
+    state_dir = tmp_path / "gpus"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "-m", "sweep_dir=out", "shards=2", "n_prompts=2",
+           "max_new_tokens=2", "max_prompt_tokens=8", "dtype=float32", "gpu=simulated", "power_cap_w=150",
+           "fail_on_purpose=hang-rank-1", f"gpu.state_dir={state_dir}"]
+    env = {**os.environ, "WATTSWEEP_STUCK_GRACE_S": "2"}
+    started = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert started.returncode == 0, started.stderr
+    paths = SweepPaths.of(tmp_path / "out")
+    (cid,) = [c.cell_id for c in read_plan(paths)]
+    _wait(lambda: "hangs on purpose" in "".join(p.read_text(errors="replace") for p in paths.root.rglob("*.err")),
+          90, "rank 1 to hang")
+    time.sleep(1.0)  # rank 0 into its collective
+    assert main(["cancel", str(paths.root)]) == 0
+    failed = _wait(lambda: paths.failed_marker(cid).exists() and read_json(paths.failed_marker(cid)), 15,
+                   "rank 0's FAILED.json (the grace, not the kill wait)")
+    assert failed["rank"] == 0 and failed["stopped_blocked"] is True
+    assert failed["error"].startswith("stopped by SIGTERM while blocked for 2 s in ")
+    assert "power caps were restored" in failed["error"] and "Main thread, blocked:" in failed["traceback"]
+    restored = [r["index"] for r in map(json.loads, paths.caps_ledger(cid).read_text().splitlines())
+                if r["action"] == "restore" and r["result"] == "ok"]
+    assert restored == [0]  # rank 0's card is back; rank 1 still hangs with its cap
+    _wait(lambda: _states(paths)[cid][0] == "cancelled" and not _capped(state_dir), 60, "rank 1 killed and repaired")
+    assert main(["audit", "--ledger", str(paths.root)]) == 0
+
+
 def _capped(state_dir) -> bool:
     """Any simulated card below its default limit."""
     for f in state_dir.glob("nodes/*/simulated-*gpus.json"):

@@ -4,11 +4,14 @@ run without sudo; NVML on a real card, read and observe only)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,11 +219,12 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def hold_cap(rig: Rig) -> subprocess.Popen:
+def hold_cap(rig: Rig, holder: str = HOLDER, **popen: Any) -> subprocess.Popen:
     script = rig.tmp / "holder.py"
-    script.write_text(HOLDER)
+    script.write_text(holder)
     proc = subprocess.Popen([sys.executable, str(script), json.dumps(rig.options().to_dict()), str(rig.cell_ledger),
-                             str(rig.tmp / "chained")], stdout=subprocess.PIPE, text=True)
+                             str(rig.tmp / "chained")], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            **popen)
     assert proc.stdout.readline().strip() == "capped"
     assert rig.sim().get_power_limit_w(0) == 150
     return proc
@@ -233,6 +237,41 @@ def test_sigterm_restores_before_exiting(wrig):
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert wrig.sim().get_power_limit_w(0) == 300 and wrig.save_files() == []
     assert actions(wrig.cell_ledger) == [("apply", "ok"), ("restore", "ok")]
+
+
+# Blocked in C (glibc's system() waits through EINTR): Python's handler cannot run until it returns.
+BLOCKED_HOLDER = HOLDER.replace("time.sleep(60)", 'import ctypes; ctypes.CDLL(None).system(b"sleep 120")')
+
+
+@pytest.mark.slow
+def test_sigterm_restores_while_the_main_thread_is_blocked_in_c(wrig, monkeypatch):
+    """A rank blocked in a collective waiting on a hung rank never runs its
+    handler; the stop watcher restores the cap from its own thread."""
+    monkeypatch.setenv("WATTSWEEP_STUCK_GRACE_S", "1")
+    proc = hold_cap(wrig, BLOCKED_HOLDER, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)  # into the blocking call
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM  # without the watcher: 120 s
+        assert time.monotonic() - t0 < 15
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned `sleep`, which holds the stderr pipe open
+    assert wrig.sim().get_power_limit_w(0) == 300 and wrig.save_files() == []
+    assert actions(wrig.cell_ledger) == [("apply", "ok"), ("restore", "ok")]
+    assert "not taken by the main thread within 1 s" in proc.stderr.read()
+
+
+@pytest.mark.slow
+def test_a_signal_the_main_thread_takes_leaves_the_watcher_out(wrig, monkeypatch):
+    """The normal path: the handler restores; the watcher, given a short grace,
+    does not act too (one restore in the ledger, the handler's exit status)."""
+    monkeypatch.setenv("WATTSWEEP_STUCK_GRACE_S", "0.2")
+    proc = hold_cap(wrig, stderr=subprocess.PIPE)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert actions(wrig.cell_ledger) == [("apply", "ok"), ("restore", "ok")]
+    assert "watcher" not in proc.stderr.read()
 
 
 @pytest.mark.slow

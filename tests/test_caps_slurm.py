@@ -162,6 +162,32 @@ def test_scancel_sigterm_is_restored_by_the_worker(cards, tmp_path):
     assert audit(paths) == 0
 
 
+def test_scancel_reaches_a_rank_blocked_in_a_collective(cards, tmp_path, monkeypatch):
+    """Rank 1 hangs (ignores SIGTERM); rank 0 blocks in a gloo collective, where
+    its SIGTERM handler cannot run. Rank 0's stop watcher restores its card and
+    writes FAILED.json inside Slurm's KillWait; rank 1's card is repaired by the epilog."""
+    monkeypatch.setenv("WATTSWEEP_STUCK_GRACE_S", "1")  # under the test cluster's KillWait=5
+    paths = sweep(cards, tmp_path / "blocked", "shards=2", f"power_cap_w={CAP_W:g}", "fail_on_purpose=hang-rank-1")
+    cid = only_cell(paths)
+    wait_until(lambda: len([r for r in read_records(paths.caps_ledger(cid)) if r["action"] == "apply"]) == 2
+               if paths.caps_ledger(cid).exists() else False, 90, "both ranks to cap their GPUs")
+    wait_until(lambda: "hangs on purpose" in "".join(p.read_text(errors="replace")
+                                                      for p in paths.root.rglob("*.err")), 60, "rank 1 to hang")
+    time.sleep(2.0)  # rank 0 into its collective
+    job = next(c.job_id for c in sweep_status(paths).cells)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    wait_ended(paths)
+    failed = read_json(paths.failed_marker(cid))
+    assert failed["rank"] == 0 and failed["stopped_blocked"] is True, failed["error"]
+    assert "power caps were restored" in failed["error"]
+    by_node = {}
+    for node, action, result in actions(paths, cid):
+        by_node.setdefault(node, []).append((action, result))
+    assert sorted(by_node.values()) == [[("apply", "ok"), ("repair", "ok")], [("apply", "ok"), ("restore", "ok")]]
+    assert cards.limits() == {n: PREVIOUS_W for n in NODES} and cards.save_files() == []
+    assert audit(paths) == 0
+
+
 def test_sigkill_is_repaired_by_the_epilog(cards, tmp_path):
     paths = sweep(cards, tmp_path / "kill", f"power_cap_w={CAP_W:g}", LONG)
     cid = only_cell(paths)

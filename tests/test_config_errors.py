@@ -42,7 +42,7 @@ BAD = [
     (["launcher.timeout_min=-3"], "launcher.timeout_min=-3.0: must be > 0 minutes"),
     (["launcher=slurm", "launcher.time_min=0"], "launcher.time_min=0: must be a whole number >= 1"),
     (["launcher=slurm", "launcher.array_parallelism=0"], "launcher.array_parallelism=0: must be a whole number >= 1"),
-    (["fail_on_purpose=bogus"], "fail_on_purpose=bogus: unknown; valid: raise, raise-rank-N, kill-rank-N (N a rank), or null"),
+    (["fail_on_purpose=bogus"], "fail_on_purpose=bogus: unknown; valid: raise, raise-rank-N, kill-rank-N, hang-rank-N (N a rank), or null"),
 ]
 
 

@@ -42,10 +42,14 @@ def run_cell(task: CellTask) -> dict[str, Any]:
 
     from workers.gpu.caps import stop_on_term
 
+    from workers import stop
+
     paths = SweepPaths.of(task.sweep_dir)
     rank = dist.own_rank()  # FAILED.json names this rank even when joining fails
+    token = None
     try:
         stop_on_term()  # a cancel during start-up ends the worker, not ignored
+        token = stop.push_action(lambda signum, notes: _failed_when_stuck(paths, task, rank, signum, notes))
         info = dist.init_distributed(
             task.params.shards,
             rendezvous=paths.launch_dir(task.cell_id) / f"rendezvous-{dist.job_key()}.a{task.attempt}.json",
@@ -68,6 +72,40 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         raise
     finally:
         dist.shutdown()
+        stop.pop_action(token)
+
+
+def _failed_when_stuck(paths: SweepPaths, task: CellTask, rank: int, signum: int, notes: list) -> None:
+    """FAILED.json from the stop watcher (workers/stop.py): the rank took a stop
+    signal while its main thread was blocked; its traceback shows where."""
+    import signal
+
+    from workers import stop
+
+    if _failed_this_attempt(paths, task) or _done_this_attempt(paths, task):
+        return  # another rank failed first (its marker names the cause), or the cell is done
+    blocked = stop.main_thread_stack()
+    error = (f"stopped by {signal.Signals(signum).name} while blocked for {stop.grace_s():g} s"
+             f"{' in ' + _blocked_in(blocked) if blocked else ''} (waiting on another rank?)")
+    write_failed(paths, task.cell_id, error="; ".join([error, *notes]),
+                 traceback_text="Main thread, blocked:\n" + blocked,
+                 extra={"rank": rank, "attempt": task.attempt, "stopped_blocked": True})
+
+
+def _done_this_attempt(paths: SweepPaths, task: CellTask) -> bool:
+    from orchestrator.contracts import read_json
+
+    try:
+        done = read_json(paths.done_marker(task.cell_id))
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, dict) and done.get("attempt") == task.attempt
+
+
+def _blocked_in(stack: str) -> str:
+    """The innermost frame's function, from a formatted stack ("barrier", "all_reduce")."""
+    lines = [ln for ln in stack.splitlines() if ln.strip().startswith("File ")]
+    return lines[-1].rsplit(" in ", 1)[-1].strip() if lines else "?"
 
 
 def _failed_this_attempt(paths: SweepPaths, task: CellTask) -> str | None:
@@ -301,11 +339,20 @@ def _maybe_fail_on_purpose(mode: str | None, rank: int) -> None:
     """Failure injection for tests of the failure paths: "raise" on every rank,
     "raise-rank-N" on rank N only (cells with fewer ranks run normally),
     "kill-rank-N": rank N dies by SIGKILL, as the out-of-memory killer ends a
-    process (no traceback, no marker, no restore)."""
+    process (no traceback, no marker, no restore); "hang-rank-N": rank N stops
+    answering and ignores SIGTERM, as a rank hung in a driver call, so the
+    others block in their next collective."""
     if not mode:
         return
-    if mode != "raise" and not mode.startswith(("raise-rank-", "kill-rank-")):
-        raise ValueError(f"fail_on_purpose={mode!r} is not valid; valid: raise, raise-rank-N, kill-rank-N")
+    if mode != "raise" and not mode.startswith(("raise-rank-", "kill-rank-", "hang-rank-")):
+        raise ValueError(f"fail_on_purpose={mode!r} is not valid; valid: raise, raise-rank-N, kill-rank-N, hang-rank-N")
+    if mode == f"hang-rank-{rank}":
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        print(f"wattsweep worker: rank {rank} hangs on purpose (fail_on_purpose={mode})", file=sys.stderr, flush=True)
+        time.sleep(3600)
     if mode == f"kill-rank-{rank}":
         import os
         import signal

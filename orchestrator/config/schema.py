@@ -106,7 +106,8 @@ class SweepConf:
     warmup_batches: int = 1
     cuda_graph: bool = True
     # to test failure paths: "raise" (every rank raises after loading), "raise-rank-N",
-    # "kill-rank-N" (rank N dies by SIGKILL, as the out-of-memory killer ends a process)
+    # "kill-rank-N" (rank N dies by SIGKILL, as the out-of-memory killer ends a process),
+    # "hang-rank-N" (rank N stops answering and ignores SIGTERM, as a rank hung in a driver call)
     fail_on_purpose: Optional[str] = None
     sleep_s: float = 0.0  # extra decode-time sleep per batch (to catch a cell while it runs)
 

@@ -56,8 +56,8 @@ def validate_cell_config(cfg: Mapping[str, Any], cwd: Path) -> None:
     validate_launcher(cfg["launcher"])
     mode = cfg.get("fail_on_purpose")
     if mode is not None and mode != "raise" and not any(mode.startswith(prefix) and mode[len(prefix):].isdigit()
-                                                        for prefix in ("raise-rank-", "kill-rank-")):
-        raise ConfigError(f"fail_on_purpose={mode}: unknown; valid: raise, raise-rank-N, kill-rank-N "
+                                                        for prefix in ("raise-rank-", "kill-rank-", "hang-rank-")):
+        raise ConfigError(f"fail_on_purpose={mode}: unknown; valid: raise, raise-rank-N, kill-rank-N, hang-rank-N "
                           "(N a rank), or null")
 
 

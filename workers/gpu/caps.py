@@ -9,8 +9,11 @@ restore, raise CapMismatchError. (The apply record follows the set so that
 it carries the enforced value; a process killed in between leaves its save
 file, whose repair record names the job and cell.) On exit (normal end, exception, SIGTERM, submitit's
 SIGUSR2): set the saved previous value back (never the default or the
-maximum) → ledger ``restore`` → remove the save file. A SIGKILL leaves the
-save file behind for the epilog (``wattsweep caps restore --all``).
+maximum) → ledger ``restore`` → remove the save file. A main thread blocked
+in C++ (a collective waiting on a hung rank) cannot run the handler: the
+stop watcher (workers/stop.py) restores from its own thread after a grace
+period. A SIGKILL leaves the save file behind for the epilog (``wattsweep
+caps restore --all``).
 
 ``requested_w=None`` leaves the card alone (no ledger change records); the
 current limit is still recorded for the results. Observe mode reads the
@@ -23,12 +26,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
 
 from orchestrator.contracts import RunOptions
+from workers import stop
 from workers.gpu.base import CapMismatchError, GpuBackend, GpuError, GpuInfo, run_or_queue
 from workers.gpu.errors import range_error
 from workers.gpu.ledger import LedgerWriter, make_record, site_ledger_path
@@ -46,8 +51,10 @@ def stop_on_term() -> None:
     handler while it holds caps, and gives it back after."""
     if threading.current_thread() is not threading.main_thread():
         return
+    stop.watch()  # a stop that the main thread, blocked in C++, cannot take (workers/stop.py)
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        stop.handled()
         raise SignalExit(signum, caps_held=False)
 
     handler.outside_caps = True  # type: ignore[attr-defined]  # a cap session does not chain to it
@@ -158,6 +165,7 @@ class CapSession:
         self._old_handlers: dict[int, Any] = {}
         self._restoring = False  # a restore is under way (a signal then waits for it)
         self._deferred: int | None = None  # a signal that arrived during it
+        self._stop_token: int | None = None  # this session's action in the stop watcher
         if hasattr(backend, "set_context"):  # capctl: the helper's records name the cell, job and ledgers
             backend.set_context(cell_id=cell_id, slurm=self.slurm, ledgers=tuple(map(str, self.ledger.paths)))
 
@@ -275,21 +283,13 @@ class CapSession:
         """Restore every GPU this session touched; idempotent, tries every GPU
         before raising (errors also go to stderr and the ledger; the save
         files stay for the epilog). Returns how many could not be restored."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        errors = []
+        errors: list[str] = []
         # A TERM/USR2 arriving now is noted by the handler and acted on after
         # the loop: acted on at once, it would end the process between the
         # restore's steps and leave the card capped with no ledger record.
         self._restoring = True
         try:
-            for info in pending:
-                try:
-                    self._restore_one(info)
-                except GpuError as exc:
-                    errors.append(str(exc))
-                    print(f"wattsweep: cap NOT restored on GPU {info.index}: {exc}; the epilog or "
-                          f"`wattsweep caps restore --all` will repair it", file=sys.stderr)
+            errors = self._restore_pending()
         finally:
             self._restoring = False
             deferred, self._deferred = self._deferred, None
@@ -298,6 +298,36 @@ class CapSession:
         if errors and raise_errors:
             raise GpuError(f"power limit not restored on {len(errors)} GPU(s): {errors[0]}")
         return len(errors)
+
+    def _restore_pending(self) -> list[str]:
+        """Restore what is still capped (each GPU once, whichever thread gets
+        here first); the errors, also on stderr and in the ledger."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        errors = []
+        for info in pending:
+            try:
+                self._restore_one(info)
+            except GpuError as exc:
+                errors.append(str(exc))
+                print(f"wattsweep: cap NOT restored on GPU {info.index}: {exc}; the epilog or "
+                      f"`wattsweep caps restore --all` will repair it", file=sys.stderr)
+        return errors
+
+    def _restore_when_stuck(self, signum: int, notes: list) -> None:
+        """The watcher thread's restore (workers/stop.py): the main thread is
+        blocked and will not run the signal handler. A restore the main thread
+        began (it got out of a long call just now) is left to finish first:
+        the process ends when this returns."""
+        deadline = time.monotonic() + 30.0
+        while self._restoring and time.monotonic() < deadline:
+            time.sleep(0.05)
+        errors = self._restore_pending()
+        if errors:
+            notes.append(f"power cap NOT restored on {len(errors)} GPU(s): the epilog or "
+                         f"`wattsweep caps restore --all` will repair from the save files")
+        else:
+            notes.append("power caps were restored to their previous values (by the watcher thread)")
 
     def _restore_one(self, info: GpuInfo) -> None:
         tol = self.options.cap_tolerance_w
@@ -326,8 +356,12 @@ class CapSession:
                 continue
             self._old_handlers[sig] = old
             signal.signal(sig, self._on_signal)
+        stop.watch()
+        self._stop_token = stop.push_action(self._restore_when_stuck)
 
     def _remove_handlers(self) -> None:
+        stop.pop_action(self._stop_token)
+        self._stop_token = None
         for sig, old in self._old_handlers.items():
             try:
                 signal.signal(sig, old if old is not None else signal.SIG_DFL)
@@ -336,6 +370,7 @@ class CapSession:
         self._old_handlers = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        stop.handled()
         if run_or_queue(lambda: self._on_signal(signum, None)):
             return  # inside a backend's locked update: restore once it has let go
         if self._restoring:

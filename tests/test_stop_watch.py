@@ -1,0 +1,68 @@
+"""The stop watcher (workers/stop.py): acts only on the process's own signals,
+and only when the main thread does not take them."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+PRELUDE = textwrap.dedent("""
+    import os, signal, sys, time
+    os.environ["WATTSWEEP_STUCK_GRACE_S"] = "0.5"
+    from workers import stop
+    w = stop.watch()
+    assert w is not None
+    stop.push_action(lambda signum, notes: print("action", signum, flush=True))
+""")
+
+
+def run(body: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def test_a_forked_childs_signal_does_not_stop_the_parent():
+    """A data-loader worker forked from a rank inherits the wakeup fd; its own
+    SIGTERM must not read, in the parent, as a signal the main thread missed."""
+    got = run("""
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+            time.sleep(5)
+            os._exit(1)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        time.sleep(1.5)  # three graces
+        print("parent alive", flush=True)
+    """)
+    assert got.returncode == 0 and "parent alive" in got.stdout and "action" not in got.stdout, got.stderr
+
+
+def test_a_signal_the_main_thread_misses_runs_the_actions_and_exits():
+    got = run("""
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
+        import ctypes, threading
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        # Blocked in C (glibc's system() waits through EINTR): the handler cannot run until it returns.
+        ctypes.CDLL(None).system(b"sleep 5 </dev/null >/dev/null 2>&1")
+        print("not reached", flush=True)
+    """)
+    assert got.returncode == 128 + signal.SIGTERM
+    assert f"action {int(signal.SIGTERM)}" in got.stdout and "not reached" not in got.stdout
+    assert "not taken by the main thread within 0.5 s" in got.stderr
+
+
+def test_another_wakeup_fd_is_left_in_place():
+    """An event loop's wakeup fd is not displaced: no watcher then."""
+    got = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import signal, socket
+        a, b = socket.socketpair(); b.setblocking(False)
+        signal.set_wakeup_fd(b.fileno())
+        from workers import stop
+        assert stop.watch() is None
+        assert signal.set_wakeup_fd(-1) == b.fileno()
+        print("ok")
+    """)], capture_output=True, text=True, timeout=30)
+    assert got.stdout.strip() == "ok", got.stderr
