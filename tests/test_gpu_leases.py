@@ -158,14 +158,19 @@ def test_the_local_launcher_keeps_to_the_gpus_an_allocation_shows(monkeypatch):
     from orchestrator.submit import local
 
     monkeypatch.delenv("WATTSWEEP_LOCAL_GPUS", raising=False)
-    monkeypatch.setattr(local, "_gpu_count", lambda: 8)
+    uuids = [f"GPU-{i}{i}{i}{i}aaaa-0000-0000-0000-00000000000{i}" for i in range(8)]
+    monkeypatch.setattr(local, "_gpu_uuids", lambda: uuids)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,2")
     assert local.local_gpus() == [2, 3]
     monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "5")  # said explicitly: that wins
     assert local.local_gpus() == [5]
     monkeypatch.delenv("WATTSWEEP_LOCAL_GPUS")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234abcd")  # by UUID: not indices, all GPUs
-    assert local.local_gpus() == list(range(8))
-    monkeypatch.setattr(local, "_gpu_count", lambda: 0)  # a CPU machine with the variable set
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{uuids[6]},GPU-1111")  # by UUID, and by a unique prefix
+    assert local.local_gpus() == [1, 6]
+    for bad, why in (("MIG-5e3a-1", "a MIG instance"), ("GPU-9", "no GPU here"), ("GPU-", "several GPUs")):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bad)  # every GPU would be wrong: refused by name
+        with pytest.raises(ValueError, match=f"names '{bad}', {why}: .*WATTSWEEP_LOCAL_GPUS"):
+            local.local_gpus()
+    monkeypatch.setattr(local, "_gpu_uuids", lambda: [])  # a CPU machine with the variable set
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert local.local_gpus() == []

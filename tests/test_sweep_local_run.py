@@ -183,6 +183,19 @@ def test_a_bad_gpu_list_is_refused_at_submission(tmp_path, monkeypatch):
         LocalLauncher({"max_parallel": 1}).submit(paths, cells)
 
 
+def test_a_dry_run_refuses_what_the_submission_would(tmp_path, monkeypatch, capsys):
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "0,x")
+    assert main(["sweep", "-m", "sweep_dir=out", "--dry-run"]) == 2
+    assert "WATTSWEEP_LOCAL_GPUS='0,x'; expected GPU indices" in capsys.readouterr().err
+    monkeypatch.setenv("WATTSWEEP_LOCAL_GPUS", "0")
+    assert main(["sweep", "-m", "sweep_dir=out", "shards=2", "--dry-run"]) == 2
+    assert "need more GPUs than the local launcher has: 1 (WATTSWEEP_LOCAL_GPUS)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_status_names_the_job_a_local_cells_logs_carry(tmp_path, monkeypatch, by_value):
     """Status showed the runner's id (<runner pid>_<index>); the log files carry the

@@ -62,6 +62,7 @@ class LocalLauncher:
     def submit(self, paths: SweepPaths, cells: list[PlannedCell], *, dry_run: bool = False) -> list[SubmissionRecord]:
         todo = [c for c in cells if c.feasible]
         if dry_run:
+            _check_gpus(todo, leases=False)  # what the real submission would refuse, refused here too
             for c in todo:
                 print(f"would run cell {c.cell_id} here as {c.params.shards} local process(es)")
             print(f"{len(todo)} cell(s), {self.max_parallel} at a time, in a background runner")
@@ -213,23 +214,48 @@ def local_queue_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------
 
 
-def _gpu_count() -> int:
-    """NVIDIA GPUs on this machine (0 without a driver); never imports torch."""
+def _gpu_uuids() -> list[str]:
+    """The UUIDs of this machine's NVIDIA GPUs in index order ([] without a
+    driver); never imports torch."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return int(pynvml.nvmlDeviceGetCount())
+            out = []
+            for i in range(int(pynvml.nvmlDeviceGetCount())):
+                uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+                out.append(uuid.decode() if isinstance(uuid, bytes) else str(uuid))
+            return out
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no library, no driver, no card
-        return 0
+        return []
 
 
-def _check_gpus(cells: list[PlannedCell]) -> None:
+def _indices_of(devices: list[str], uuids: list[str]) -> list[int]:
+    """GPU indices for a CUDA_VISIBLE_DEVICES list: indices as they are, UUIDs
+    (or the unique prefixes CUDA accepts) through NVML. A MIG instance or a
+    name that matches no GPU, or more than one, cannot be leased as a whole
+    card: refused by name."""
+    out = set()
+    for name in devices:
+        if name.isdigit():
+            out.add(int(name))
+            continue
+        hits = [i for i, u in enumerate(uuids) if u == name or (name.startswith("GPU-") and u.startswith(name))]
+        if len(hits) != 1:
+            what = "a MIG instance" if name.startswith("MIG-") else ("no GPU here" if not hits else "several GPUs")
+            raise ValueError(f"CUDA_VISIBLE_DEVICES names {name!r}, {what}: the local launcher leases whole GPUs by "
+                             f"index; set WATTSWEEP_LOCAL_GPUS=0,1,... to the cards it may use, or use launcher=slurm")
+        out.add(hits[0])
+    return sorted(out)
+
+
+def _check_gpus(cells: list[PlannedCell], *, leases: bool = True) -> None:
     """What would stop the runner, refused at submission: a bad GPU list, a
-    cell wider than it, a lease folder that cannot be used."""
+    cell wider than it, a lease folder that cannot be used (``leases``: a dry
+    run checks the list and the widths only, and writes nothing)."""
     try:
         gpus = local_gpus()
     except ValueError as e:
@@ -241,6 +267,8 @@ def _check_gpus(cells: list[PlannedCell]) -> None:
         limit = " (WATTSWEEP_LOCAL_GPUS)" if os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip() else ""
         raise LaunchError(f"cell(s) {', '.join(wide)} need more GPUs than the local launcher has: "
                           f"{len(gpus)}{limit}; use launcher=slurm or fewer shards")
+    if not leases:
+        return
     try:
         GpuLeases().check(gpus)
     except LeaseError as e:
@@ -250,15 +278,16 @@ def _check_gpus(cells: list[PlannedCell]) -> None:
 def local_gpus() -> list[int]:
     """The GPUs the local launcher may use: ``WATTSWEEP_LOCAL_GPUS`` (indices,
     comma-separated) when set; else, on a machine with GPUs, those an inherited
-    ``CUDA_VISIBLE_DEVICES`` lists by index (an interactive allocation, `salloc`,
-    shows only its own: the launcher must not hand out the others); else every GPU."""
+    ``CUDA_VISIBLE_DEVICES`` lists, by index or UUID (an interactive allocation,
+    `salloc`, shows only its own: the launcher must not hand out the others);
+    else every GPU."""
     text = os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip()
     if not text:
-        count = _gpu_count()
+        uuids = _gpu_uuids()
         inherited = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
-        if count and inherited and all(x.isdigit() for x in inherited):
-            return sorted({int(x) for x in inherited})
-        return list(range(count))
+        if uuids and inherited:
+            return _indices_of(inherited, uuids)
+        return list(range(len(uuids)))
     parts = [x.strip() for x in text.split(",")]
     try:
         gpus = [int(x) for x in parts]

@@ -104,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
         if not feasible:  # the exit status the real run gives
             print("wattsweep sweep: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
             return 2
-        launcher.submit(paths, cells, dry_run=True)
+        try:
+            launcher.submit(paths, cells, dry_run=True)
+        except LaunchError as e:  # what the real submission would refuse (the local GPU list, say)
+            print(f"wattsweep sweep: {e}", file=sys.stderr)
+            return 2
         return 0
     if not feasible:  # before the lock, which creates the folder: nothing to launch, nothing to leave behind
         print(format_cells(cells, {}))
