@@ -322,8 +322,12 @@ class CapSession:
         deadline = time.monotonic() + 30.0
         while self._restoring and time.monotonic() < deadline:
             time.sleep(0.05)
+        with self._lock:
+            held = bool(self._pending)
         errors = self._restore_pending()
-        if errors:
+        if not held:
+            notes.append("no power cap was held by this rank (observe mode, or no cap asked)")
+        elif errors:
             notes.append(f"power cap NOT restored on {len(errors)} GPU(s): the epilog or "
                          f"`wattsweep caps restore --all` will repair from the save files")
         else:

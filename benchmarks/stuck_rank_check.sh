@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A rank blocked in an NCCL collective, stopped through the product: a two-rank cell
+# whose rank 1 hangs on purpose (ignores SIGTERM), so rank 0 waits in NCCL, where
+# Python cannot run its signal handler. `wattsweep cancel` must still end rank 0
+# within WATTSWEEP_STUCK_GRACE_S, with FAILED.json written by its stop watcher; the
+# hung rank is killed after the kill wait. Caps in observe mode (cards never changed).
+#
+#   bash benchmarks/stuck_rank_check.sh OUT_DIR
+#
+# Needs two GPUs, the wheels in .wheels/ (and .wheels-pa/ without pyarrow) and $DATA
+# (default .devdata) holding alpaca_data_1k.json and llama2-tokenizer.model.
+set -uo pipefail
+OUT=${1:?usage: stuck_rank_check.sh OUT_DIR}
+DATA=${DATA:-.devdata}
+mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_host_env.sh"
+export WATTSWEEP_STATE_DIR=$OUT/capstate WATTSWEEP_LEASE_DIR=$OUT/leases WATTSWEEP_STUCK_GRACE_S=5
+nvidia-smi --query-gpu=index,name,power.limit --format=csv
+S=$OUT/s
+ws sweep model=llama-tiny shards=2 batch_size=2 n_prompts=8 max_prompt_tokens=32 max_new_tokens=8 \
+   dataset=alpaca dataset.path="$DATA/alpaca_data_1k.json" tokenizer="$DATA/llama2-tokenizer.model" \
+   weights=random dtype=bfloat16 gpu=nvml gpu.observe=true power_cap_w=300 fail_on_purpose=hang-rank-1 \
+   sweep_dir="$S" >/dev/null || exit 1
+for _ in $(seq 1 240); do grep -qs "hangs on purpose" "$S"/cells/*/launch/*.err && break; sleep 0.5; done
+grep -hs "hangs on purpose" "$S"/cells/*/launch/*.err || { echo "rank 1 never hung"; ws status "$S"; exit 1; }
+sleep 5  # rank 0 into its NCCL wait
+t0=$(date +%s.%N)
+ws cancel "$S"
+for _ in $(seq 1 600); do ls "$S"/cells/*/FAILED.json >/dev/null 2>&1 && break; sleep 0.1; done
+t1=$(date +%s.%N)
+python3 - "$S" "$t0" "$t1" <<'PY'
+import glob, json, sys
+s, t0, t1 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+for f in glob.glob(f"{s}/cells/*/FAILED.json"):
+    d = json.load(open(f))
+    print(f"FAILED.json {t1 - t0:.1f} s after cancel: rank {d.get('rank')} stopped_blocked={d.get('stopped_blocked')}")
+    print("error:", d["error"])
+    print("innermost frames:", "\n".join(d.get("traceback", "").splitlines()[-6:]))
+PY
+for _ in $(seq 1 90); do ws status "$S" 2>/dev/null | grep -q "1 cancelled" && break; sleep 1; done
+echo "ended $(python3 -c "import time,sys; print(round(time.time()-float(sys.argv[1]),1))" "$t0") s after cancel"
+ws status "$S"
+ws audit --ledger "$S" | tail -3
+nvidia-smi --query-gpu=index,power.limit --format=csv
