@@ -43,6 +43,7 @@ class _Watcher:
         self.grace_s = grace
         self._handled = threading.Event()
         self._actions: list[tuple[int, StopAction]] = []
+        self._handlers: list[Callable] = []  # the Python handlers that call handled()
         self._next_token = 0
         self._lock = threading.Lock()
         self._reader, writer = socket.socketpair()
@@ -70,6 +71,11 @@ class _Watcher:
     def handled(self) -> None:
         self._handled.set()
 
+    def own(self, handler: Callable) -> None:
+        with self._lock:
+            if not any(handler == h for h in self._handlers):
+                self._handlers.append(handler)
+
     def _run(self) -> None:
         while True:
             try:
@@ -79,8 +85,16 @@ class _Watcher:
             if not data:
                 return
             for signum in data:
-                if signum in WATCHED_SIGNALS:
+                if signum in WATCHED_SIGNALS and self._ours(signum):
                     self._judge(signum)
+
+    def _ours(self, signum: int) -> bool:
+        """Only a signal that one of our handlers would take: another's
+        (submitit's USR2 requeue outside a cap session) never calls handled()."""
+        with self._lock:
+            handlers = list(self._handlers)
+        current = signal.getsignal(signum)
+        return any(current == h for h in handlers)
 
     def _judge(self, signum: int) -> None:
         if self._handled.wait(self.grace_s):
@@ -128,6 +142,13 @@ def handled() -> None:
     """Called first thing by the Python handlers of WATCHED_SIGNALS: the main thread is not stuck."""
     if _WATCHER is not None:
         _WATCHER.handled()
+
+
+def own_handler(handler: Callable) -> None:
+    """Declare a Python handler that calls handled() first: only signals that
+    such a handler would take are watched."""
+    if _WATCHER is not None:
+        _WATCHER.own(handler)
 
 
 def push_action(action: StopAction) -> int | None:

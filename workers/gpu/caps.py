@@ -58,6 +58,7 @@ def stop_on_term() -> None:
         raise SignalExit(signum, caps_held=False)
 
     handler.outside_caps = True  # type: ignore[attr-defined]  # a cap session does not chain to it
+    stop.own_handler(handler)
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -361,6 +362,7 @@ class CapSession:
             self._old_handlers[sig] = old
             signal.signal(sig, self._on_signal)
         stop.watch()
+        stop.own_handler(self._on_signal)
         self._stop_token = stop.push_action(self._restore_when_stuck)
 
     def _remove_handlers(self) -> None:
