@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# A rank blocked in an NCCL collective, stopped through the product: a two-rank cell
-# whose rank 1 hangs on purpose (ignores SIGTERM), so rank 0 waits in NCCL, where
-# Python cannot run its signal handler. `wattsweep cancel` must still end rank 0
-# within WATTSWEEP_STUCK_GRACE_S, with FAILED.json written by its stop watcher; the
-# hung rank is killed after the kill wait. Caps in observe mode (cards never changed).
+# Ranks blocked in an NCCL collective, stopped through the product (caps in observe
+# mode: cards never changed). Two two-rank cells on the local launcher:
+#  1. rank 1 hangs on purpose (ignores SIGTERM), so rank 0 waits in NCCL, where Python
+#     cannot run its signal handler. `wattsweep cancel` must still end rank 0 within
+#     WATTSWEEP_STUCK_GRACE_S, with FAILED.json written by its stop watcher; the hung
+#     rank is killed after the kill wait.
+#  2. rank 1 is SIGKILLed (as by the out-of-memory killer) while rank 0 waits in NCCL,
+#     with the local runner's own gang stop pushed out of the way (as on Slurm, which
+#     has none): rank 0's peer watch must find rank 1 gone after WATTSWEEP_PEER_TIMEOUT_S,
+#     name it in FAILED.json and stop rank 0.
 #
 #   bash benchmarks/stuck_rank_check.sh OUT_DIR
 #
@@ -42,3 +47,25 @@ echo "ended $(python3 -c "import time,sys; print(round(time.time()-float(sys.arg
 ws status "$S"
 ws audit --ledger "$S" | tail -3
 nvidia-smi --query-gpu=index,power.limit --format=csv
+
+echo "== 2. rank 1 killed while rank 0 waits in NCCL; the runner's gang stop out of the way"
+export WATTSWEEP_GANG_GRACE_S=600 WATTSWEEP_PEER_TIMEOUT_S=10
+K=$OUT/k
+ws sweep model=llama-tiny shards=2 batch_size=2 n_prompts=8 max_prompt_tokens=32 max_new_tokens=8 \
+   dataset=alpaca dataset.path="$DATA/alpaca_data_1k.json" tokenizer="$DATA/llama2-tokenizer.model" \
+   weights=random dtype=bfloat16 gpu=nvml gpu.observe=true fail_on_purpose=kill-rank-1 \
+   sweep_dir="$K" >/dev/null || exit 1
+t0=$(date +%s.%N)
+for _ in $(seq 1 1800); do ls "$K"/cells/*/FAILED.json >/dev/null 2>&1 && break; sleep 0.1; done
+python3 - "$K" "$t0" <<'PY'
+import glob, json, os, sys, time
+k, t0 = sys.argv[1], float(sys.argv[2])
+for f in glob.glob(f"{k}/cells/*/FAILED.json"):
+    d = json.load(open(f))
+    print(f"FAILED.json {os.path.getmtime(f) - t0:.1f} s after submission: rank {d.get('rank')}, "
+          f"found by rank {d.get('found_by_rank')}")
+    print("error:", d["error"])
+PY
+for _ in $(seq 1 60); do ws status "$K" 2>/dev/null | grep -q "1 failed" && break; sleep 1; done
+ws status "$K"
+grep -h "stops:\|not taken by the main thread" "$K"/cells/*/launch/*.err | head -5

@@ -116,6 +116,28 @@ def test_an_earlier_attempts_failed_marker_does_not_stop_the_wait(tmp_path):
     t.join()
 
 
+def test_a_requeued_runs_ranks_do_not_stop_at_the_first_runs_marker(tmp_path, monkeypatch):
+    """Preempted, a job is requeued with the same attempt; its first run wrote
+    FAILED.json on the way out (submitit's requeue exits). Judged by attempt
+    alone, that marker stopped the requeued run's ranks before rank 0 could
+    move it aside."""
+    from orchestrator.contracts import SweepPaths
+    from workers import entry
+
+    paths = SweepPaths.of(tmp_path)
+    paths.cell_dir("c1").mkdir(parents=True)
+    monkeypatch.setattr(entry, "_RUN", {})
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued run
+    marker = {"error": "SystemExit: -1", "rank": 0, "attempt": 0, "run": "4711.0"}
+    paths.failed_marker("c1").write_text(json.dumps(marker))
+    assert _attempt_failed(paths, 0)() is None
+    paths.failed_marker("c1").write_text(json.dumps({**marker, "run": "4711.1"}))  # this run's own
+    assert _attempt_failed(paths, 0)() == "rank 0: SystemExit: -1"
+    paths.failed_marker("c1").write_text(json.dumps({k: v for k, v in marker.items() if k != "run"}))
+    assert _attempt_failed(paths, 0)() == "rank 0: SystemExit: -1"  # the local runner's marker has no run
+
+
 def test_failed_json_names_the_rank_that_failed_to_join(monkeypatch):
     """A rank that failed while joining was recorded as rank 0."""
     monkeypatch.setattr(wdist, "_from_submitit", lambda: wdist._Rendezvous(1, 2, 1, 2, "127.0.0.1", 1, "submitit"))

@@ -46,10 +46,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
 
     paths = SweepPaths.of(task.sweep_dir)
     rank = dist.own_rank()  # FAILED.json names this rank even when joining fails
-    token = None
+    token = peers = None
     try:
         stop_on_term()  # a cancel during start-up ends the worker, not ignored
         token = stop.push_action(lambda signum, notes: _failed_when_stuck(paths, task, rank, signum, notes))
+        peers = _watch_peers(paths, task, rank)
         info = dist.init_distributed(
             task.params.shards,
             rendezvous=paths.launch_dir(task.cell_id) / f"rendezvous-{dist.job_key()}.a{task.attempt}.json",
@@ -67,12 +68,46 @@ def run_cell(task: CellTask) -> dict[str, Any]:
             task.cell_id,
             error=_error_text(exc),
             traceback_text=traceback.format_exc(),
-            extra={"rank": rank, "attempt": task.attempt},
+            extra=_marker_extra(task, rank),
         )
         raise
     finally:
+        if peers is not None:
+            peers.finish()
         dist.shutdown()
         stop.pop_action(token)
+
+
+def _watch_peers(paths: SweepPaths, task: CellTask, rank: int) -> Any:
+    """A cell of several ranks: notice a rank that is gone (workers/peers.py)."""
+    if task.params.shards <= 1:
+        return None
+    from workers import dist
+    from workers.peers import PeerWatch
+
+    def stop_cell(verdict: tuple[int, str] | None) -> None:
+        import os
+        import signal
+
+        if verdict is not None and not _failed_this_attempt(paths, task):
+            peer, reason = verdict
+            write_failed(paths, task.cell_id, error=reason, traceback_text="",
+                         extra=_marker_extra(task, peer, found_by_rank=rank))
+        print(f"wattsweep worker: rank {rank} stops: "
+              f"{verdict[1] if verdict else 'another rank of this attempt failed (FAILED.json)'}",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler (or the stop watcher) restores the cap
+
+    folder = paths.launch_dir(task.cell_id) / f"alive-{dist.job_key()}.a{task.attempt}"
+    return PeerWatch(folder, rank, task.params.shards, stop=stop_cell,
+                     other_failed=lambda: _failed_by_another(paths, task, rank)).start()
+
+
+def _failed_by_another(paths: SweepPaths, task: CellTask, rank: int) -> bool:
+    """This run's FAILED.json, written by another rank (or the runner): not
+    our own, which this rank writes on its way out."""
+    failed = _this_runs_failure(paths, task)
+    return failed is not None and failed.get("found_by_rank", failed.get("rank")) != rank
 
 
 def _failed_when_stuck(paths: SweepPaths, task: CellTask, rank: int, signum: int, notes: list) -> None:
@@ -89,7 +124,7 @@ def _failed_when_stuck(paths: SweepPaths, task: CellTask, rank: int, signum: int
              f"{' in ' + _blocked_in(blocked) if blocked else ''} (waiting on another rank?)")
     write_failed(paths, task.cell_id, error="; ".join([error, *notes]),
                  traceback_text="Main thread, blocked:\n" + blocked,
-                 extra={"rank": rank, "attempt": task.attempt, "stopped_blocked": True})
+                 extra=_marker_extra(task, rank, stopped_blocked=True))
 
 
 def _done_this_attempt(paths: SweepPaths, task: CellTask) -> bool:
@@ -111,15 +146,46 @@ def _blocked_in(stack: str) -> str:
 def _failed_this_attempt(paths: SweepPaths, task: CellTask) -> str | None:
     """Why this attempt already failed, from a FAILED.json that another rank of
     it wrote (an earlier attempt's marker names another attempt)."""
+    failed = _this_runs_failure(paths, task)
+    if failed is None:
+        return None
+    return f"rank {failed.get('rank', '?')}: {str(failed.get('error', ''))[:200]}"
+
+
+def _this_runs_failure(paths: SweepPaths, task: CellTask) -> dict[str, Any] | None:
+    """FAILED.json when it is of this attempt and of this run of it. A job
+    requeued after preemption runs the same attempt again, and the marker its
+    first run wrote on the way out stays until rank 0 moves it aside (after
+    the join): judged by attempt alone, it stopped the requeued run's ranks."""
     from orchestrator.contracts import read_json
 
+    marker = paths.failed_marker(task.cell_id)
+    if not marker.exists():  # one stat, the common case (polled by the join and the peer watch)
+        return None
     try:
-        failed = read_json(paths.failed_marker(task.cell_id))
+        failed = read_json(marker)
     except (OSError, ValueError):
         return None
     if not isinstance(failed, dict) or failed.get("attempt") != task.attempt:
         return None
-    return f"rank {failed.get('rank', '?')}: {str(failed.get('error', ''))[:200]}"
+    run = failed.get("run")  # absent in a marker of the local runner: that one is of this run
+    return failed if run is None or run == _run() else None
+
+
+def _run() -> str:
+    """This run of the attempt: the job and its restart count (dist.job_key)."""
+    from workers import dist
+
+    if "run" not in _RUN:
+        _RUN["run"] = dist.job_key()
+    return _RUN["run"]
+
+
+_RUN: dict[str, str] = {}
+
+
+def _marker_extra(task: CellTask, rank: int, **more: Any) -> dict[str, Any]:
+    return {"rank": rank, "attempt": task.attempt, "run": _run(), **more}
 
 
 def _error_text(exc: BaseException) -> str:

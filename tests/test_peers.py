@@ -1,0 +1,104 @@
+"""The peer watch (workers/peers.py): the ranks of a cell notice one that is gone."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from workers.peers import DONE, PeerWatch
+
+
+@pytest.fixture
+def cells():
+    made = []
+    yield lambda *a, **k: made.append(Cell(*a, **k)) or made[-1]
+    for cell in made:  # no thread beats on after its test
+        for w in cell.watches:
+            w._halt.set()
+
+
+class Cell:
+    """The ranks of one cell as peer watches in one folder; a "killed" rank
+    stops beating without saying done, as a SIGKILLed process does."""
+
+    def __init__(self, folder, world, timeout=0.8):
+        self.failed = threading.Event()
+        self.stops: dict[int, object] = {}
+        self.watches = [PeerWatch(folder, r, world, stop=self._stopper(r), other_failed=self.failed.is_set,
+                                  timeout=timeout) for r in range(world)]
+
+    def _stopper(self, rank):
+        def stop(verdict):
+            self.stops[rank] = verdict
+        return stop
+
+    def start(self):
+        for w in self.watches:
+            w.start()
+        return self
+
+    def kill(self, rank):
+        self.watches[rank]._halt.set()
+
+    def wait_stops(self, ranks, timeout_s=10.0):
+        deadline = time.monotonic() + timeout_s
+        while not set(ranks) <= set(self.stops) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.stops
+
+
+def test_rank_0_finds_a_killed_rank_and_names_it(tmp_path, cells):
+    cell = cells(tmp_path, 3).start()
+    cell.kill(2)
+    stops = cell.wait_stops([0])
+    peer, reason = stops[0]
+    assert peer == 2 and reason.startswith("rank 2 stopped answering: its heartbeat has not moved for 0.8 s")
+    assert 1 not in stops or stops[1] is None  # rank 1 watches rank 0 only; it learns from FAILED.json
+
+
+def test_the_others_find_a_killed_rank_0(tmp_path, cells):
+    cell = cells(tmp_path, 3).start()
+    cell.kill(0)
+    stops = cell.wait_stops([1, 2])
+    assert stops[1][0] == 0 and stops[2][0] == 0
+
+
+def test_another_ranks_failed_marker_stops_every_rank(tmp_path, cells):
+    cell = cells(tmp_path, 2, timeout=30).start()
+    cell.failed.set()
+    assert cell.wait_stops([0, 1]) == {0: None, 1: None}
+
+
+def test_a_rank_that_finished_is_not_gone_and_healthy_ranks_run_on(tmp_path, cells):
+    cell = cells(tmp_path, 3).start()
+    cell.watches[2].finish()
+    time.sleep(2.5)  # three timeouts
+    assert cell.stops == {}
+    assert (tmp_path / "rank-2").read_text() == DONE
+
+
+def test_a_rank_that_never_started_is_left_to_the_join_timeout(tmp_path):
+    watch = PeerWatch(tmp_path, 0, 2, stop=lambda v: None, other_failed=lambda: False, timeout=0.5)
+    watch._beat()
+    time.sleep(0.7)
+    assert watch.check() is False  # no file of rank 1: the join's own timeout covers it
+
+
+def test_the_verdict_is_the_readers_clock_not_the_file_time(tmp_path):
+    """Other nodes' clocks never matter: only whether the counter moved, by this rank's clock."""
+    now = [1000.0]
+    writer = PeerWatch(tmp_path, 1, 2, stop=lambda v: None, other_failed=lambda: False, timeout=10)
+    reader = PeerWatch(tmp_path, 0, 2, stop=lambda v: None, other_failed=lambda: False, timeout=10,
+                       clock=lambda: now[0])
+    writer._beat()
+    assert reader.check() is False
+    now[0] += 9
+    assert reader.check() is False
+    writer._beat()  # it moved: the wait starts again from here
+    now[0] += 9
+    assert reader.check() is False
+    now[0] += 9.5
+    assert reader.check() is False
+    now[0] += 1  # 10.5 s since it last moved
+    assert reader.check()[0] == 1
