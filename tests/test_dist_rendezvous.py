@@ -138,6 +138,25 @@ def test_a_requeued_runs_ranks_do_not_stop_at_the_first_runs_marker(tmp_path, mo
     assert _attempt_failed(paths, 0)() == "rank 0: SystemExit: -1"  # the local runner's marker has no run
 
 
+def test_a_requeued_run_that_fails_keeps_the_first_runs_marker(tmp_path, monkeypatch):
+    """Its marker went over the first run's (which rank 0 had not moved aside yet)."""
+    from types import SimpleNamespace
+
+    from orchestrator.contracts import SweepPaths
+    from workers import entry
+
+    paths = SweepPaths.of(tmp_path)
+    paths.cell_dir("c1").mkdir(parents=True)
+    monkeypatch.setattr(entry, "_RUN", {"run": "4711.1"})
+    first = {"error": "SystemExit: -1", "rank": 0, "attempt": 0, "run": "4711.0"}
+    paths.failed_marker("c1").write_text(json.dumps(first))
+    task = SimpleNamespace(cell_id="c1", attempt=0)
+    entry._write_failed(paths, task, error="boom", traceback_text="", extra=entry._marker_extra(task, 1))
+    assert json.loads((paths.attempts_dir("c1") / "0" / "FAILED.json").read_text()) == first
+    now = json.loads(paths.failed_marker("c1").read_text())
+    assert (now["error"], now["rank"], now["run"]) == ("boom", 1, "4711.1")
+
+
 def test_failed_json_names_the_rank_that_failed_to_join(monkeypatch):
     """A rank that failed while joining was recorded as rank 0."""
     monkeypatch.setattr(wdist, "_from_submitit", lambda: wdist._Rendezvous(1, 2, 1, 2, "127.0.0.1", 1, "submitit"))
@@ -164,8 +183,23 @@ def test_job_key_names_the_slurm_job_and_its_restart(monkeypatch):
     monkeypatch.delenv("SLURM_RESTART_COUNT")
     assert wdist.job_key() == "4711.0"
     monkeypatch.delenv("SLURM_JOB_ID")
-    if not any(k.startswith("SUBMITIT_") for k in os.environ):
-        assert wdist.job_key() == f"pid{os.getpid()}.0"
+    for k in ("SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert wdist.job_key() == f"pid{os.getpid()}.0"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "n1")
+    monkeypatch.setenv("MASTER_PORT", "29512")
+    assert wdist.job_key() == "envn1-29512.0"  # the same on every rank (not each one's pid)
+
+
+def test_a_local_run_inside_an_allocation_is_named_by_its_local_job(monkeypatch):
+    """Started from an `salloc` shell, every local run saw the allocation's
+    SLURM_JOB_ID: rendezvous and heartbeat folders of runs of one attempt collided."""
+    monkeypatch.setenv("SLURM_JOB_ID", "555")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "31337")
+    assert wdist.job_key() == "local31337.0"
 
 
 def test_rank_0_removes_the_file_only_once_the_others_have_connected(tmp_path):

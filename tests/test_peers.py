@@ -91,14 +91,71 @@ def test_the_verdict_is_the_readers_clock_not_the_file_time(tmp_path):
     writer = PeerWatch(tmp_path, 1, 2, stop=lambda v: None, other_failed=lambda: False, timeout=10)
     reader = PeerWatch(tmp_path, 0, 2, stop=lambda v: None, other_failed=lambda: False, timeout=10,
                        clock=lambda: now[0])
+
+    def after(seconds):
+        for _ in range(int(seconds / 2.5)):  # checks once a beat (2.5 s here), as the thread does
+            now[0] += 2.5
+            verdict = reader.check()
+        return verdict
+
     writer._beat()
     assert reader.check() is False
-    now[0] += 9
-    assert reader.check() is False
-    writer._beat()  # it moved: the wait starts again from here
-    now[0] += 9
-    assert reader.check() is False
-    now[0] += 9.5
-    assert reader.check() is False
-    now[0] += 1  # 10.5 s since it last moved
+    assert after(7.5) is False
+    writer._beat()  # it moved: the wait starts again when the reader sees it (the next check)
+    assert after(10) is False
+    now[0] += 3.5  # 11 s since the reader saw it move
     assert reader.check()[0] == 1
+
+
+def test_a_pause_of_the_reader_is_not_blamed_on_the_peers(tmp_path):
+    """The job suspended, or the node paused: on resume the reader must not
+    count its own silence as the peer's (the peer had no chance to beat)."""
+    now = [1000.0]
+    writer = PeerWatch(tmp_path, 1, 2, stop=lambda v: None, other_failed=lambda: False, timeout=10)
+    reader = PeerWatch(tmp_path, 0, 2, stop=lambda v: None, other_failed=lambda: False, timeout=10,
+                       clock=lambda: now[0])
+    writer._beat()
+    assert reader.check() is False
+    now[0] += 60  # suspended for a minute
+    assert reader.check() is False
+    for _ in range(4):  # then watching on schedule, the peer silent
+        now[0] += 2.5
+        verdict = reader.check()
+    assert verdict is False  # 10 s of watching: not yet
+    now[0] += 1
+    assert reader.check()[0] == 1
+
+
+def test_a_rank_that_ended_with_an_error_is_gone_at_once(tmp_path):
+    reader = PeerWatch(tmp_path, 0, 3, stop=lambda v: None, other_failed=lambda: False, timeout=100)
+    PeerWatch(tmp_path, 2, 3, stop=lambda v: None, other_failed=lambda: False, timeout=100).finish(ok=False)
+    peer, reason = reader.check()
+    assert peer == 2 and reason.startswith("rank 2 ended with an error")
+
+
+def test_a_file_system_error_does_not_end_the_watch(tmp_path, cells, capsys):
+    """An ESTALE from NFS once ended the thread: the rank stopped beating and
+    was then blamed for its own silence."""
+    errors = iter([OSError(116, "Stale file handle")])
+
+    def flaky():
+        err = next(errors, None)
+        if err:
+            raise err
+        return False
+
+    cell = cells(tmp_path, 2)
+    cell.watches[1]._other_failed = flaky
+    cell.start()
+    time.sleep(2.0)  # more than two timeouts
+    assert cell.stops == {} and cell.watches[1]._thread.is_alive()
+    assert "Stale file handle" in capsys.readouterr().err
+
+
+def test_the_last_word_is_done_not_a_late_beat(tmp_path):
+    watch = PeerWatch(tmp_path, 1, 2, stop=lambda v: None, other_failed=lambda: False, timeout=1.0).start()
+    watch.beat_s = 0.001  # beat as fast as it can
+    time.sleep(0.3)
+    watch.finish()
+    time.sleep(0.1)
+    assert (tmp_path / "rank-1").read_text() == DONE

@@ -159,18 +159,26 @@ def init_distributed(expected_world_size: int, *, timeout_s: float = 600.0,
 
 
 def job_key() -> str:
-    """This job's name for its rendezvous file: the Slurm job (one per array task)
-    and its restart count, or submitit's local job id off Slurm (this process's
-    pid outside any job, where no other rank reads the file)."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job is None:
+    """This job's name for its rendezvous and heartbeat files, the same on every
+    rank of a cell: the Slurm job (one per array task) and its restart count;
+    submitit's local job id on the local launcher (even inside an allocation,
+    whose SLURM_JOB_ID every local run would share); the rendezvous address
+    for ranks started by RANK/WORLD_SIZE; this process's pid alone otherwise,
+    where no other rank reads the files."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
+        job = f"local{os.environ['SUBMITIT_LOCAL_JOB_ID']}"
+    elif os.environ.get("SLURM_JOB_ID"):
+        job = os.environ["SLURM_JOB_ID"]
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        job = f"env{os.environ.get('MASTER_ADDR', '127.0.0.1')}-{os.environ.get('MASTER_PORT', '29500')}"
+    else:
         try:
             import submitit
 
             job = submitit.JobEnvironment().job_id
         except (ImportError, RuntimeError):
             job = f"pid{os.getpid()}"
-    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}".replace("/", "_")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}".replace("/", "_").replace(":", "_")
 
 
 def _published_store(rv: _Rendezvous, published: Path, timeout_s: float,

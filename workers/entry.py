@@ -47,6 +47,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     paths = SweepPaths.of(task.sweep_dir)
     rank = dist.own_rank()  # FAILED.json names this rank even when joining fails
     token = peers = None
+    ok = True
     try:
         stop_on_term()  # a cancel during start-up ends the worker, not ignored
         token = stop.push_action(lambda signum, notes: _failed_when_stuck(paths, task, rank, signum, notes))
@@ -61,11 +62,12 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         result = _run_rank(task, paths, info)
         return dataclasses.asdict(result)
     except BaseException as exc:  # SystemExit from a signal handler included
-        if paths.failed_marker(task.cell_id).exists():
+        ok = False
+        if _this_runs_failure(paths, task) is not None:
             raise  # another rank failed first: its marker names the cause, ours would not
-        write_failed(
+        _write_failed(
             paths,
-            task.cell_id,
+            task,
             error=_error_text(exc),
             traceback_text=traceback.format_exc(),
             extra=_marker_extra(task, rank),
@@ -73,7 +75,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         raise
     finally:
         if peers is not None:
-            peers.finish()
+            peers.finish(ok)
         dist.shutdown()
         stop.pop_action(token)
 
@@ -89,18 +91,29 @@ def _watch_peers(paths: SweepPaths, task: CellTask, rank: int) -> Any:
         import os
         import signal
 
-        if verdict is not None and not _failed_this_attempt(paths, task):
-            peer, reason = verdict
-            write_failed(paths, task.cell_id, error=reason, traceback_text="",
-                         extra=_marker_extra(task, peer, found_by_rank=rank))
-        print(f"wattsweep worker: rank {rank} stops: "
-              f"{verdict[1] if verdict else 'another rank of this attempt failed (FAILED.json)'}",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler (or the stop watcher) restores the cap
+        try:
+            print(f"wattsweep worker: rank {rank} stops: "
+                  f"{verdict[1] if verdict else 'another rank of this attempt failed (FAILED.json)'}",
+                  file=sys.stderr, flush=True)
+            if verdict is not None and not _failed_this_attempt(paths, task):
+                peer, reason = verdict
+                _write_failed(paths, task, error=reason, traceback_text="",
+                             extra=_marker_extra(task, peer, found_by_rank=rank))
+        finally:  # a marker that cannot be written must not keep this rank waiting
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler (or the stop watcher) restores the cap
 
+    from workers.peers import timeout_s
+
+    if timeout_s() <= 0:
+        return None  # WATTSWEEP_PEER_TIMEOUT_S=0: no watch
     folder = paths.launch_dir(task.cell_id) / f"alive-{dist.job_key()}.a{task.attempt}"
-    return PeerWatch(folder, rank, task.params.shards, stop=stop_cell,
-                     other_failed=lambda: _failed_by_another(paths, task, rank)).start()
+    try:
+        return PeerWatch(folder, rank, task.params.shards, stop=stop_cell,
+                         other_failed=lambda: _failed_by_another(paths, task, rank)).start()
+    except OSError as exc:  # the cell can run without it
+        print(f"wattsweep worker: no peer watch ({exc}); a rank that dies leaves the others to their timeouts",
+              file=sys.stderr, flush=True)
+        return None
 
 
 def _failed_by_another(paths: SweepPaths, task: CellTask, rank: int) -> bool:
@@ -122,7 +135,7 @@ def _failed_when_stuck(paths: SweepPaths, task: CellTask, rank: int, signum: int
     blocked = stop.main_thread_stack()
     error = (f"stopped by {signal.Signals(signum).name} while blocked for {stop.grace_s():g} s"
              f"{' in ' + _blocked_in(blocked) if blocked else ''} (waiting on another rank?)")
-    write_failed(paths, task.cell_id, error="; ".join([error, *notes]),
+    _write_failed(paths, task, error="; ".join([error, *notes]),
                  traceback_text="Main thread, blocked:\n" + blocked,
                  extra=_marker_extra(task, rank, stopped_blocked=True))
 
@@ -182,6 +195,18 @@ def _run() -> str:
 
 
 _RUN: dict[str, str] = {}
+
+
+def _write_failed(paths: SweepPaths, task: CellTask, **fields: Any) -> None:
+    """FAILED.json of this run. A marker of an earlier run or attempt that rank 0
+    has not moved aside yet (it does so after the join) goes to ``attempts/``
+    first, as rank 0 would have moved it: never overwritten."""
+    if paths.failed_marker(task.cell_id).exists() and _this_runs_failure(paths, task) is None:
+        try:
+            move_aside_outputs(paths, task.cell_id)
+        except OSError:
+            pass  # another rank moved it just now
+    write_failed(paths, task.cell_id, **fields)
 
 
 def _marker_extra(task: CellTask, rank: int, **more: Any) -> dict[str, Any]:

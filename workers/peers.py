@@ -18,7 +18,10 @@ found gone, or of one that failed with an exception while the others wait in
 NCCL. Either way ``stop(verdict)`` is called once (the gone peer and why, or
 None when another rank's FAILED.json already says why); the worker then writes FAILED.json and
 stops its own rank with SIGTERM, whose handler (or the stop watcher) restores
-the cap. A rank that ends writes ``done`` and is never judged gone.
+the cap. A rank that ends writes ``done`` and is never judged gone; one that
+ends with an error writes ``failed`` and is judged gone at once. A reader
+that itself did not look for a while (the job suspended, a node paused)
+restarts its clocks rather than blame the peers for its own silence.
 
 Each beat opens, writes and closes the file, and each read opens it afresh:
 NFS makes a file's new bytes visible to other nodes on close and revalidates
@@ -28,6 +31,7 @@ sees an empty file.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,13 +40,16 @@ from typing import Callable
 DEFAULT_TIMEOUT_S = 120.0
 _WIDTH = 20
 DONE = "done".ljust(_WIDTH)
+FAILED = "failed".ljust(_WIDTH)
 
 
 def timeout_s() -> float:
+    """``WATTSWEEP_PEER_TIMEOUT_S``; 0 turns the watch off."""
     try:
-        return max(1.0, float(os.environ.get("WATTSWEEP_PEER_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+        value = float(os.environ.get("WATTSWEEP_PEER_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     except ValueError:
         return DEFAULT_TIMEOUT_S
+    return 0.0 if value <= 0 else max(1.0, value)
 
 
 class PeerWatch:
@@ -59,6 +66,7 @@ class PeerWatch:
         self._seen: dict[int, tuple[str, float]] = {}  # peer -> (last content, when it last changed)
         self._watching = [p for p in peers if p != rank]
         self._count = 0
+        self._last_check: float | None = None
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -69,19 +77,26 @@ class PeerWatch:
         self._thread.start()
         return self
 
-    def finish(self) -> None:
-        """This rank ends: stop watching and say so, so no peer takes it for gone."""
+    def finish(self, ok: bool = True) -> None:
+        """This rank ends: stop watching and say so. ``done`` is never taken
+        for gone; ``failed`` (the rank ended with an error) is, at once, so the
+        others stop even if this rank could not write FAILED.json."""
         self._halt.set()
-        self._write(DONE)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.beat_s + 1.0)  # no beat lands after the last word
+        self._write(DONE if ok else FAILED)
 
     def _run(self) -> None:
         while not self._halt.wait(self.beat_s):
-            self._beat()
-            verdict = self.check()
-            if verdict is not False:
-                if not self._halt.is_set():
-                    self._halt.set()
-                    self._stop_cell(verdict)
+            try:
+                self._beat()
+                verdict = self.check()
+            except Exception as exc:  # noqa: BLE001 - a flaky file system must not end the watch (and the beats)
+                print(f"wattsweep worker: peer watch: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                continue
+            if verdict is not False and not self._halt.is_set():
+                self._halt.set()
+                self._stop_cell(verdict)
                 return
 
     def check(self) -> tuple[int, str] | None | bool:
@@ -90,6 +105,12 @@ class PeerWatch:
         if self._other_failed():
             return None
         now = self._clock()
+        if self._last_check is not None and now - self._last_check > 2 * self.beat_s:
+            # This rank did not look for a while (the job suspended, a node or VM
+            # paused, a file system stalled): the peers did not beat either, so
+            # the silence is not theirs. Only time spent watching counts.
+            self._seen = {p: (text, now) for p, (text, _) in self._seen.items()}
+        self._last_check = now
         for peer in list(self._watching):
             text = self._read(peer)
             if text is None:
@@ -97,6 +118,9 @@ class PeerWatch:
             if text == DONE:
                 self._watching.remove(peer)
                 continue
+            if text == FAILED:
+                return peer, (f"rank {peer} ended with an error (its log says why; `wattsweep logs SWEEP_DIR CELL "
+                              f"--rank {peer}`); rank {self.rank} stopped the cell")
             last = self._seen.get(peer)
             if last is None or last[0] != text:
                 self._seen[peer] = (text, now)
