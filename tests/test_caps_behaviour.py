@@ -262,6 +262,33 @@ def test_sigterm_restores_while_the_main_thread_is_blocked_in_c(wrig, monkeypatc
     assert "not taken by the main thread within 1 s" in proc.stderr.read()
 
 
+LATE_MAIN_HOLDER = HOLDER.replace("    time.sleep(60)", textwrap.indent(textwrap.dedent("""
+    import ctypes, os, threading
+    from workers.gpu.simulated import SimulatedBackend
+    slow = SimulatedBackend.set_power_limit_w
+    def set_from_watcher_slowly(self, i, w):  # the watcher's restore takes 1.5 s (NVML, a ledger on NFS)
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(1.5)
+        return slow(self, i, w)
+    SimulatedBackend.set_power_limit_w = set_from_watcher_slowly
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    ctypes.CDLL(None).system(b"sleep 1.4")  # blocked for the grace, and back while the watcher restores
+    time.sleep(30)"""), "    "))
+
+
+@pytest.mark.slow
+def test_a_main_thread_back_during_the_watchers_restore_waits_for_it(tmp_path, monkeypatch):
+    """The watcher had taken the card to restore when the main thread came back:
+    its handler found nothing left, said "restored" and exited, and the process
+    ended under the watcher with the card still capped."""
+    monkeypatch.setenv("WATTSWEEP_STUCK_GRACE_S", "1")
+    rig = Rig("simulated", tmp_path, isolate(monkeypatch, tmp_path))
+    proc = hold_cap(rig, LATE_MAIN_HOLDER)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert rig.sim().get_power_limit_w(0) == 300 and rig.save_files() == []
+    assert actions(rig.cell_ledger) == [("apply", "ok"), ("restore", "ok")]
+
+
 @pytest.mark.slow
 def test_a_signal_the_main_thread_takes_leaves_the_watcher_out(wrig, monkeypatch):
     """The normal path: the handler restores; the watcher, given a short grace,

@@ -45,8 +45,7 @@ def test_a_signal_the_main_thread_misses_runs_the_actions_and_exits():
         def handler(*a):
             stop.handled()
             sys.exit(1)
-        stop.own_handler(handler)
-        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGTERM, stop.announces(handler))
         import ctypes, threading
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
         # Blocked in C (glibc's system() waits through EINTR): the handler cannot run until it returns.
@@ -68,6 +67,58 @@ def test_a_signal_for_another_handler_is_left_to_it():
         print("alive", flush=True)
     """)
     assert got.returncode == 0 and got.stdout.split() == ["theirs", "alive"], got.stderr
+
+
+def test_a_handler_installed_before_the_watcher_announces_through_a_wrapper():
+    """submitit installs its USR2 requeue before the worker starts the watcher:
+    wrapped, its runs count as taken."""
+    got = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, signal, time
+        os.environ["WATTSWEEP_STUCK_GRACE_S"] = "0.3"
+        signal.signal(signal.SIGUSR2, lambda *a: print("theirs", flush=True))
+        from workers import stop
+        stop.watch()
+        stop.push_action(lambda signum, notes: print("action", flush=True))
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(1.0)
+        print("alive", flush=True)
+    """)], capture_output=True, text=True, timeout=30)
+    assert got.returncode == 0 and got.stdout.split() == ["theirs", "alive"], (got.stdout, got.stderr)
+
+
+def test_signals_folded_into_one_handler_run_are_all_taken():
+    """Two SIGTERMs during one short C call: one handler run, two wakeup bytes.
+    The second byte must not read as a signal the main thread missed."""
+    got = run("""
+        def handler(*a):
+            stop.handled()
+            print("handled", flush=True)
+        signal.signal(signal.SIGTERM, stop.announces(handler))
+        import ctypes, threading
+        threading.Timer(0.1, lambda: (os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGTERM))).start()
+        ctypes.CDLL(None).system(b"sleep 0.4 </dev/null >/dev/null 2>&1")
+        time.sleep(1.5)  # three graces
+        print("alive", flush=True)
+    """)
+    assert got.returncode == 0 and "alive" in got.stdout and "action" not in got.stdout, (got.stdout, got.stderr)
+
+
+def test_an_old_handler_run_does_not_cover_a_later_stuck_signal():
+    """A handled() with no signal behind it (a queued re-run of a handler) left
+    the flag set, and a stuck signal much later read as taken."""
+    got = run("""
+        def handler(*a):
+            stop.handled()
+            sys.exit(1)
+        signal.signal(signal.SIGTERM, stop.announces(handler))
+        stop.handled()  # spurious
+        time.sleep(1.0)
+        import ctypes, threading
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        ctypes.CDLL(None).system(b"sleep 5 </dev/null >/dev/null 2>&1")
+        print("not reached", flush=True)
+    """)
+    assert got.returncode == 128 + signal.SIGTERM and f"action {int(signal.SIGTERM)}" in got.stdout, got.stderr
 
 
 def test_another_wakeup_fd_is_left_in_place():

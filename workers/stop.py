@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable
 
 WATCHED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -33,17 +34,46 @@ StopAction = Callable[[int, list], None]
 
 def grace_s() -> float:
     try:
-        return max(0.1, float(os.environ.get("WATTSWEEP_STUCK_GRACE_S", DEFAULT_GRACE_S)))
+        value = float(os.environ.get("WATTSWEEP_STUCK_GRACE_S", DEFAULT_GRACE_S))
     except ValueError:
         return DEFAULT_GRACE_S
+    return min(3600.0, max(0.1, value)) if value == value else DEFAULT_GRACE_S
+
+
+# A handler run this long before the watcher read the byte still counts as
+# taking it: the main thread may get to a signal before the watcher thread does.
+_EARLY_S = 0.5
+
+
+def announces(handler: Callable) -> Callable:
+    """Mark a handler that calls handled() first (functions only; a method is
+    marked on its function): only such handlers may take a watched signal."""
+    getattr(handler, "__func__", handler)._wattsweep_announces = True  # type: ignore[union-attr]
+    return handler
+
+
+def _announcing(handler: Callable) -> Callable:
+    """``handler`` behind a wrapper that calls handled() first (submitit's USR2
+    requeue, installed before the watcher)."""
+    def wrapper(signum: int, frame: object) -> object:
+        handled()
+        return handler(signum, frame)
+
+    wrapper._wattsweep_announces = True  # type: ignore[attr-defined]
+    wrapper.__wrapped__ = handler  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _announces(handler: object) -> bool:
+    return bool(getattr(getattr(handler, "__func__", handler), "_wattsweep_announces", False))
 
 
 class _Watcher:
     def __init__(self, grace: float) -> None:
         self.grace_s = grace
         self._handled = threading.Event()
+        self._handled_at = -1e18  # monotonic time of the last handler run
         self._actions: list[tuple[int, StopAction]] = []
-        self._handlers: list[Callable] = []  # the Python handlers that call handled()
         self._next_token = 0
         self._lock = threading.Lock()
         self._reader, writer = socket.socketpair()
@@ -56,6 +86,10 @@ class _Watcher:
             writer.close()
             raise ValueError("signal wakeup fd already in use")
         self._pid = os.getpid()
+        for sig in WATCHED_SIGNALS:  # handlers already there announce too (they were installed first)
+            current = signal.getsignal(sig)
+            if callable(current) and not _announces(current):
+                signal.signal(sig, _announcing(current))
         threading.Thread(target=self._run, name="wattsweep-stop-watch", daemon=True).start()
 
     def push(self, action: StopAction) -> int:
@@ -69,12 +103,8 @@ class _Watcher:
             self._actions = [(t, a) for t, a in self._actions if t != token]
 
     def handled(self) -> None:
+        self._handled_at = time.monotonic()
         self._handled.set()
-
-    def own(self, handler: Callable) -> None:
-        with self._lock:
-            if not any(handler == h for h in self._handlers):
-                self._handlers.append(handler)
 
     def _run(self) -> None:
         while True:
@@ -84,40 +114,67 @@ class _Watcher:
                 return
             if not data:
                 return
+            read_at = time.monotonic()
             for signum in data:
-                if signum in WATCHED_SIGNALS and self._ours(signum):
-                    self._judge(signum)
+                # Only a signal one of our (or wrapped) handlers would take: any
+                # other handler never calls handled().
+                if signum in WATCHED_SIGNALS and _announces(signal.getsignal(signum)):
+                    if not self._taken_since(read_at - _EARLY_S):
+                        self._stop(signum)
+                    self._drain()  # taken: signals that came with it were taken with it
+                    break
 
-    def _ours(self, signum: int) -> bool:
-        """Only a signal that one of our handlers would take: another's
-        (submitit's USR2 requeue outside a cap session) never calls handled()."""
-        with self._lock:
-            handlers = list(self._handlers)
-        current = signal.getsignal(signum)
-        return any(current == h for h in handlers)
+    def _taken_since(self, since: float) -> bool:
+        """Whether a handler runs from ``since`` on, waiting up to the grace."""
+        deadline = time.monotonic() + self.grace_s
+        while True:
+            self._handled.clear()
+            if self._handled_at >= since:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._handled.wait(left)
 
-    def _judge(self, signum: int) -> None:
-        if self._handled.wait(self.grace_s):
-            self._handled.clear()  # the main thread took it: the normal path stops the rank
-            return
-        self._stop(signum)
+    def _drain(self) -> None:
+        """Bytes already written: signals Python folds into the handler run just seen."""
+        self._reader.setblocking(False)
+        try:
+            while self._reader.recv(64):
+                pass
+        except OSError:
+            pass
+        finally:
+            self._reader.setblocking(True)
 
     def _stop(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        print(f"wattsweep worker: {name} not taken by the main thread within {self.grace_s:g} s (blocked in a "
-              f"join or collective, waiting on another rank?); stopping from the watcher thread",
-              file=sys.stderr, flush=True)
-        notes: list[str] = []
-        with self._lock:
-            actions = [a for _, a in reversed(self._actions)]
-        for action in actions:
-            try:
-                action(signum, notes)
-            except BaseException as exc:  # noqa: BLE001 - the next action and the exit must still happen
-                print(f"wattsweep worker: stop action failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + signum)
+        try:
+            name = signal.Signals(signum).name
+            _say(f"{name} not taken by the main thread within {self.grace_s:g} s (blocked in a join or collective, "
+                 f"waiting on another rank?); stopping from the watcher thread")
+            notes: list[str] = []
+            with self._lock:
+                actions = [a for _, a in reversed(self._actions)]
+            for action in actions:
+                try:
+                    action(signum, notes)
+                except BaseException as exc:  # noqa: BLE001 - the next action and the exit must still happen
+                    _say(f"stop action failed: {type(exc).__name__}: {exc}")
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a full or closed log must not keep the process alive
+                    pass
+        finally:
+            os._exit(128 + signum)
+
+
+def _say(text: str) -> None:
+    """One line on stderr, straight to fd 2: a full log file system must not stop the stop."""
+    try:
+        os.write(2, f"wattsweep worker: {text}\n".encode())
+    except OSError:
+        pass
 
 
 _WATCHER: _Watcher | None = None
@@ -142,13 +199,6 @@ def handled() -> None:
     """Called first thing by the Python handlers of WATCHED_SIGNALS: the main thread is not stuck."""
     if _WATCHER is not None:
         _WATCHER.handled()
-
-
-def own_handler(handler: Callable) -> None:
-    """Declare a Python handler that calls handled() first: only signals that
-    such a handler would take are watched."""
-    if _WATCHER is not None:
-        _WATCHER.own(handler)
 
 
 def push_action(action: StopAction) -> int | None:
@@ -177,6 +227,8 @@ def _forget_in_child() -> None:
             signal.set_wakeup_fd(-1)
         except ValueError:
             pass
+        for sock in (_WATCHER._reader, _WATCHER._writer):
+            sock.close()
         _WATCHER = None
 
 

@@ -58,8 +58,7 @@ def stop_on_term() -> None:
         raise SignalExit(signum, caps_held=False)
 
     handler.outside_caps = True  # type: ignore[attr-defined]  # a cap session does not chain to it
-    stop.own_handler(handler)
-    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, stop.announces(handler))
 
 
 class CapPolicyError(GpuError):
@@ -167,6 +166,7 @@ class CapSession:
         self._restoring = False  # a restore is under way (a signal then waits for it)
         self._deferred: int | None = None  # a signal that arrived during it
         self._stop_token: int | None = None  # this session's action in the stop watcher
+        self._in_flight = 0  # GPUs being restored now (by the main thread or the stop watcher)
         if hasattr(backend, "set_context"):  # capctl: the helper's records name the cell, job and ledgers
             backend.set_context(cell_id=cell_id, slurm=self.slurm, ledgers=tuple(map(str, self.ledger.paths)))
 
@@ -300,32 +300,44 @@ class CapSession:
             raise GpuError(f"power limit not restored on {len(errors)} GPU(s): {errors[0]}")
         return len(errors)
 
-    def _restore_pending(self) -> list[str]:
-        """Restore what is still capped (each GPU once, whichever thread gets
-        here first); the errors, also on stderr and in the ledger."""
-        with self._lock:
-            pending, self._pending = self._pending, []
+    def _restore_pending(self, wait_others_s: float = 30.0) -> list[str]:
+        """Restore what is still capped, one GPU at a time, each by whichever
+        thread takes it first (the main thread's handler, the stop watcher);
+        then wait, up to ``wait_others_s``, for GPUs the other thread is still
+        restoring: the process must not end under it. The errors, also on
+        stderr and in the ledger."""
         errors = []
-        for info in pending:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    break
+                info = self._pending.pop(0)
+                self._in_flight += 1
             try:
                 self._restore_one(info)
             except GpuError as exc:
                 errors.append(str(exc))
                 print(f"wattsweep: cap NOT restored on GPU {info.index}: {exc}; the epilog or "
                       f"`wattsweep caps restore --all` will repair it", file=sys.stderr)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+        deadline = time.monotonic() + wait_others_s
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
         return errors
 
     def _restore_when_stuck(self, signum: int, notes: list) -> None:
         """The watcher thread's restore (workers/stop.py): the main thread is
-        blocked and will not run the signal handler. A restore the main thread
-        began (it got out of a long call just now) is left to finish first:
-        the process ends when this returns."""
-        deadline = time.monotonic() + 30.0
-        while self._restoring and time.monotonic() < deadline:
-            time.sleep(0.05)
+        blocked and will not run the signal handler. A GPU the main thread is
+        restoring (it got out of a long call just now) is left to it, and
+        waited for briefly: the process ends when this returns, and Slurm's
+        KillWait (30 s by default) has already partly run."""
         with self._lock:
-            held = bool(self._pending)
-        errors = self._restore_pending()
+            held = bool(self._pending) or self._in_flight > 0
+        errors = self._restore_pending(wait_others_s=10.0)
+        if self._in_flight:  # the main thread is stuck inside a restore (a hung driver call)
+            errors.append(f"{self._in_flight} GPU(s) still being restored by the blocked main thread")
         if not held:
             notes.append("no power cap was held by this rank (observe mode, or no cap asked)")
         elif errors:
@@ -362,7 +374,6 @@ class CapSession:
             self._old_handlers[sig] = old
             signal.signal(sig, self._on_signal)
         stop.watch()
-        stop.own_handler(self._on_signal)
         self._stop_token = stop.push_action(self._restore_when_stuck)
 
     def _remove_handlers(self) -> None:
@@ -392,3 +403,6 @@ class CapSession:
             old(signum, frame)  # submitit's USR2 handler checkpoints and requeues, then exits
         # Whatever the previous handler did, the cap is gone: never keep measuring.
         raise SignalExit(signum, failed)
+
+
+stop.announces(CapSession._on_signal)  # it calls stop.handled() first
