@@ -65,11 +65,12 @@ def test_the_others_find_a_killed_rank_0(tmp_path, cells):
 
 
 def test_another_ranks_failed_marker_stops_every_rank(tmp_path, cells):
-    cell = cells(tmp_path, 2, timeout=30).start()
+    cell = cells(tmp_path, 2, timeout=4).start()  # a beat a second; no rank goes silent
     cell.failed.set()
     assert cell.wait_stops([0, 1]) == {0: None, 1: None}
 
 
+@pytest.mark.slow
 def test_a_rank_that_finished_is_not_gone_and_healthy_ranks_run_on(tmp_path, cells):
     cell = cells(tmp_path, 3).start()
     cell.watches[2].finish()
@@ -133,6 +134,7 @@ def test_a_rank_that_ended_with_an_error_is_gone_at_once(tmp_path):
     assert peer == 2 and reason.startswith("rank 2 ended with an error")
 
 
+@pytest.mark.slow
 def test_a_file_system_error_does_not_end_the_watch(tmp_path, cells, capsys):
     """An ESTALE from NFS once ended the thread: the rank stopped beating and
     was then blamed for its own silence."""

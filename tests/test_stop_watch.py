@@ -7,6 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a Python process per test, and graces to wait out
+
 PRELUDE = textwrap.dedent("""
     import os, signal, sys, time
     os.environ["WATTSWEEP_STUCK_GRACE_S"] = "0.5"
@@ -49,7 +53,7 @@ def test_a_signal_the_main_thread_misses_runs_the_actions_and_exits():
         import ctypes, threading
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
         # Blocked in C (glibc's system() waits through EINTR): the handler cannot run until it returns.
-        ctypes.CDLL(None).system(b"sleep 5 </dev/null >/dev/null 2>&1")
+        ctypes.CDLL(None).system(b"exec sleep 5 </dev/null >/dev/null 2>&1")  # exec: no shell holds the pipes
         print("not reached", flush=True)
     """)
     assert got.returncode == 128 + signal.SIGTERM
@@ -115,7 +119,7 @@ def test_an_old_handler_run_does_not_cover_a_later_stuck_signal():
         time.sleep(1.0)
         import ctypes, threading
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
-        ctypes.CDLL(None).system(b"sleep 5 </dev/null >/dev/null 2>&1")
+        ctypes.CDLL(None).system(b"exec sleep 5 </dev/null >/dev/null 2>&1")  # exec: no shell holds the pipes
         print("not reached", flush=True)
     """)
     assert got.returncode == 128 + signal.SIGTERM and f"action {int(signal.SIGTERM)}" in got.stdout, got.stderr
