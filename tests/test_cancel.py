@@ -263,6 +263,10 @@ def test_cancel_reaches_a_rank_blocked_in_a_collective(tmp_path):
     assert restored == [0]  # rank 0's card is back; rank 1 still hangs with its cap
     _wait(lambda: _states(paths)[cid][0] == "cancelled" and not _capped(state_dir), 60, "rank 1 killed and repaired")
     assert main(["audit", "--ledger", str(paths.root)]) == 0
+    # The killed controller's KeyboardInterrupt is in the cell's own folder, not in the runner's log.
+    _wait(lambda: "KeyboardInterrupt" in (paths.launch_dir(cid) / "controller.log").read_text(), 30,
+          "the controller's traceback")
+    assert "Traceback" not in next((paths.root / "local").glob("queue-*.log")).read_text()
 
 
 def _capped(state_dir) -> bool:

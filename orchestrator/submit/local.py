@@ -23,8 +23,9 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from orchestrator.contracts import SweepPaths, atomic_write_json, read_json, write_failed
 from orchestrator.plan.planned import PlannedCell
@@ -300,6 +301,36 @@ def local_gpus() -> list[int]:
     return sorted(gpus)
 
 
+# The submitit controller's own output (a cancel shows there as its KeyboardInterrupt).
+CONTROLLER_LOG = "controller.log"
+
+
+@contextmanager
+def _controller_output(path: Path) -> Iterator[None]:
+    """The submitit controller inherits the runner's stdout and stderr (the
+    runner's log, shared by every cell): while it starts, point them at the
+    cell's own file, so a cancelled cell's traceback lands beside its logs."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        yield  # the runner's log, as before
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
 class _Runner:
     def __init__(self, queue_path: Path) -> None:
         self.queue_path = queue_path
@@ -473,7 +504,8 @@ class _Runner:
             if gpus:
                 params.update(gpus_per_node=len(gpus), visible_gpus=gpus)
             executor.update_parameters(**params)
-            job = executor.submit(task)
+            with _controller_output(self.paths.launch_dir(cell_id) / CONTROLLER_LOG):
+                job = executor.submit(task)
         except Exception as e:  # a broken task must not stop the other cells
             self.leases.release(gpus)
             self._fail(entry, f"could not start: {e}", traceback.format_exc())
