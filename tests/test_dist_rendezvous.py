@@ -70,10 +70,10 @@ def _attempt_failed(paths, attempt):
     """What run_cell gives the wait: this attempt's FAILED.json of cell c1."""
     from types import SimpleNamespace
 
-    from workers.entry import _failed_this_attempt
+    from workers.markers import failure_reason
 
     task = SimpleNamespace(cell_id="c1", attempt=attempt)
-    return lambda: _failed_this_attempt(paths, task)
+    return lambda: failure_reason(paths, task)
 
 
 def test_a_waiting_rank_stops_when_rank_0_fails_first(tmp_path):
@@ -122,20 +122,24 @@ def test_a_requeued_runs_ranks_do_not_stop_at_the_first_runs_marker(tmp_path, mo
     alone, that marker stopped the requeued run's ranks before rank 0 could
     move it aside."""
     from orchestrator.contracts import SweepPaths
-    from workers import entry
+    from workers import markers
 
     paths = SweepPaths.of(tmp_path)
     paths.cell_dir("c1").mkdir(parents=True)
-    monkeypatch.setattr(entry, "_RUN", {})
     monkeypatch.setenv("SLURM_JOB_ID", "4711")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued run
-    marker = {"error": "SystemExit: -1", "rank": 0, "attempt": 0, "run": "4711.0"}
-    paths.failed_marker("c1").write_text(json.dumps(marker))
-    assert _attempt_failed(paths, 0)() is None
-    paths.failed_marker("c1").write_text(json.dumps({**marker, "run": "4711.1"}))  # this run's own
-    assert _attempt_failed(paths, 0)() == "rank 0: SystemExit: -1"
-    paths.failed_marker("c1").write_text(json.dumps({k: v for k, v in marker.items() if k != "run"}))
-    assert _attempt_failed(paths, 0)() == "rank 0: SystemExit: -1"  # the local runner's marker has no run
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    markers.run_id.cache_clear()  # the run is read once per process: read it from this environment
+    try:
+        marker = {"error": "SystemExit: -1", "rank": 0, "attempt": 0, "run": "4711.0"}
+        paths.failed_marker("c1").write_text(json.dumps(marker))
+        assert _attempt_failed(paths, 0)() is None
+        paths.failed_marker("c1").write_text(json.dumps({**marker, "run": "4711.1"}))  # this run's own
+        assert _attempt_failed(paths, 0)() == "rank 0: SystemExit: -1"
+        paths.failed_marker("c1").write_text(json.dumps({k: v for k, v in marker.items() if k != "run"}))
+        assert _attempt_failed(paths, 0)() == "rank 0: SystemExit: -1"  # the local runner's marker has no run
+    finally:
+        markers.run_id.cache_clear()
 
 
 def test_a_requeued_run_that_fails_keeps_the_first_runs_marker(tmp_path, monkeypatch):
@@ -143,15 +147,15 @@ def test_a_requeued_run_that_fails_keeps_the_first_runs_marker(tmp_path, monkeyp
     from types import SimpleNamespace
 
     from orchestrator.contracts import SweepPaths
-    from workers import entry
+    from workers import markers
 
     paths = SweepPaths.of(tmp_path)
     paths.cell_dir("c1").mkdir(parents=True)
-    monkeypatch.setattr(entry, "_RUN", {"run": "4711.1"})
+    monkeypatch.setattr(markers, "run_id", lambda: "4711.1")
     first = {"error": "SystemExit: -1", "rank": 0, "attempt": 0, "run": "4711.0"}
     paths.failed_marker("c1").write_text(json.dumps(first))
     task = SimpleNamespace(cell_id="c1", attempt=0)
-    entry._write_failed(paths, task, error="boom", traceback_text="", extra=entry._marker_extra(task, 1))
+    markers.write_failure(paths, task, 1, error="boom", traceback_text="")
     assert json.loads((paths.attempts_dir("c1") / "0" / "FAILED.json").read_text()) == first
     now = json.loads(paths.failed_marker("c1").read_text())
     assert (now["error"], now["rank"], now["run"]) == ("boom", 1, "4711.1")

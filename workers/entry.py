@@ -22,7 +22,6 @@ from orchestrator.contracts import (
     move_aside_outputs,
     slurm_context,
     write_done,
-    write_failed,
 )
 
 
@@ -40,9 +39,8 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     (after writing FAILED.json) so the scheduler sees a failed job."""
     from workers import dist
 
+    from workers import markers, stop
     from workers.gpu.caps import stop_on_term
-
-    from workers import stop
 
     paths = SweepPaths.of(task.sweep_dir)
     rank = dist.own_rank()  # FAILED.json names this rank even when joining fails
@@ -54,8 +52,8 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         peers = _watch_peers(paths, task, rank)
         info = dist.init_distributed(
             task.params.shards,
-            rendezvous=paths.launch_dir(task.cell_id) / f"rendezvous-{dist.job_key()}.a{task.attempt}.json",
-            abort_if=lambda: _failed_this_attempt(paths, task),
+            rendezvous=paths.launch_dir(task.cell_id) / f"rendezvous-{markers.run_id()}.a{task.attempt}.json",
+            abort_if=lambda: markers.failure_reason(paths, task),
         )
         rank = info.rank
         _limit_cpu_threads(info)
@@ -63,15 +61,9 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         return dataclasses.asdict(result)
     except BaseException as exc:  # SystemExit from a signal handler included
         ok = False
-        if _this_runs_failure(paths, task) is not None:
+        if markers.this_runs_failure(paths, task) is not None:
             raise  # another rank failed first: its marker names the cause, ours would not
-        _write_failed(
-            paths,
-            task,
-            error=_error_text(exc),
-            traceback_text=traceback.format_exc(),
-            extra=_marker_extra(task, rank),
-        )
+        markers.write_failure(paths, task, rank, error=_error_text(exc), traceback_text=traceback.format_exc())
         raise
     finally:
         if peers is not None:
@@ -82,10 +74,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
 
 def _watch_peers(paths: SweepPaths, task: CellTask, rank: int) -> Any:
     """A cell of several ranks: notice a rank that is gone (workers/peers.py)."""
-    if task.params.shards <= 1:
+    from workers import markers
+    from workers.peers import PeerWatch, timeout_s
+
+    if task.params.shards <= 1 or timeout_s() <= 0:  # WATTSWEEP_PEER_TIMEOUT_S=0: no watch
         return None
-    from workers import dist
-    from workers.peers import PeerWatch
 
     def stop_cell(verdict: tuple[int, str] | None) -> None:
         import os
@@ -95,32 +88,20 @@ def _watch_peers(paths: SweepPaths, task: CellTask, rank: int) -> Any:
             print(f"wattsweep worker: rank {rank} stops: "
                   f"{verdict[1] if verdict else 'another rank of this attempt failed (FAILED.json)'}",
                   file=sys.stderr, flush=True)
-            if verdict is not None and not _failed_this_attempt(paths, task):
+            if verdict is not None and not markers.this_runs_failure(paths, task):
                 peer, reason = verdict
-                _write_failed(paths, task, error=reason, traceback_text="",
-                             extra=_marker_extra(task, peer, found_by_rank=rank))
+                markers.write_failure(paths, task, peer, error=reason, traceback_text="", found_by_rank=rank)
         finally:  # a marker that cannot be written must not keep this rank waiting
             os.kill(os.getpid(), signal.SIGTERM)  # the handler (or the stop watcher) restores the cap
 
-    from workers.peers import timeout_s
-
-    if timeout_s() <= 0:
-        return None  # WATTSWEEP_PEER_TIMEOUT_S=0: no watch
-    folder = paths.launch_dir(task.cell_id) / f"alive-{dist.job_key()}.a{task.attempt}"
+    folder = paths.launch_dir(task.cell_id) / f"alive-{markers.run_id()}.a{task.attempt}"
     try:
         return PeerWatch(folder, rank, task.params.shards, stop=stop_cell,
-                         other_failed=lambda: _failed_by_another(paths, task, rank)).start()
+                         other_failed=lambda: markers.failed_by_another(paths, task, rank)).start()
     except OSError as exc:  # the cell can run without it
         print(f"wattsweep worker: no peer watch ({exc}); a rank that dies leaves the others to their timeouts",
               file=sys.stderr, flush=True)
         return None
-
-
-def _failed_by_another(paths: SweepPaths, task: CellTask, rank: int) -> bool:
-    """This run's FAILED.json, written by another rank (or the runner): not
-    our own, which this rank writes on its way out."""
-    failed = _this_runs_failure(paths, task)
-    return failed is not None and failed.get("found_by_rank", failed.get("rank")) != rank
 
 
 def _failed_when_stuck(paths: SweepPaths, task: CellTask, rank: int, signum: int, notes: list) -> None:
@@ -128,89 +109,15 @@ def _failed_when_stuck(paths: SweepPaths, task: CellTask, rank: int, signum: int
     signal while its main thread was blocked; its traceback shows where."""
     import signal
 
-    from workers import stop
+    from workers import markers, stop
 
-    if _failed_this_attempt(paths, task) or _done_this_attempt(paths, task):
+    if markers.this_runs_failure(paths, task) or markers.done_this_run(paths, task):
         return  # another rank failed first (its marker names the cause), or the cell is done
     blocked = stop.main_thread_stack()
     error = (f"stopped by {signal.Signals(signum).name} while blocked for {stop.grace_s():g} s"
-             f"{' in ' + _blocked_in(blocked) if blocked else ''} (waiting on another rank?)")
-    _write_failed(paths, task, error="; ".join([error, *notes]),
-                 traceback_text="Main thread, blocked:\n" + blocked,
-                 extra=_marker_extra(task, rank, stopped_blocked=True))
-
-
-def _done_this_attempt(paths: SweepPaths, task: CellTask) -> bool:
-    from orchestrator.contracts import read_json
-
-    try:
-        done = read_json(paths.done_marker(task.cell_id))
-    except (OSError, ValueError):
-        return False
-    return isinstance(done, dict) and done.get("attempt") == task.attempt
-
-
-def _blocked_in(stack: str) -> str:
-    """The innermost frame's function, from a formatted stack ("barrier", "all_reduce")."""
-    lines = [ln for ln in stack.splitlines() if ln.strip().startswith("File ")]
-    return lines[-1].rsplit(" in ", 1)[-1].strip() if lines else "?"
-
-
-def _failed_this_attempt(paths: SweepPaths, task: CellTask) -> str | None:
-    """Why this attempt already failed, from a FAILED.json that another rank of
-    it wrote (an earlier attempt's marker names another attempt)."""
-    failed = _this_runs_failure(paths, task)
-    if failed is None:
-        return None
-    return f"rank {failed.get('rank', '?')}: {str(failed.get('error', ''))[:200]}"
-
-
-def _this_runs_failure(paths: SweepPaths, task: CellTask) -> dict[str, Any] | None:
-    """FAILED.json when it is of this attempt and of this run of it. A job
-    requeued after preemption runs the same attempt again, and the marker its
-    first run wrote on the way out stays until rank 0 moves it aside (after
-    the join): judged by attempt alone, it stopped the requeued run's ranks."""
-    from orchestrator.contracts import read_json
-
-    marker = paths.failed_marker(task.cell_id)
-    if not marker.exists():  # one stat, the common case (polled by the join and the peer watch)
-        return None
-    try:
-        failed = read_json(marker)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(failed, dict) or failed.get("attempt") != task.attempt:
-        return None
-    run = failed.get("run")  # absent in a marker of the local runner: that one is of this run
-    return failed if run is None or run == _run() else None
-
-
-def _run() -> str:
-    """This run of the attempt: the job and its restart count (dist.job_key)."""
-    from workers import dist
-
-    if "run" not in _RUN:
-        _RUN["run"] = dist.job_key()
-    return _RUN["run"]
-
-
-_RUN: dict[str, str] = {}
-
-
-def _write_failed(paths: SweepPaths, task: CellTask, **fields: Any) -> None:
-    """FAILED.json of this run. A marker of an earlier run or attempt that rank 0
-    has not moved aside yet (it does so after the join) goes to ``attempts/``
-    first, as rank 0 would have moved it: never overwritten."""
-    if paths.failed_marker(task.cell_id).exists() and _this_runs_failure(paths, task) is None:
-        try:
-            move_aside_outputs(paths, task.cell_id)
-        except OSError:
-            pass  # another rank moved it just now
-    write_failed(paths, task.cell_id, **fields)
-
-
-def _marker_extra(task: CellTask, rank: int, **more: Any) -> dict[str, Any]:
-    return {"rank": rank, "attempt": task.attempt, "run": _run(), **more}
+             f"{' in ' + stop.innermost_function(blocked) if blocked else ''} (waiting on another rank?)")
+    markers.write_failure(paths, task, rank, error="; ".join([error, *notes]),
+                          traceback_text="Main thread, blocked:\n" + blocked, stopped_blocked=True)
 
 
 def _error_text(exc: BaseException) -> str:

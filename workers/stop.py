@@ -218,6 +218,12 @@ def main_thread_stack() -> str:
     return "".join(traceback.format_stack(frame)) if frame is not None else ""
 
 
+def innermost_function(stack: str) -> str:
+    """The innermost frame's function of a formatted stack ("barrier", "all_gather")."""
+    lines = [ln for ln in stack.splitlines() if ln.strip().startswith("File ")]
+    return lines[-1].rsplit(" in ", 1)[-1].strip() if lines else "?"
+
+
 def _forget_in_child() -> None:
     # A forked child (a data-loader worker) must not write its signals into the
     # parent's watcher: the parent would take them for its own and stop itself.

@@ -265,15 +265,20 @@ def _check_gpus(cells: list[PlannedCell], *, leases: bool = True) -> None:
         return  # no GPU: cells run on the CPU, nothing to lease
     wide = [c.cell_id for c in cells if c.params.shards > len(gpus)]
     if wide:
-        limit = " (WATTSWEEP_LOCAL_GPUS)" if os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip() else ""
         raise LaunchError(f"cell(s) {', '.join(wide)} need more GPUs than the local launcher has: "
-                          f"{len(gpus)}{limit}; use launcher=slurm or fewer shards")
+                          f"{_gpu_count_text(gpus)}; use launcher=slurm or fewer shards")
     if not leases:
         return
     try:
         GpuLeases().check(gpus)
     except LeaseError as e:
         raise LaunchError(str(e)) from None
+
+
+def _gpu_count_text(gpus: list[int]) -> str:
+    """How many GPUs the launcher has, and whether WATTSWEEP_LOCAL_GPUS said so."""
+    limit = " (WATTSWEEP_LOCAL_GPUS)" if os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip() else ""
+    return f"{len(gpus)}{limit}"
 
 
 def local_gpus() -> list[int]:
@@ -492,8 +497,7 @@ class _Runner:
 
         cell_id, shards = entry["cell_id"], entry["shards"]
         if self.gpus and shards > len(self.gpus):
-            limit = " (WATTSWEEP_LOCAL_GPUS)" if os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip() else ""
-            self._fail(entry, f"cell needs {shards} GPUs; the local launcher has {len(self.gpus)}{limit}; "
+            self._fail(entry, f"cell needs {shards} GPUs; the local launcher has {_gpu_count_text(self.gpus)}; "
                               "use launcher=slurm or fewer shards")
             return
         try:
