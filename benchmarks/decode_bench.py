@@ -153,6 +153,7 @@ class Step:
     dynamic_kv: bool = True  # Generator(dynamic_kv=...): attention over used slots, not key buckets
     hand_kernels: bool = True  # fused.HAND_KERNELS: rotary + cache writes in one Triton kernel
     skinny: bool = False  # linear.SKINNY: Triton products for few rows
+    split_k: bool = True  # linear.SPLIT_K: row-parallel products as partial sums at few rows
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
     blas: str | None = None  # torch.backends.cuda.preferred_blas_library while capturing; None: torch's default
 
@@ -165,6 +166,8 @@ STEPS = {
     "fused-skinny": Step("as fused, with Triton skinny products where faster than cuBLAS", skinny=True),
     "fused-split4": Step("as fused, attention in up to four key chunks per head at large batch"
                          " (the default before 2026-11-27 09:20)", splits_busy=4),
+    "fused-nosplit": Step("as fused, row-parallel products through cuBLAS's own split-K at few rows"
+                          " (the default before 2026-11-27 22:00)", split_k=False),
     "fused-lt": Step("as fused, matrix products through cuBLASLt (torch's preferred BLAS library)",
                      blas="cublaslt"),
 }
@@ -175,7 +178,7 @@ _DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_av
 def _use_step(model, step: str) -> None:
     """Set the decode path; a generator's graph keeps the one set when it was captured."""
     v = STEPS[step]
-    model.fuse, fused.HAND_KERNELS, linear.SKINNY = v.fuse, v.hand_kernels, v.skinny
+    model.fuse, fused.HAND_KERNELS, linear.SKINNY, linear.SPLIT_K = v.fuse, v.hand_kernels, v.skinny, v.split_k
     attention.MAX_SPLITS_BUSY = v.splits_busy or _DEFAULT_SPLITS_BUSY
     if _DEFAULT_BLAS is not None:
         torch.backends.cuda.preferred_blas_library(v.blas or _DEFAULT_BLAS)

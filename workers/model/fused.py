@@ -42,6 +42,14 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return h, F.rms_norm(h, weight.shape, weight, eps)
 
 
+def add_partials_rms_norm(x: torch.Tensor, partials: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """As add_rms_norm, with the delta given as partial sums (S, *x.shape) added in
+    float32 and rounded once, as a product's own split-K reduce would."""
+    h = x + partials.float().sum(0).to(x.dtype)
+    return h, F.rms_norm(h, weight.shape, weight, eps)
+
+
 def rope_cache(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                slots: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
     """qkv: (B, T, nq + 2 nkv, D); cos_sin: (B, T, 1, D/2, 2) float32; caches: (B, nkv, S, D),
@@ -61,6 +69,15 @@ def rope_cache(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def add_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + delta`` and its RMSNorm, compiled; ``delta`` may be a row-parallel
+    product's partial sums (one leading dimension more than x, linear.partial_products)."""
+    if delta.dim() > x.dim():
+        return ADD_PARTIALS_RMS_NORM(x, delta, weight, eps)
+    return ADD_RMS_NORM(x, delta, weight, eps)
 
 
 class _Compiled:
@@ -86,13 +103,14 @@ class _Compiled:
 
 COMPILE = True  # False: the fused path's functions run eagerly (same result, more kernels)
 ADD_RMS_NORM = _Compiled(add_rms_norm)
+ADD_PARTIALS_RMS_NORM = _Compiled(add_partials_rms_norm)
 ROPE_CACHE = _Compiled(rope_cache)
 SILU_MUL = _Compiled(silu_mul)
 
 
 def status() -> dict[str, object]:
     """Whether each function runs compiled, for benchmark records."""
-    fns = (ADD_RMS_NORM, ROPE_CACHE, SILU_MUL)
+    fns = (ADD_RMS_NORM, ADD_PARTIALS_RMS_NORM, ROPE_CACHE, SILU_MUL)
     return {"compile": COMPILE, "compiled": [f.name for f in fns if f._compiled is not None and f.error is None],
             "errors": {f.name: f.error for f in fns if f.error}}
 

@@ -133,9 +133,14 @@ def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce_project(x: torch.Tensor, layer: RowLinear) -> torch.Tensor:
-    """A row-parallel product of a decode step: local product, then the all-reduce."""
+    """A row-parallel product of a decode step: local product, then the all-reduce.
+    At few rows the result may be partial sums, one leading dimension more, that
+    the next fused.add_norm adds up (linear.partial_products; the all-reduce of a
+    sum is the sum of the all-reduced partials)."""
     if _skinny(x, layer.weight):
         return reduce_from_model_parallel_region(linear.skinny_linear(x, layer.weight))
+    if linear.split_k_usable(x, layer.weight):
+        return reduce_from_model_parallel_region(linear.partial_products(x, layer.weight))
     return layer(x)
 
 
@@ -246,9 +251,9 @@ class TransformerBlock(nn.Module):
         if delta is None:
             normed = self.attention_norm(x)
         else:
-            x, normed = fused.ADD_RMS_NORM(x, delta, self.attention_norm.weight, self.attention_norm.eps)
+            x, normed = fused.add_norm(x, delta, self.attention_norm.weight, self.attention_norm.eps)
         attn = self.attention.forward_fused(normed, cos_sin, slots, mask, kv_len, pads)
-        x, normed = fused.ADD_RMS_NORM(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
+        x, normed = fused.add_norm(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
         return x, self.feed_forward.forward_fused(normed)
 
 
@@ -290,7 +295,7 @@ class Transformer(nn.Module):
             delta = None
             for layer in self.layers:
                 h, delta = layer.forward_fused(h, delta, cos_sin, slots, mask, kv_len, pads)
-            _, normed = fused.ADD_RMS_NORM(h, delta, self.norm.weight, self.norm.eps)
+            _, normed = fused.add_norm(h, delta, self.norm.weight, self.norm.eps)
             return self.output(normed).float()
         if mask is None:
             raise ValueError("the plain path needs a mask; only a fused decode step takes pads instead")
