@@ -37,15 +37,6 @@ SHAPES_COLUMN = [("wqkv", 3 * 4096, 4096), ("w13", 2 * 11008, 4096)]
 EPS = 1e-5
 
 
-def add_partials_rms_norm(x: torch.Tensor, partials: torch.Tensor, weight: torch.Tensor, eps: float):
-    """x + the sum of partials (S, B, N) in float32, then RMSNorm: one kernel when compiled."""
-    h = x + partials.float().sum(0).to(x.dtype)
-    return h, F.rms_norm(h, weight.shape, weight, eps)
-
-
-ADD_PARTIALS = torch.compile(add_partials_rms_norm, fullgraph=True)
-
-
 def bench(n: int, k: int, m: int, splits: list[int], rotate_bytes: int, device: torch.device,
           chain: bool = True) -> dict:
     copies = max(2, rotate_bytes // (n * k * 2))
@@ -77,7 +68,7 @@ def bench(n: int, k: int, m: int, splits: list[int], rotate_bytes: int, device: 
         ws = [w.view(n, s, k // s).permute(1, 2, 0) for w in weights]  # (S, K/S, N) views of W
 
         def bmm_chain(w, xs=xs):
-            return ADD_PARTIALS(resid, torch.bmm(xs, w), g, EPS)
+            return fused.ADD_PARTIALS_RMS_NORM(resid, torch.bmm(xs, w), g, EPS)
 
         row[f"bmm{s}_us"] = graph_time_us([lambda w=w: bmm_chain(w) for w in ws])
         row[f"bmm{s}_only_us"] = graph_time_us([lambda w=w: torch.bmm(xs, w) for w in ws])

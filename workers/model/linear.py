@@ -38,13 +38,13 @@ SKINNY = False
 
 # Row-parallel products (wo, w2) at up to this many activation rows run as
 # SPLIT_K_SLICES partial products in one batched call (``partial_products``) whose
-# sum the next fused add + RMSNorm takes (fused.add_norm): cuBLAS would split the
-# reduction itself there and add the partials in a kernel of its own. On an H100,
-# LLaMA-7B's wo + norm took 17.4 instead of 19.7 us and w2 + norm 37.9 instead of
-# 39.6 at one row, and level or slower at 8 (benchmarks/splitk_bench.py).
+# sum the next fused add + RMSNorm takes (fused.add_norm). cuBLAS splits the
+# reduction of these narrow products itself at few rows and adds the partials in
+# a kernel of its own. On an H100, LLaMA-7B's wo + w2 with their norms took 4-6 us
+# less per layer at every row count from 1 to 64 (benchmarks/splitk_bench.py).
 SPLIT_K = True
 SPLIT_K_SLICES = 2
-SPLIT_K_MAX_ROWS = 4
+SPLIT_K_MAX_ROWS = 64
 
 
 def _rows_block(m: int) -> int:
