@@ -174,3 +174,45 @@ def test_the_local_launcher_keeps_to_the_gpus_an_allocation_shows(monkeypatch):
     monkeypatch.setattr(local, "_gpu_uuids", lambda: [])  # a CPU machine with the variable set
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert local.local_gpus() == []
+
+
+def test_lease_files_are_named_by_the_cards_uuid_where_known(tmp_path):
+    """Two allocations on one node (device cgroups) each see their card as GPU 0:
+    by index they took turns; by UUID each leases its own card, and one card seen
+    under two indices is still one lease."""
+    folder = tmp_path / "leases"
+    a = GpuLeases(folder, uuids={0: "GPU-aaaa-1111"})
+    b = GpuLeases(folder, uuids={0: "GPU-bbbb-2222"})
+    assert a.claim([0], 1, sweep="/s/a", cell_id="ca") == [0]
+    assert b.claim([0], 1, sweep="/s/b", cell_id="cb") == [0]  # another card: not held
+    same_card = GpuLeases(folder, uuids={3: "GPU-aaaa-1111"})
+    assert same_card.claim([3], 1, sweep="/s/c", cell_id="cc") is None  # a's card, by another index
+    assert sorted(p.name for p in folder.glob("gpu-*.json")) == ["gpu-GPU-aaaa-1111.json", "gpu-GPU-bbbb-2222.json"]
+    # no UUID (no NVML, a simulated node), or one that cannot name a file: the index
+    odd = GpuLeases(folder, uuids={1: "GPU-../../etc"})
+    assert odd.claim([1], 1, sweep="/s/d", cell_id="cd") == [1]
+    assert (folder / "gpu-1.json").exists()
+
+
+def test_a_worker_makes_cuda_number_the_gpus_as_nvml_does(tmp_path, monkeypatch):
+    """NVML (caps, telemetry, leases) numbers cards along the PCI bus, CUDA the fastest
+    first by default: run_cell sets the order before anything starts CUDA."""
+    import os
+
+    from types import SimpleNamespace
+
+    from workers import dist
+    from workers.entry import run_cell
+
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    seen = {}
+
+    def init_distributed(*a, **k):
+        seen["order"] = os.environ.get("CUDA_DEVICE_ORDER")
+        raise RuntimeError("stop before the model")
+
+    monkeypatch.setattr(dist, "init_distributed", init_distributed)
+    task = SimpleNamespace(sweep_dir=str(tmp_path), cell_id="c1", attempt=0, params=SimpleNamespace(shards=1))
+    with pytest.raises(RuntimeError, match="stop before the model"):
+        run_cell(task)
+    assert seen["order"] == "PCI_BUS_ID"

@@ -8,6 +8,7 @@ file and, after a barrier, ``DONE.json``. Any rank that fails writes
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import sys
 import time
@@ -42,6 +43,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     from workers import markers, stop
     from workers.gpu.caps import stop_on_term
 
+    # The GPU layer reads NVML, which numbers cards along the PCI bus; CUDA numbers
+    # the fastest first unless told otherwise. On a node of mixed cards an index in
+    # CUDA_VISIBLE_DEVICES then named two cards: the one capped and sampled, and the
+    # one the model ran on. Set before anything in this process starts CUDA.
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     paths = SweepPaths.of(task.sweep_dir)
     rank = dist.own_rank()  # FAILED.json names this rank even when joining fails
     token = peers = None

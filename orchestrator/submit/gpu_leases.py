@@ -7,8 +7,11 @@ other's. A runner now leases a GPU before it starts a cell on it, in a folder
 every local user of the machine shares (``$WATTSWEEP_LEASE_DIR``, else
 ``/tmp/wattsweep-gpu-leases``, sticky and writable by all).
 
-One file per GPU index, ``gpu-<i>.json``, rewritten in place under one ``flock``
-(``.lock``); an empty file is a free GPU. A lease names its holders: the runner
+One file per GPU, ``gpu-<uuid>.json`` (``gpu-<index>.json`` where the card's UUID
+is not known: no NVML, a simulated node), rewritten in place under one ``flock``
+(``.lock``); an empty file is a free GPU. The UUID and not the index, because
+two allocations on one node (Slurm with device cgroups) each number their own
+cards from 0: by index, they took turns on GPUs they did not share. A lease names its holders: the runner
 that took it and, once started, the cell's submitit controller. It stays held
 while the controller runs (a runner killed with ``kill -9`` leaves its cells
 running, and their GPUs stay leased) or, before the controller exists, while the
@@ -29,10 +32,11 @@ import stat
 import getpass
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 DEFAULT_DIR = Path("/tmp/wattsweep-gpu-leases")
 
@@ -89,9 +93,17 @@ def held(record: dict[str, Any]) -> bool:
     return pid_alive(record.get("runner_pid"))
 
 
+# What a UUID may hold to name a lease file: NVML's are GPU-<hex and dashes>.
+_UUID = re.compile(r"GPU-[0-9A-Za-z-]{1,64}")
+
+
 class GpuLeases:
-    def __init__(self, folder: Path | None = None) -> None:
+    """Leases of GPUs named by index; ``uuids`` (index -> the card's UUID) names
+    their files, where known."""
+
+    def __init__(self, folder: Path | None = None, uuids: Mapping[int, str] | None = None) -> None:
         self.folder = Path(folder) if folder is not None else lease_dir()
+        self.uuids = {int(i): u for i, u in (uuids or {}).items() if _UUID.fullmatch(u)}
 
     def check(self, gpus: list[int]) -> None:
         """Raise LeaseError now (at submission) for what would stop a runner later."""
@@ -147,7 +159,7 @@ class GpuLeases:
             os.close(fd)  # releases the flock
 
     def _path(self, gpu: int) -> Path:
-        return self.folder / f"gpu-{int(gpu)}.json"
+        return self.folder / f"gpu-{self.uuids.get(int(gpu), int(gpu))}.json"
 
     def _read(self, gpu: int) -> dict[str, Any] | None:
         fd = _open_shared(self._path(gpu))

@@ -270,7 +270,7 @@ def _check_gpus(cells: list[PlannedCell], *, leases: bool = True) -> None:
     if not leases:
         return
     try:
-        GpuLeases().check(gpus)
+        GpuLeases(uuids=dict(enumerate(_gpu_uuids()))).check(gpus)
     except LeaseError as e:
         raise LaunchError(str(e)) from None
 
@@ -342,7 +342,9 @@ class _Runner:
         self.q = read_json(queue_path)
         self.paths = SweepPaths.of(self.q["sweep_dir"])
         self.gpus = local_gpus()
-        self.leases = GpuLeases()
+        # files named by UUID; the GPUs stay NVML's indices (the worker makes
+        # CUDA number them as NVML does: entry.run_cell)
+        self.leases = GpuLeases(uuids=dict(enumerate(_gpu_uuids())))
         self.running: list[tuple[dict[str, Any], Any, list[int]]] = []
         self._told_held: tuple[Any, ...] = ()
         self._gangs: dict[str, GangWatch] = {}
