@@ -216,3 +216,68 @@ def test_a_worker_makes_cuda_number_the_gpus_as_nvml_does(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="stop before the model"):
         run_cell(task)
     assert seen["order"] == "PCI_BUS_ID"
+
+
+@pytest.fixture()
+def runners():
+    """Live processes standing in for two runners (leases name a runner by pid and start time)."""
+    procs = [subprocess.Popen(["sleep", "120"]) for _ in range(2)]
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_wide_cell_keeps_its_place_in_line_against_narrow_cells(tmp_path, runners):
+    """A runner of one-GPU cells used to take each GPU as it freed: the two-GPU cell of
+    another sweep waited for ever. The oldest waiting cell now gets the GPUs it needs first."""
+    folder = tmp_path / "leases"
+    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners)
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n1") == [0]
+    assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w1") is None  # one free: waits, first in line
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n2") is None  # GPU 1 is free, but w1 needs it
+    assert narrow.queued_ahead["cell_id"] == "w1" and narrow.queued_ahead["n"] == 2
+    narrow.release([0])
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n2") is None  # both free: still w1's turn
+    assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w1") == [0, 1]
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n2") is None  # held
+    wide.release([0, 1])
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n2") == [0]  # w1 left the line when it started
+
+
+def test_a_waiting_cell_does_not_hold_back_gpus_it_cannot_use(tmp_path, runners):
+    folder = tmp_path / "leases"
+    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners)
+    assert narrow.claim([0], 1, sweep="/s/n", cell_id="n1") == [0]
+    assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w1") is None
+    assert narrow.claim([1, 2], 1, sweep="/s/n", cell_id="n2") == [2]  # GPU 1 is w1's, 2 is not
+    assert narrow.claim([1, 3, 4], 2, sweep="/s/n", cell_id="n3") == [3, 4]
+    assert narrow.claim([1], 1, sweep="/s/n", cell_id="n4") is None
+
+
+def test_a_place_in_line_ends_with_its_runner_its_cell_or_a_withdrawal(tmp_path, runners):
+    folder = tmp_path / "leases"
+    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners)
+    hold = GpuLeases(folder)  # this process holds GPU 0 throughout
+    assert hold.claim([0], 1, sweep="/s/h", cell_id="h") == [0]
+    assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w1") is None
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n1") is None
+    wide.withdraw()  # its waiting cell was cancelled
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n1") == [1]
+    narrow.release([1])
+    assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w2") is None  # back in line, last
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n2") is None  # n1's place went with n1: w2 is first
+    assert wide.claim([0, 1], 1, sweep="/s/w", cell_id="w3") is None  # moving on loses w2's place: n2 is first
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n2") == [1]
+    narrow.release([1])
+    assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w4") is None
+    runners[0].kill()
+    runners[0].wait()  # the waiting cell's runner ended: its place with it
+    assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n2") == [1]
+    narrow.release([1])
+    # a place kept under a pid that another process now has (same pid, another start) is void
+    queue = json.loads((folder / "waiting.json").read_text() or "[]")
+    queue.append({"runner_pid": runners[1].pid, "runner_start": 1, "cell_id": "old", "n": 2, "gpus": ["0", "1"],
+                  "since_unix_s": 0.0})
+    (folder / "waiting.json").write_text(json.dumps(queue))
+    assert GpuLeases(folder).claim([0, 1], 1, sweep="/s/x", cell_id="x") == [1]

@@ -269,6 +269,34 @@ def test_status_says_what_a_waiting_local_cell_waits_for(tmp_path, monkeypatch):
         other.wait()
 
 
+def test_a_cell_behind_another_sweeps_waiting_cell_says_so_and_its_place_ends_with_it(tmp_path, monkeypatch):
+    from orchestrator.status.state import sweep_status
+    from orchestrator.submit.gpu_leases import QUEUE_NAME, start_ticks
+    from orchestrator.submit.local import _Runner
+
+    paths, queue = _queued_on_gpu_0(tmp_path, monkeypatch)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # another sweep's runner
+    try:
+        waiting = tmp_path / "leases" / QUEUE_NAME
+        waiting.parent.mkdir(parents=True, exist_ok=True)
+        waiting.write_text(json.dumps([{"runner_pid": other.pid, "runner_start": start_ticks(other.pid), "user": "bob",
+                                        "cell_id": "x1", "sweep": "/s/other", "n": 1, "gpus": ["0"],
+                                        "since_unix_s": 1.0}]))
+        runner = _Runner(queue)
+        assert runner._claim(runner.q["cells"][0]) is None  # GPU 0 is free, but x1 waited first
+        (cell,) = sweep_status(paths, validate=False).cells
+        assert cell.reason == ("waits for 1 free GPU(s); held: none; first in line: bob's cell x1 of /s/other, "
+                               "waiting for 1 GPU(s)")
+        assert [w["runner_pid"] for w in json.loads(waiting.read_text())] == [other.pid, os.getpid()]
+        runner._leave_line_if_idle([runner.q["cells"][0]])  # still a cell to start: keeps its place
+        assert len(json.loads(waiting.read_text())) == 2
+        runner._leave_line_if_idle([])  # its cell was cancelled
+        assert [w["runner_pid"] for w in json.loads(waiting.read_text())] == [other.pid]
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_runner_that_cannot_go_on_fails_its_cells_where_status_looks(tmp_path, monkeypatch):
     """The runner died with a traceback in its own log and the cells read `missing`."""
     from orchestrator.status.state import sweep_status

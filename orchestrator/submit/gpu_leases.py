@@ -19,6 +19,14 @@ runner does. A lease whose holders have ended is free: nothing has to clean up
 after a crash. Files are rewritten, never replaced, so another user's lease file
 in the sticky folder can still be taken over once its holders have ended.
 
+A cell that finds too few GPUs free joins ``waiting.json``, oldest first, and a
+claim may not take a GPU that the oldest waiting cell of another runner needs:
+without it, a runner of one-GPU cells took each GPU as it freed, and a
+two-GPU cell of another sweep waited for ever. The oldest waiter leaves the
+queue when it gets its GPUs, when its runner moves on to another cell or has
+none left (``withdraw``), or when its runner ends; a runner is known by its
+pid and the time it started, so a pid reused since does not keep a place.
+
 The folder is shared, so nothing in it is trusted: a lease file is opened without
 following a symbolic link, without blocking, and used only when it is a regular
 file with one name (a link planted there would otherwise have this user's runner
@@ -39,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 DEFAULT_DIR = Path("/tmp/wattsweep-gpu-leases")
+QUEUE_NAME = "waiting.json"
 
 
 def lease_dir() -> Path:
@@ -85,6 +94,15 @@ def controller_alive(job_id: Any) -> bool:
     return b"submitit" in cmdline and pid_alive(pid)
 
 
+def start_ticks(pid: Any) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None if it does not run."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (TypeError, ValueError, IndexError, OSError):
+        return None
+
+
 def held(record: dict[str, Any]) -> bool:
     """A lease is held while its cell's controller runs, or, before the runner
     has started one, while the runner runs."""
@@ -101,9 +119,14 @@ class GpuLeases:
     """Leases of GPUs named by index; ``uuids`` (index -> the card's UUID) names
     their files, where known."""
 
-    def __init__(self, folder: Path | None = None, uuids: Mapping[int, str] | None = None) -> None:
+    def __init__(self, folder: Path | None = None, uuids: Mapping[int, str] | None = None,
+                 pid: int | None = None) -> None:
+        """``pid``: the runner these leases are for (this process unless given)."""
         self.folder = Path(folder) if folder is not None else lease_dir()
         self.uuids = {int(i): u for i, u in (uuids or {}).items() if _UUID.fullmatch(u)}
+        self.pid = os.getpid() if pid is None else int(pid)
+        # the waiting cell that kept the last refused claim back, for messages
+        self.queued_ahead: dict[str, Any] | None = None
 
     def check(self, gpus: list[int]) -> None:
         """Raise LeaseError now (at submission) for what would stop a runner later."""
@@ -113,24 +136,68 @@ class GpuLeases:
 
     # -- the three things a runner does --------------------------------------
     def claim(self, gpus: list[int], n: int, *, sweep: str, cell_id: str) -> list[int] | None:
-        """Lease ``n`` of ``gpus`` for ``cell_id`` (held by this process until
-        ``bind``); None when fewer than ``n`` are free now."""
+        """Lease ``n`` of ``gpus`` for ``cell_id`` (held by this runner until
+        ``bind``); None when fewer than ``n`` are free now, or when taking them
+        would leave too few for a cell that has waited longer (the cell then
+        waits in turn)."""
         with self._locked():
             free = [g for g in gpus if not self._read_held(g)]
-            if len(free) < n:
+            queue = self._live_queue()
+            mine = next((w for w in queue if w.get("runner_pid") == self.pid), None)
+            if mine is not None and mine.get("cell_id") != cell_id:
+                queue.remove(mine)  # this runner moved on to another cell: it waits anew
+                mine = None
+            head = min((w for w in queue if w is not mine and (mine is None or w["since_unix_s"] < mine["since_unix_s"])),
+                       key=lambda w: w["since_unix_s"], default=None)
+            take = self._choose(free, n, head)
+            self.queued_ahead = head if take is None and len(free) >= n else None
+            if take is None:
+                if mine is None:
+                    queue.append({"runner_pid": self.pid, "runner_start": start_ticks(self.pid), "sweep": sweep,
+                                  "cell_id": cell_id, "user": _user(), "n": int(n),
+                                  "gpus": [self._key(g) for g in gpus], "since_unix_s": time.time()})
+                self._write_queue(queue)
                 return None
-            record = {"runner_pid": os.getpid(), "controller_pid": None, "sweep": sweep, "cell_id": cell_id,
+            if mine is not None:
+                queue.remove(mine)
+            self._write_queue(queue)
+            record = {"runner_pid": self.pid, "controller_pid": None, "sweep": sweep, "cell_id": cell_id,
                       "user": _user(), "since_unix_s": time.time()}
-            for g in free[:n]:
+            for g in take:
                 self._write(g, record)
+            return take
+
+    def withdraw(self) -> None:
+        """This runner waits for no GPU any more (its cells started, or were cancelled)."""
+        with self._locked():
+            queue = self._live_queue()
+            kept = [w for w in queue if w.get("runner_pid") != self.pid]
+            if len(kept) != len(queue):
+                self._write_queue(kept)
+
+    def _choose(self, free: list[int], n: int, head: dict[str, Any] | None) -> list[int] | None:
+        """``n`` of the free GPUs, leaving the oldest waiting cell (``head``) of
+        another runner as many of the GPUs it can use as it needs; None if not."""
+        if len(free) < n:
+            return None
+        if head is None:
             return free[:n]
+        theirs = set(head.get("gpus") or [])
+        # GPUs the waiting cell cannot use first, then those it can spare
+        order = [g for g in free if self._key(g) not in theirs] + [g for g in free if self._key(g) in theirs]
+        take = order[:n]
+        if not any(self._key(g) in theirs for g in take):
+            return take  # none of the GPUs it waits for
+        left = sum(1 for g in free if g not in take and self._key(g) in theirs)
+        need = head.get("n")
+        return take if isinstance(need, int) and left >= need else None
 
     def bind(self, gpus: list[int], controller_pid: int) -> None:
         """The cell started: its controller holds the leases from now on."""
         with self._locked():
             for g in gpus:
                 record = self._read(g) or {}
-                if record.get("runner_pid") == os.getpid():
+                if record.get("runner_pid") == self.pid:
                     self._write(g, {**record, "controller_pid": int(controller_pid)})
 
     def release(self, gpus: list[int]) -> None:
@@ -138,7 +205,7 @@ class GpuLeases:
         with self._locked():
             for g in gpus:
                 record = self._read(g)
-                if record and record.get("runner_pid") == os.getpid():
+                if record and record.get("runner_pid") == self.pid:
                     self._write(g, None)
 
     # -- reading, for messages ------------------------------------------------
@@ -158,13 +225,41 @@ class GpuLeases:
         finally:
             os.close(fd)  # releases the flock
 
+    def _key(self, gpu: int) -> str:
+        """The GPU's name in the folder: its UUID where known, else its index."""
+        return str(self.uuids.get(int(gpu), int(gpu)))
+
     def _path(self, gpu: int) -> Path:
-        return self.folder / f"gpu-{self.uuids.get(int(gpu), int(gpu))}.json"
+        return self.folder / f"gpu-{self._key(gpu)}.json"
+
+    def _live_queue(self) -> list[dict[str, Any]]:
+        """The waiting cells whose runners still run (the same process: pid and start time)."""
+        fd = _open_shared(self.folder / QUEUE_NAME)
+        try:
+            data = _read_all(fd)
+        finally:
+            os.close(fd)
+        try:
+            queue = json.loads(data) if data.strip() else []
+        except ValueError:
+            return []  # torn by a runner killed mid-write: the live ones join again on their next claim
+        if not isinstance(queue, list):
+            return []
+        return [w for w in queue if isinstance(w, dict) and isinstance(w.get("since_unix_s"), (int, float))
+                and w.get("runner_start") is not None and start_ticks(w.get("runner_pid")) == w.get("runner_start")]
+
+    def _write_queue(self, queue: list[dict[str, Any]]) -> None:
+        fd = _open_shared(self.folder / QUEUE_NAME)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(queue, sort_keys=True).encode() if queue else b"")
+        finally:
+            os.close(fd)
 
     def _read(self, gpu: int) -> dict[str, Any] | None:
         fd = _open_shared(self._path(gpu))
         try:
-            data = os.read(fd, 1 << 16)
+            data = _read_all(fd)
         finally:
             os.close(fd)
         try:
@@ -232,3 +327,10 @@ def _open_shared(path: Path) -> int:
     if st.st_uid == os.getuid():
         os.fchmod(fd, 0o666)  # whatever the umask: another user's runner rewrites it later
     return fd
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)

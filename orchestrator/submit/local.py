@@ -347,6 +347,7 @@ class _Runner:
         self.leases = GpuLeases(uuids=dict(enumerate(_gpu_uuids())))
         self.running: list[tuple[dict[str, Any], Any, list[int]]] = []
         self._told_held: tuple[Any, ...] = ()
+        self._queued = False  # this runner's next cell waits in the machine-wide line
         self._gangs: dict[str, GangWatch] = {}
         self._cancels_seen: tuple[int, int] | None = None  # (mtime_ns, size) of cancellations.jsonl
 
@@ -383,8 +384,16 @@ class _Runner:
                 if gpus is None:
                     break
                 self._start(pending.pop(0), gpus)
+            self._leave_line_if_idle(pending)
             self._reap()
             time.sleep(POLL_S)
+
+    def _leave_line_if_idle(self, pending: list[dict[str, Any]]) -> None:
+        """No cell left to start (the waiting one was cancelled): give up this
+        runner's place in the machine-wide line, which held GPUs back from others."""
+        if not pending and self._queued:
+            self.leases.withdraw()
+            self._queued = False
 
     def _apply_cancels(self, pending: list[dict[str, Any]]) -> None:
         for entry in self._newly_cancelled():
@@ -474,6 +483,7 @@ class _Runner:
         if not self.gpus or entry["shards"] > len(self.gpus):
             return []
         gpus = self.leases.claim(self.gpus, entry["shards"], sweep=str(self.paths.root), cell_id=entry["cell_id"])
+        self._queued = gpus is None
         if gpus is None:
             self._say_who_holds(entry)
         return gpus
@@ -482,13 +492,18 @@ class _Runner:
         """Once per change of holders: which other cells keep this one waiting."""
         mine = {g for _, _, gs in self.running for g in gs}
         others = {g: r for g, r in self.leases.holders(self.gpus).items() if g not in mine}
-        key = tuple((g, r.get("cell_id"), r.get("sweep")) for g, r in sorted(others.items()))
-        if not others or key == self._told_held:
+        ahead = self.leases.queued_ahead
+        key = (tuple((g, r.get("cell_id"), r.get("sweep")) for g, r in sorted(others.items())),
+               ahead and (ahead.get("cell_id"), ahead.get("sweep")))
+        if not (others or ahead) or key == self._told_held:
             return
         self._told_held = key
         held_by = "; ".join(f"GPU {g}: {r.get('user')}'s cell {r.get('cell_id')} of {r.get('sweep')}"
                             for g, r in sorted(others.items()))
-        entry["waiting_for"] = f"waits for {entry['shards']} free GPU(s); held: {held_by}"
+        entry["waiting_for"] = f"waits for {entry['shards']} free GPU(s); held: {held_by or 'none'}"
+        if ahead:
+            entry["waiting_for"] += (f"; first in line: {ahead.get('user')}'s cell {ahead.get('cell_id')} of "
+                                     f"{ahead.get('sweep')}, waiting for {ahead.get('n')} GPU(s)")
         self.save()  # status shows it
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} cell {entry['cell_id']} of {self.paths.root} "
               f"{entry['waiting_for']}", flush=True)
