@@ -207,9 +207,14 @@ def test_fused_decode_step_with_partial_products_matches_plain_path(monkeypatch)
 
     monkeypatch.setattr(fused, "COMPILE", False)
     monkeypatch.setattr(linear, "split_k_usable", lambda x, w: x.numel() // x.shape[-1] <= 4)
+    calls = []
+    real = linear.partial_products
+    monkeypatch.setattr(linear, "partial_products", lambda x, w, s=None: calls.append(x.shape) or real(x, w, s))
     model = tiny(seed=7)
     outs = _decode_fused_vs_plain(model, [[1, 5, 6, 7, 8], [1, 42], [1, 3, 3]], 16)
     assert outs[True] == outs[False] and all(len(o) == 16 for o in outs[True])
+    # wo and w2 of every layer took the partial products at every fused decode step
+    assert calls and len(calls) % (2 * len(model.layers)) == 0
 
 
 def test_used_slots_attention_reference_by_hand():
@@ -245,8 +250,9 @@ def test_fused_decode_compiled_matches_plain_path():
 
     model = tiny(seed=6)
     outs = _decode_fused_vs_plain(model, [[1, 5, 6, 7], [1, 2]], 12)
-    if fused.status()["errors"]:
-        pytest.skip(f"torch.compile unavailable here: {fused.status()['errors']}")
+    errors = {k: v for k, v in fused.status()["errors"].items() if k in ("add_rms_norm", "rope_cache", "silu_mul")}
+    if errors:
+        pytest.skip(f"torch.compile unavailable here: {errors}")
     # (add_partials_rms_norm too, where an earlier test compiled it)
     assert {"add_rms_norm", "rope_cache", "silu_mul"} <= set(fused.status()["compiled"])
     assert outs[True] == outs[False]

@@ -127,11 +127,15 @@ def test_rope_cache_kernel_matches_compiled_function(nq, nkv, cache_dtype):
         assert got[:, :, slot].float().abs().sum() > 0 and got[:, :, :slot].float().abs().sum() == 0
 
 
-def test_partial_products_step_matches_cublas_split_k(model):  # the fixture joins the process group
+def test_partial_products_step_matches_cublas_split_k(model, monkeypatch):  # the fixture joins the process group
     """One fused decode step at batch 1 with wo and w2 as partial sums folded into the next
     norm (the default at few rows) and with cuBLAS's own products: the same logits up to
     bf16 rounding."""
     from workers.model import linear
+
+    calls = []
+    real = linear.partial_products
+    monkeypatch.setattr(linear, "partial_products", lambda x, w, s=None: calls.append(1) or real(x, w, s))
 
     m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
                     max_batch_size=1, max_seq_len=64)
@@ -140,15 +144,13 @@ def test_partial_products_step_matches_cublas_split_k(model):  # the fixture joi
     x = torch.zeros(1, 1, m.args.dim, device="cuda", dtype=torch.bfloat16)
     assert linear.split_k_usable(x, m.layers[0].attention.wo.weight)
     out = {}
-    try:
-        for split in (False, True):
-            linear.SPLIT_K = split
-            for layer in m.layers:
-                layer.attention.cache_k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
-                layer.attention.cache_v.normal_(generator=torch.Generator(device="cuda").manual_seed(8))
-            out[split] = m(tokens, positions, slots, None, 0, pads=pads)
-    finally:
-        linear.SPLIT_K = True
+    for split in (False, True):
+        monkeypatch.setattr(linear, "SPLIT_K", split)
+        for layer in m.layers:
+            layer.attention.cache_k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
+            layer.attention.cache_v.normal_(generator=torch.Generator(device="cuda").manual_seed(8))
+        out[split] = m(tokens, positions, slots, None, 0, pads=pads)
+        assert len(calls) == (2 * len(m.layers) if split else 0)
     torch.testing.assert_close(out[True], out[False], rtol=3e-2, atol=3e-2)
     assert out[True].float().std() > 0
 

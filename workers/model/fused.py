@@ -44,8 +44,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 
 def add_partials_rms_norm(x: torch.Tensor, partials: torch.Tensor, weight: torch.Tensor,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """As add_rms_norm, with the delta given as partial sums (S, *x.shape) added in
-    float32 and rounded once, as a product's own split-K reduce would."""
+    """As add_rms_norm, with the delta given as partial sums (S, *x.shape), each
+    already rounded to the activations' dtype by its product, added in float32."""
     # unrolled over the few partials: a sum over dim 0 made Inductor write a
     # reduction kernel that ran 2 us slower at 8 rows than the plain add's
     total = partials[0].float()

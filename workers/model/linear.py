@@ -36,7 +36,7 @@ NARROW_N = 8192
 # with it ran 5% faster at 5-10% more joules per token (docs/performance.md).
 SKINNY = False
 
-# Row-parallel products (wo, w2) at up to this many activation rows run as
+# Row-parallel products (wo, w2) of a one-GPU model at up to this many activation rows run as
 # SPLIT_K_SLICES partial products in one batched call (``partial_products``) whose
 # sum the next fused add + RMSNorm takes (fused.add_norm). cuBLAS splits the
 # reduction of these narrow products itself at few rows and adds the partials in

@@ -134,12 +134,14 @@ def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _reduce_project(x: torch.Tensor, layer: RowLinear) -> torch.Tensor:
     """A row-parallel product of a decode step: local product, then the all-reduce.
-    At few rows the result may be partial sums, one leading dimension more, that
-    the next fused.add_norm adds up (linear.partial_products; the all-reduce of a
-    sum is the sum of the all-reduced partials)."""
+    On one GPU, at up to linear.SPLIT_K_MAX_ROWS rows, the result is partial sums,
+    one leading dimension more, that the next fused.add_norm adds up
+    (linear.partial_products)."""
     if _skinny(x, layer.weight):
         return reduce_from_model_parallel_region(linear.skinny_linear(x, layer.weight))
-    if linear.split_k_usable(x, layer.weight):
+    # one GPU only: with model parallelism each all-reduce would carry both partials,
+    # and a rank's share of K may be too short for cuBLAS to split at all (not measured)
+    if mp.get_model_parallel_world_size() == 1 and linear.split_k_usable(x, layer.weight):
         return reduce_from_model_parallel_region(linear.partial_products(x, layer.weight))
     return layer(x)
 
