@@ -220,8 +220,8 @@ def test_a_worker_makes_cuda_number_the_gpus_as_nvml_does(tmp_path, monkeypatch)
 
 @pytest.fixture()
 def runners():
-    """Live processes standing in for two runners (leases name a runner by pid and start time)."""
-    procs = [subprocess.Popen(["sleep", "120"]) for _ in range(2)]
+    """Live processes standing in for runners (leases name a runner by pid and start time)."""
+    procs = [subprocess.Popen(["sleep", "120"]) for _ in range(3)]
     yield procs
     for p in procs:
         p.kill()
@@ -232,7 +232,7 @@ def test_a_wide_cell_keeps_its_place_in_line_against_narrow_cells(tmp_path, runn
     """A runner of one-GPU cells used to take each GPU as it freed: the two-GPU cell of
     another sweep waited for ever. The oldest waiting cell now gets the GPUs it needs first."""
     folder = tmp_path / "leases"
-    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners)
+    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners[:2])
     assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n1") == [0]
     assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w1") is None  # one free: waits, first in line
     assert narrow.claim([0, 1], 1, sweep="/s/n", cell_id="n2") is None  # GPU 1 is free, but w1 needs it
@@ -247,7 +247,7 @@ def test_a_wide_cell_keeps_its_place_in_line_against_narrow_cells(tmp_path, runn
 
 def test_a_waiting_cell_does_not_hold_back_gpus_it_cannot_use(tmp_path, runners):
     folder = tmp_path / "leases"
-    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners)
+    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners[:2])
     assert narrow.claim([0], 1, sweep="/s/n", cell_id="n1") == [0]
     assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w1") is None
     assert narrow.claim([1, 2], 1, sweep="/s/n", cell_id="n2") == [2]  # GPU 1 is w1's, 2 is not
@@ -257,7 +257,7 @@ def test_a_waiting_cell_does_not_hold_back_gpus_it_cannot_use(tmp_path, runners)
 
 def test_a_place_in_line_ends_with_its_runner_its_cell_or_a_withdrawal(tmp_path, runners):
     folder = tmp_path / "leases"
-    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners)
+    wide, narrow = (GpuLeases(folder, pid=p.pid) for p in runners[:2])
     hold = GpuLeases(folder)  # this process holds GPU 0 throughout
     assert hold.claim([0], 1, sweep="/s/h", cell_id="h") == [0]
     assert wide.claim([0, 1], 2, sweep="/s/w", cell_id="w1") is None
@@ -281,3 +281,65 @@ def test_a_place_in_line_ends_with_its_runner_its_cell_or_a_withdrawal(tmp_path,
                   "since_unix_s": 0.0})
     (folder / "waiting.json").write_text(json.dumps(queue))
     assert GpuLeases(folder).claim([0, 1], 1, sweep="/s/x", cell_id="x") == [1]
+
+
+def test_every_cell_in_line_keeps_its_place_not_only_the_first(tmp_path, runners):
+    """A cell second in line, waiting for GPUs the first does not use, was starved by a
+    stream of one-GPU cells as the first used to be."""
+    folder = tmp_path / "leases"
+    a, b, c = (GpuLeases(folder, pid=p.pid) for p in runners)
+    hold = GpuLeases(folder)
+    assert hold.claim([1], 1, sweep="/s/h", cell_id="long") == [1]
+    assert a.claim([0, 1], 2, sweep="/s/a", cell_id="a1") is None  # first in line, for 0 and 1
+    assert c.claim([2], 1, sweep="/s/c", cell_id="c0") == [2]
+    assert b.claim([2, 3], 2, sweep="/s/b", cell_id="b1") is None  # second in line, for 2 and 3
+    c.release([2])
+    assert c.claim([0, 1, 2, 3], 1, sweep="/s/c", cell_id="c1") is None  # 0 is a1's, 2 and 3 are b1's
+    assert c.queued_ahead["cell_id"] == "b1"
+    assert b.claim([2, 3], 2, sweep="/s/b", cell_id="b1") == [2, 3]
+
+
+def test_a_waiting_cell_keeps_nothing_back_while_its_own_runner_runs_a_cell_on_its_gpus(tmp_path, runners):
+    """A runner's next cell waiting for GPU 0, which its own long cell holds, kept GPU 1
+    idle for the whole of that cell."""
+    folder = tmp_path / "leases"
+    a, b = (GpuLeases(folder, pid=p.pid) for p in runners[:2])
+    assert a.claim([0, 1], 1, sweep="/s/a", cell_id="a-long") == [0]
+    assert a.claim([0, 1], 2, sweep="/s/a", cell_id="a2") is None
+    assert b.claim([0, 1], 1, sweep="/s/b", cell_id="b1") == [1]
+    a.release([0])  # its own cell ended: from now on its place keeps GPUs back
+    b.release([1])
+    assert b.claim([0, 1], 1, sweep="/s/b", cell_id="b2") is None
+    assert a.claim([0, 1], 2, sweep="/s/a", cell_id="a2") == [0, 1]
+
+
+def test_a_lease_under_the_gpus_index_still_holds_the_card(tmp_path):
+    """A runner with no UUID for a card (or of an earlier version) leases it by index:
+    a runner that knows the UUID must not take the card beside it."""
+    folder = tmp_path / "leases"
+    assert GpuLeases(folder).claim([0], 1, sweep="/s/old", cell_id="o") == [0]  # gpu-0.json
+    assert GpuLeases(folder, uuids={0: "GPU-aaaa-1111"}).claim([0], 1, sweep="/s/new", cell_id="n") is None
+
+
+def test_an_odd_entry_in_the_line_is_passed_over_not_fatal(tmp_path, runners):
+    folder = tmp_path / "leases"
+    folder.mkdir()
+    pid = runners[0].pid
+    from orchestrator.submit.gpu_leases import start_ticks
+
+    good = {"runner_pid": pid, "runner_start": start_ticks(pid), "cell_id": "w", "n": 1, "since_unix_s": 1.0}
+    for odd in ({**good, "gpus": 2}, {**good, "gpus": ["../../etc/x"]}, {**good, "gpus": ["0"], "n": "1"}, [1], "x"):
+        (folder / "waiting.json").write_text(json.dumps([odd]))
+        assert GpuLeases(folder).claim([0], 1, sweep="/s", cell_id=f"c{len(str(odd))}") == [0]
+        GpuLeases(folder).release([0])
+    (folder / "waiting.json").write_bytes(b"[" * 100000)  # not JSON a parser can take
+    assert GpuLeases(folder).claim([0], 1, sweep="/s", cell_id="deep") == [0]
+    assert not (tmp_path / "etc").exists()
+
+
+def test_a_link_in_place_of_the_line_is_refused_at_submission(tmp_path):
+    folder = tmp_path / "leases"
+    folder.mkdir()
+    (folder / "waiting.json").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(LeaseError, match="waiting.json"):
+        GpuLeases(folder).check([0])

@@ -20,9 +20,13 @@ after a crash. Files are rewritten, never replaced, so another user's lease file
 in the sticky folder can still be taken over once its holders have ended.
 
 A cell that finds too few GPUs free joins ``waiting.json``, oldest first, and a
-claim may not take a GPU that the oldest waiting cell of another runner needs:
-without it, a runner of one-GPU cells took each GPU as it freed, and a
-two-GPU cell of another sweep waited for ever. The oldest waiter leaves the
+claim may not take a GPU that a cell waiting longer needs (each waiting cell,
+oldest first, keeps back as many free GPUs of its list as it needs): without
+it, a runner of one-GPU cells took each GPU as it freed, and a two-GPU cell of
+another sweep waited for ever. A waiting cell whose own runner still runs a
+cell on one of its GPUs keeps nothing back, or the GPUs kept would idle for
+the whole of that cell. A card leased under its index (a runner that had no
+UUID for it) counts as held under its UUID too. The oldest waiter leaves the
 queue when it gets its GPUs, when its runner moves on to another cell or has
 none left (``withdraw``), or when its runner ends; a runner is known by its
 pid and the time it started, so a pid reused since does not keep a place.
@@ -113,6 +117,8 @@ def held(record: dict[str, Any]) -> bool:
 
 # What a UUID may hold to name a lease file: NVML's are GPU-<hex and dashes>.
 _UUID = re.compile(r"GPU-[0-9A-Za-z-]{1,64}")
+# A GPU's name in the folder: a UUID as above, or an index.
+_KEY = re.compile(r"GPU-[0-9A-Za-z-]{1,64}|[0-9]{1,6}")
 
 
 class GpuLeases:
@@ -131,26 +137,25 @@ class GpuLeases:
     def check(self, gpus: list[int]) -> None:
         """Raise LeaseError now (at submission) for what would stop a runner later."""
         with self._locked():
-            for g in gpus:
-                os.close(_open_shared(self._path(g)))
+            for path in [*(self._path(g) for g in gpus), self.folder / QUEUE_NAME]:
+                os.close(_open_shared(path))
 
     # -- the three things a runner does --------------------------------------
     def claim(self, gpus: list[int], n: int, *, sweep: str, cell_id: str) -> list[int] | None:
         """Lease ``n`` of ``gpus`` for ``cell_id`` (held by this runner until
         ``bind``); None when fewer than ``n`` are free now, or when taking them
-        would leave too few for a cell that has waited longer (the cell then
+        would leave too few for cells that have waited longer (the cell then
         waits in turn)."""
         with self._locked():
-            free = [g for g in gpus if not self._read_held(g)]
             queue = self._live_queue()
-            mine = next((w for w in queue if w.get("runner_pid") == self.pid), None)
-            if mine is not None and mine.get("cell_id") != cell_id:
+            mine = next((w for w in queue if w["runner_pid"] == self.pid), None)
+            if mine is not None and mine["cell_id"] != cell_id:
                 queue.remove(mine)  # this runner moved on to another cell: it waits anew
                 mine = None
-            head = min((w for w in queue if w is not mine and (mine is None or w["since_unix_s"] < mine["since_unix_s"])),
-                       key=lambda w: w["since_unix_s"], default=None)
-            take = self._choose(free, n, head)
-            self.queued_ahead = head if take is None and len(free) >= n else None
+            ahead = sorted((w for w in queue if w is not mine
+                            and (mine is None or w["since_unix_s"] < mine["since_unix_s"])),
+                           key=lambda w: w["since_unix_s"])
+            take, self.queued_ahead = self._choose(gpus, n, ahead)
             if take is None:
                 if mine is None:
                     queue.append({"runner_pid": self.pid, "runner_start": start_ticks(self.pid), "sweep": sweep,
@@ -171,26 +176,37 @@ class GpuLeases:
         """This runner waits for no GPU any more (its cells started, or were cancelled)."""
         with self._locked():
             queue = self._live_queue()
-            kept = [w for w in queue if w.get("runner_pid") != self.pid]
+            kept = [w for w in queue if w["runner_pid"] != self.pid]
             if len(kept) != len(queue):
                 self._write_queue(kept)
 
-    def _choose(self, free: list[int], n: int, head: dict[str, Any] | None) -> list[int] | None:
-        """``n`` of the free GPUs, leaving the oldest waiting cell (``head``) of
-        another runner as many of the GPUs it can use as it needs; None if not."""
-        if len(free) < n:
-            return None
-        if head is None:
-            return free[:n]
-        theirs = set(head.get("gpus") or [])
-        # GPUs the waiting cell cannot use first, then those it can spare
-        order = [g for g in free if self._key(g) not in theirs] + [g for g in free if self._key(g) in theirs]
-        take = order[:n]
-        if not any(self._key(g) in theirs for g in take):
-            return take  # none of the GPUs it waits for
-        left = sum(1 for g in free if g not in take and self._key(g) in theirs)
-        need = head.get("n")
-        return take if isinstance(need, int) and left >= need else None
+    def _choose(self, gpus: list[int], n: int, ahead: list[dict[str, Any]]
+                ) -> tuple[list[int] | None, dict[str, Any] | None]:
+        """``n`` of ``gpus`` that are free once every cell waiting longer
+        (``ahead``, oldest first) has kept back as many free GPUs of its own list
+        as it needs, those this claim cannot use first. A waiting cell whose own
+        runner still runs a cell on one of its GPUs keeps none back: that cell
+        may run for hours, and the GPUs kept would idle as long. Returns the GPUs
+        (None if too few) and the waiting cell that kept back what was missing."""
+        keys = {self._key(g) for g in gpus}
+        records = {k: self._held_record(k) for k in keys.union(*(w["gpus"] for w in ahead))}
+        for g in gpus:  # a card also held under its index (a runner that had no UUID for it)
+            if self._key(g) != str(g) and records[self._key(g)] is None:
+                records[self._key(g)] = self._held_record(str(g))
+        free = {k for k, r in records.items() if r is None}
+        mine_free = len(free & keys)
+        blocker = None
+        for w in ahead:
+            if any(r is not None and r.get("runner_pid") == w["runner_pid"] for k, r in records.items()
+                   if k in w["gpus"]):
+                continue
+            usable = sorted(free.intersection(w["gpus"]), key=lambda k: (k in keys, k))
+            kept = usable[: w["n"]]
+            free.difference_update(kept)
+            if blocker is None and len(free & keys) < n <= mine_free:
+                blocker = w
+        take = [g for g in gpus if self._key(g) in free][:n]
+        return (take, None) if len(take) == n else (None, blocker)
 
     def bind(self, gpus: list[int], controller_pid: int) -> None:
         """The cell started: its controller holds the leases from now on."""
@@ -241,23 +257,29 @@ class GpuLeases:
             os.close(fd)
         try:
             queue = json.loads(data) if data.strip() else []
-        except ValueError:
-            return []  # torn by a runner killed mid-write: the live ones join again on their next claim
+        except Exception:  # noqa: BLE001 - torn, or not JSON at all: the live runners join again
+            return []
         if not isinstance(queue, list):
             return []
-        return [w for w in queue if isinstance(w, dict) and isinstance(w.get("since_unix_s"), (int, float))
-                and w.get("runner_start") is not None and start_ticks(w.get("runner_pid")) == w.get("runner_start")]
+        return [w for w in queue if _entry_ok(w) and start_ticks(w["runner_pid"]) == w["runner_start"]]
 
     def _write_queue(self, queue: list[dict[str, Any]]) -> None:
-        fd = _open_shared(self.folder / QUEUE_NAME)
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(queue, sort_keys=True).encode() if queue else b"")
-        finally:
-            os.close(fd)
+        _rewrite(self.folder / QUEUE_NAME, json.dumps(queue, sort_keys=True).encode() if queue else b"")
+
+    def _held_record(self, key: str) -> dict[str, Any] | None:
+        """The lease that holds the GPU named ``key`` (UUID or index), None if free.
+        A GPU no runner has leased yet has no file, and none is made for it here."""
+        path = self.folder / f"gpu-{key}.json"
+        if not os.path.lexists(path):
+            return None
+        record = self._read_file(path)
+        return record if record is not None and held(record) else None
 
     def _read(self, gpu: int) -> dict[str, Any] | None:
-        fd = _open_shared(self._path(gpu))
+        return self._read_file(self._path(gpu))
+
+    def _read_file(self, path: Path) -> dict[str, Any] | None:
+        fd = _open_shared(path)
         try:
             data = _read_all(fd)
         finally:
@@ -273,12 +295,7 @@ class GpuLeases:
         return record if record is not None and held(record) else None
 
     def _write(self, gpu: int, record: dict[str, Any] | None) -> None:
-        fd = _open_shared(self._path(gpu))
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, b"" if record is None else json.dumps(record, sort_keys=True).encode())
-        finally:
-            os.close(fd)
+        _rewrite(self._path(gpu), b"" if record is None else json.dumps(record, sort_keys=True).encode())
 
 
 def _user() -> str:
@@ -334,3 +351,26 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Rewrite a shared file in place: the new bytes first, then the length, so a
+    runner killed between the two leaves whole JSON followed by old bytes at
+    worst (read as torn: free, or an empty line), never an empty file mid-write."""
+    fd = _open_shared(path)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(fd, view, len(data) - len(view)):]
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+def _entry_ok(w: Any) -> bool:
+    """A place in line as claim writes it; anything else (another version, a hand
+    edit) is passed over rather than let stop every runner."""
+    return (isinstance(w, dict) and isinstance(w.get("since_unix_s"), (int, float))
+            and isinstance(w.get("runner_pid"), int) and isinstance(w.get("runner_start"), int)
+            and isinstance(w.get("n"), int) and w["n"] >= 1 and isinstance(w.get("cell_id"), str)
+            and isinstance(w.get("gpus"), list) and all(isinstance(k, str) and _KEY.fullmatch(k) for k in w["gpus"]))

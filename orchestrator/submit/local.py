@@ -217,7 +217,7 @@ def local_queue_states(paths: SweepPaths) -> dict[str, dict[str, Any]]:
 
 def _gpu_uuids() -> list[str]:
     """The UUIDs of this machine's NVIDIA GPUs in index order ([] without a
-    driver); never imports torch."""
+    driver; "" for a card whose UUID cannot be read); never imports torch."""
     try:
         import pynvml
 
@@ -225,7 +225,10 @@ def _gpu_uuids() -> list[str]:
         try:
             out = []
             for i in range(int(pynvml.nvmlDeviceGetCount())):
-                uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+                try:
+                    uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+                except pynvml.NVMLError:  # this card only (lost, no permission): named by index
+                    uuid = ""
                 out.append(uuid.decode() if isinstance(uuid, bytes) else str(uuid))
             return out
         finally:
