@@ -42,6 +42,7 @@ def test_a_lease_of_a_runner_that_died_is_free(leases):
 def test_a_started_cell_holds_its_gpus_while_its_controller_runs_even_if_the_runner_died(leases):
     """kill -9 of a runner leaves its cells running: their GPUs stay leased."""
     controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    _until_exec_done(controller.pid)
     try:
         assert leases.claim([0, 1], 1, sweep="/s/a", cell_id="a1") == [0]
         leases.bind([0], controller.pid)
@@ -56,8 +57,23 @@ def test_a_started_cell_holds_its_gpus_while_its_controller_runs_even_if_the_run
     assert leases.claim([0, 1], 2, sweep="/s/b", cell_id="b1") == [0, 1]  # the cell ended: free
 
 
+def _until_exec_done(pid: int) -> None:
+    """Popen returns when exec closes the child's copy of its error pipe, before
+    the new program's command line shows in /proc: wait for it."""
+    deadline = time.monotonic() + 10
+    while b"time.sleep" not in open(f"/proc/{pid}/cmdline", "rb").read() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_lease_of_a_live_runner_is_held_while_its_controller_starts():
+    """Read just after the runner bound it, the controller's cmdline may still be the
+    runner's (inside exec): the lease must not read free then."""
+    assert held({"runner_pid": os.getpid(), "controller_pid": os.getpid()})  # this process is no controller
+
+
 def test_a_reused_pid_that_is_not_a_submitit_controller_does_not_hold(leases):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    _until_exec_done(other.pid)
     try:
         assert not held({"runner_pid": None, "controller_pid": other.pid})
         assert held({"runner_pid": other.pid, "controller_pid": None})

@@ -108,11 +108,13 @@ def start_ticks(pid: Any) -> int | None:
 
 
 def held(record: dict[str, Any]) -> bool:
-    """A lease is held while its cell's controller runs, or, before the runner
-    has started one, while the runner runs."""
-    if record.get("controller_pid") is not None:
-        return controller_alive(record["controller_pid"])
-    return pid_alive(record.get("runner_pid"))
+    """A lease is held while the runner that took it runs (it releases the lease
+    when the cell ends) or while the cell's controller runs (a runner killed with
+    kill -9 leaves its cells running). Not the controller alone: for a moment
+    after it starts, its /proc cmdline is still the runner's, inside exec."""
+    if pid_alive(record.get("runner_pid")):
+        return True
+    return record.get("controller_pid") is not None and controller_alive(record["controller_pid"])
 
 
 # What a UUID may hold to name a lease file: NVML's are GPU-<hex and dashes>.
