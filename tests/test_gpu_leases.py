@@ -71,6 +71,17 @@ def test_a_lease_of_a_live_runner_is_held_while_its_controller_starts():
     assert held({"runner_pid": os.getpid(), "controller_pid": os.getpid()})  # this process is no controller
 
 
+def test_a_runner_pid_taken_since_by_another_process_does_not_hold():
+    """A runner killed with kill -9 before its cell started: its pid, reused by any
+    process, kept the lease for as long as that process ran."""
+    from orchestrator.submit.gpu_leases import start_ticks
+
+    me = start_ticks(os.getpid())
+    assert held({"runner_pid": os.getpid(), "runner_start": me, "controller_pid": None})
+    assert not held({"runner_pid": os.getpid(), "runner_start": me - 1, "controller_pid": None})
+    assert held({"runner_pid": os.getpid(), "controller_pid": None})  # a lease of an earlier version
+
+
 def test_a_reused_pid_that_is_not_a_submitit_controller_does_not_hold(leases):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     _until_exec_done(other.pid)

@@ -112,9 +112,17 @@ def held(record: dict[str, Any]) -> bool:
     when the cell ends) or while the cell's controller runs (a runner killed with
     kill -9 leaves its cells running). Not the controller alone: for a moment
     after it starts, its /proc cmdline is still the runner's, inside exec."""
-    if pid_alive(record.get("runner_pid")):
+    if _runner_alive(record):
         return True
     return record.get("controller_pid") is not None and controller_alive(record["controller_pid"])
+
+
+def _runner_alive(record: dict[str, Any]) -> bool:
+    """The runner that took the lease still runs: its pid, and the start time the
+    lease names (a runner killed with kill -9 whose pid another process took since
+    does not hold it). Leases written without a start time go by the pid alone."""
+    pid, start = record.get("runner_pid"), record.get("runner_start")
+    return pid_alive(pid) and (start is None or start_ticks(pid) == start)
 
 
 # What a UUID may hold to name a lease file: NVML's are GPU-<hex and dashes>.
@@ -168,8 +176,8 @@ class GpuLeases:
             if mine is not None:
                 queue.remove(mine)
             self._write_queue(queue)
-            record = {"runner_pid": self.pid, "controller_pid": None, "sweep": sweep, "cell_id": cell_id,
-                      "user": _user(), "since_unix_s": time.time()}
+            record = {"runner_pid": self.pid, "runner_start": start_ticks(self.pid), "controller_pid": None,
+                      "sweep": sweep, "cell_id": cell_id, "user": _user(), "since_unix_s": time.time()}
             for g in take:
                 self._write(g, record)
             return take
