@@ -11,11 +11,12 @@ One file per GPU, ``gpu-<uuid>.json`` (``gpu-<index>.json`` where the card's UUI
 is not known: no NVML, a simulated node), rewritten in place under one ``flock``
 (``.lock``); an empty file is a free GPU. The UUID and not the index, because
 two allocations on one node (Slurm with device cgroups) each number their own
-cards from 0: by index, they took turns on GPUs they did not share. A lease names its holders: the runner
-that took it and, once started, the cell's submitit controller. It stays held
-while the controller runs (a runner killed with ``kill -9`` leaves its cells
-running, and their GPUs stay leased) or, before the controller exists, while the
-runner does. A lease whose holders have ended is free: nothing has to clean up
+cards from 0: by index, they took turns on GPUs they did not share.
+
+A lease names its holders: the runner that took it (pid and start time) and,
+once started, the cell's submitit controller. It stays held while either runs
+(a runner killed with ``kill -9`` leaves its cells running, and their GPUs stay
+leased). A lease whose holders have ended is free: nothing has to clean up
 after a crash. Files are rewritten, never replaced, so another user's lease file
 in the sticky folder can still be taken over once its holders have ended.
 
