@@ -370,3 +370,16 @@ def test_a_link_in_place_of_the_line_is_refused_at_submission(tmp_path):
     (folder / "waiting.json").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(LeaseError, match="waiting.json"):
         GpuLeases(folder).check([0])
+
+
+def test_odd_lease_files_read_free_never_an_error(tmp_path):
+    """Lease files are writable by every local user: whatever they hold, a claim
+    answers (an exception here failed every pending cell of the runner)."""
+    folder = tmp_path / "leases"
+    folder.mkdir()
+    for odd in (b"[" * 100000, b'{"runner_pid": Infinity}', b'{"controller_pid": -Infinity}',
+                b'{"runner_pid": true}', b'{"runner_pid": 1.5}', b"\xff\xfe"):
+        (folder / "gpu-0.json").write_bytes(odd)
+        assert GpuLeases(folder).claim([0], 1, sweep="/s", cell_id="c") == [0], odd
+        GpuLeases(folder).release([0])
+    assert not held({"runner_pid": True}) and not held({"runner_pid": 1.0}) and not held({"controller_pid": "1e3"})

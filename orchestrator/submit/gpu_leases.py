@@ -26,8 +26,8 @@ oldest first, keeps back as many free GPUs of its list as it needs): without
 it, a runner of one-GPU cells took each GPU as it freed, and a two-GPU cell of
 another sweep waited for ever. A waiting cell whose own runner still runs a
 cell on one of its GPUs keeps nothing back, or the GPUs kept would idle for
-the whole of that cell. A card leased under its index (a runner that had no
-UUID for it) counts as held under its UUID too. The oldest waiter leaves the
+the whole of that cell. A card of the claiming runner's list leased under its
+index (a runner that had no UUID for it) counts as held under its UUID too. The oldest waiter leaves the
 queue when it gets its GPUs, when its runner moves on to another cell or has
 none left (``withdraw``), or when its runner ends; a runner is known by its
 pid and the time it started, so a pid reused since does not keep a place.
@@ -64,48 +64,71 @@ class LeaseError(RuntimeError):
     which and what to do."""
 
 
+def _as_pid(x: Any) -> int | None:
+    """A process id as a lease or a job id holds it (an int, or digits), else None:
+    JSON from a shared folder may hold anything (true, 1.5, Infinity)."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        pid = x
+    elif isinstance(x, str) and x.isascii() and x.isdigit():
+        pid = int(x)
+    else:
+        return None
+    return pid if 0 < pid < 1 << 22 else None  # the kernel's pid_max is at most 2**22
+
+
 def pid_alive(pid: Any) -> bool:
-    """A process ``pid`` runs (a zombie has ended; another user's process counts)."""
-    try:
-        pid = int(pid)
-    except (TypeError, ValueError):
+    """A process ``pid`` runs (a zombie has ended; another user's process counts,
+    also where /proc hides it: ``hidepid``)."""
+    pid = _as_pid(pid)
+    if pid is None:
         return False
-    if pid <= 0:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # another user's process
+    except OSError:
         return False
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except PermissionError:
-            return True
-        except OSError:
-            return False
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # /proc hides it: alive, as kill said
 
 
 def controller_alive(job_id: Any) -> bool:
     """The submitit local controller of job ``job_id`` (its pid) still runs:
     the pid is alive and still that program, not a pid reused since."""
+    pid = _as_pid(job_id)
+    if pid is None:
+        return False
     try:
-        pid = int(job_id)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
-    except (TypeError, ValueError, OSError):
+    except OSError:
         return False
     return b"submitit" in cmdline and pid_alive(pid)
 
 
 def start_ticks(pid: Any) -> int | None:
-    """When process ``pid`` started (clock ticks since boot), None if it does not run."""
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (TypeError, ValueError, IndexError, OSError):
+    """When process ``pid`` started (clock ticks since boot); None if it does not
+    run or /proc does not show it."""
+    pid = _as_pid(pid)
+    if pid is None:
         return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (ValueError, IndexError, OSError):
+        return None
+
+
+def same_process(pid: Any, start: Any) -> bool:
+    """``pid`` runs and is the process that started at ``start`` (clock ticks);
+    where /proc hides its start time (``hidepid``), alive is taken as the same."""
+    if not pid_alive(pid):
+        return False
+    ticks = start_ticks(pid)
+    return start is None or ticks is None or ticks == start
 
 
 def held(record: dict[str, Any]) -> bool:
@@ -122,8 +145,7 @@ def _runner_alive(record: dict[str, Any]) -> bool:
     """The runner that took the lease still runs: its pid, and the start time the
     lease names (a runner killed with kill -9 whose pid another process took since
     does not hold it). Leases written without a start time go by the pid alone."""
-    pid, start = record.get("runner_pid"), record.get("runner_start")
-    return pid_alive(pid) and (start is None or start_ticks(pid) == start)
+    return same_process(record.get("runner_pid"), record.get("runner_start"))
 
 
 # What a UUID may hold to name a lease file: NVML's are GPU-<hex and dashes>.
@@ -272,7 +294,7 @@ class GpuLeases:
             return []
         if not isinstance(queue, list):
             return []
-        return [w for w in queue if _entry_ok(w) and start_ticks(w["runner_pid"]) == w["runner_start"]]
+        return [w for w in queue if _entry_ok(w) and same_process(w["runner_pid"], w["runner_start"])]
 
     def _write_queue(self, queue: list[dict[str, Any]]) -> None:
         _rewrite(self.folder / QUEUE_NAME, json.dumps(queue, sort_keys=True).encode() if queue else b"")
@@ -297,8 +319,8 @@ class GpuLeases:
             os.close(fd)
         try:
             record = json.loads(data) if data.strip() else None
-        except ValueError:  # UnicodeDecodeError included
-            return None  # a torn write of a runner killed mid-write: its holder is gone
+        except Exception:  # noqa: BLE001 - torn by a runner killed mid-write (its holder is gone), or not JSON
+            return None
         return record if isinstance(record, dict) else None
 
     def _read_held(self, gpu: int) -> dict[str, Any] | None:
