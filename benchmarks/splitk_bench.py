@@ -27,18 +27,20 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.gemv_bench import SHAPES_7B  # noqa: E402
 from benchmarks.graph_timing import graph_time_us  # noqa: E402
-from workers.model import fused  # noqa: E402
+from workers.model import fused, linear  # noqa: E402
 
-# (name, out_features, in_features): the row-parallel products, then (products only,
-# no consumer fused) the column-parallel ones
-SHAPES_7B = [("wo", 4096, 4096), ("w2", 4096, 11008)]
-SHAPES_COLUMN = [("wqkv", 3 * 4096, 4096), ("w13", 2 * 11008, 4096)]
+# (name, out_features, in_features): the row-parallel products, timed with the norm
+# that takes their sum; the column-parallel ones as products only (no consumer fused)
+ROW_SHAPES = [s for s in SHAPES_7B if s[0] in ("wo", "w2")]
+COLUMN_SHAPES = [s for s in SHAPES_7B if s[0] in ("wqkv", "w13")]
 EPS = 1e-5
 
 
 def bench(n: int, k: int, m: int, splits: list[int], rotate_bytes: int, device: torch.device,
           chain: bool = True) -> dict:
+    """Products alone (``*_only_us``) and, with ``chain``, followed by the add + norm."""
     copies = max(2, rotate_bytes // (n * k * 2))
     weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -46,34 +48,15 @@ def bench(n: int, k: int, m: int, splits: list[int], rotate_bytes: int, device: 
     g = torch.ones(n, device=device, dtype=torch.bfloat16)
     ref = (resid.float() + x.float() @ weights[0].float().t())
     row: dict = {"m": m, "n": n, "k": k, "copies": copies}
-
-    def linear_chain(w):
-        return fused.ADD_RMS_NORM(resid, F.linear(x, w), g, EPS)
-
-    row["linear_only_us"] = graph_time_us([lambda w=w: F.linear(x, w) for w in weights])
-    if not chain:
-        for s in splits:
-            if k % s == 0:
-                xs = x.view(m, s, k // s).transpose(0, 1)
-                ws = [w.view(n, s, k // s).permute(1, 2, 0) for w in weights]
-                row[f"bmm{s}_only_us"] = graph_time_us([lambda w=w, xs=xs: torch.bmm(xs, w) for w in ws])
-        return row
-    row["linear_us"] = graph_time_us([lambda w=w: linear_chain(w) for w in weights])
-    got = linear_chain(weights[0])[0].float()
-    row["linear_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
-    for s in splits:
-        if k % s:
-            continue
-        xs = x.view(m, s, k // s).transpose(0, 1)  # (S, m, K/S), a view
-        ws = [w.view(n, s, k // s).permute(1, 2, 0) for w in weights]  # (S, K/S, N) views of W
-
-        def bmm_chain(w, xs=xs):
-            return fused.ADD_PARTIALS_RMS_NORM(resid, torch.bmm(xs, w), g, EPS)
-
-        row[f"bmm{s}_us"] = graph_time_us([lambda w=w: bmm_chain(w) for w in ws])
-        row[f"bmm{s}_only_us"] = graph_time_us([lambda w=w: torch.bmm(xs, w) for w in ws])
-        got = bmm_chain(ws[0])[0].float()
-        row[f"bmm{s}_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
+    variants = {"linear": (lambda w: F.linear(x, w), fused.ADD_RMS_NORM)}
+    variants.update({f"bmm{s}": (lambda w, s=s: linear.partial_products(x, w, s), fused.ADD_PARTIALS_RMS_NORM)
+                     for s in splits if k % s == 0})
+    for name, (product, norm) in variants.items():
+        row[f"{name}_only_us"] = graph_time_us([lambda w=w: product(w) for w in weights])
+        if chain:
+            row[f"{name}_us"] = graph_time_us([lambda w=w: norm(resid, product(w), g, EPS) for w in weights])
+            got = norm(resid, product(weights[0]), g, EPS)[0].float()
+            row[f"{name}_err"] = ((got - ref).abs().max() / ref.abs().max()).item()
     return row
 
 
@@ -88,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = [int(s) for s in args.splits.split(",")]
     rows = []
     for m in (int(b) for b in args.batch_sizes.split(",")):
-        for name, n, k in SHAPES_7B:
+        for name, n, k in ROW_SHAPES:
             row = {"shape": name, **bench(n, k, m, splits, int(args.rotate_gib * 2**30), device)}
             rows.append(row)
             parts = " | ".join(f"bmm{s} {row[f'bmm{s}_us']:.1f} ({row[f'bmm{s}_only_us']:.1f})"
@@ -96,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"b{m:<3} {name}: linear+norm {row['linear_us']:.1f} us (linear {row['linear_only_us']:.1f}) | {parts}",
                   flush=True)
             torch.cuda.empty_cache()
-        for name, n, k in SHAPES_COLUMN:
+        for name, n, k in COLUMN_SHAPES:
             row = {"shape": name, **bench(n, k, m, splits, int(args.rotate_gib * 2**30), device, chain=False)}
             rows.append(row)
             parts = " | ".join(f"bmm{s} {row[f'bmm{s}_only_us']:.1f}" for s in splits if f"bmm{s}_only_us" in row)

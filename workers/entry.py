@@ -87,7 +87,6 @@ def _watch_peers(paths: SweepPaths, task: CellTask, rank: int) -> Any:
         return None
 
     def stop_cell(verdict: tuple[int, str] | None) -> None:
-        import os
         import signal
 
         try:

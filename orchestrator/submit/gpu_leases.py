@@ -26,8 +26,8 @@ oldest first, keeps back as many free GPUs of its list as it needs): without
 it, a runner of one-GPU cells took each GPU as it freed, and a two-GPU cell of
 another sweep waited for ever. A waiting cell whose own runner still runs a
 cell on one of its GPUs keeps nothing back, or the GPUs kept would idle for
-the whole of that cell. A card of the claiming runner's list leased under its
-index (a runner that had no UUID for it) counts as held under its UUID too. The oldest waiter leaves the
+the whole of that cell. A card leased under its index (by a runner that had
+no UUID for it) counts as held for a runner that knows its UUID too. The oldest waiter leaves the
 queue when it gets its GPUs, when its runner moves on to another cell or has
 none left (``withdraw``), or when its runner ends; a runner is known by its
 pid and the time it started, so a pid reused since does not keep a place.
@@ -164,6 +164,7 @@ class GpuLeases:
         self.folder = Path(folder) if folder is not None else lease_dir()
         self.uuids = {int(i): u for i, u in (uuids or {}).items() if _UUID.fullmatch(u)}
         self.pid = os.getpid() if pid is None else int(pid)
+        self.start = start_ticks(self.pid)  # with the pid, names this runner in leases and the line
         # the waiting cell that kept the last refused claim back, for messages
         self.queued_ahead: dict[str, Any] | None = None
 
@@ -191,7 +192,7 @@ class GpuLeases:
             take, self.queued_ahead = self._choose(gpus, n, ahead)
             if take is None:
                 if mine is None:
-                    queue.append({"runner_pid": self.pid, "runner_start": start_ticks(self.pid), "sweep": sweep,
+                    queue.append({"runner_pid": self.pid, "runner_start": self.start, "sweep": sweep,
                                   "cell_id": cell_id, "user": _user(), "n": int(n),
                                   "gpus": [self._key(g) for g in gpus], "since_unix_s": time.time()})
                 self._write_queue(queue)
@@ -199,7 +200,7 @@ class GpuLeases:
             if mine is not None:
                 queue.remove(mine)
             self._write_queue(queue)
-            record = {"runner_pid": self.pid, "runner_start": start_ticks(self.pid), "controller_pid": None,
+            record = {"runner_pid": self.pid, "runner_start": self.start, "controller_pid": None,
                       "sweep": sweep, "cell_id": cell_id, "user": _user(), "since_unix_s": time.time()}
             for g in take:
                 self._write(g, record)
@@ -222,10 +223,8 @@ class GpuLeases:
         may run for hours, and the GPUs kept would idle as long. Returns the GPUs
         (None if too few) and the waiting cell that kept back what was missing."""
         keys = {self._key(g) for g in gpus}
-        records = {k: self._held_record(k) for k in keys.union(*(w["gpus"] for w in ahead))}
-        for g in gpus:  # a card also held under its index (a runner that had no UUID for it)
-            if self._key(g) != str(g) and records[self._key(g)] is None:
-                records[self._key(g)] = self._held_record(str(g))
+        records = {self._key(g): self._read_held(g) for g in gpus}
+        records.update((k, self._held_record(k)) for w in ahead for k in w["gpus"] if k not in records)
         free = {k for k, r in records.items() if r is None}
         mine_free = len(free & keys)
         blocker = None
@@ -283,15 +282,7 @@ class GpuLeases:
 
     def _live_queue(self) -> list[dict[str, Any]]:
         """The waiting cells whose runners still run (the same process: pid and start time)."""
-        fd = _open_shared(self.folder / QUEUE_NAME)
-        try:
-            data = _read_all(fd)
-        finally:
-            os.close(fd)
-        try:
-            queue = json.loads(data) if data.strip() else []
-        except Exception:  # noqa: BLE001 - torn, or not JSON at all: the live runners join again
-            return []
+        queue = _load_json(self.folder / QUEUE_NAME)  # torn or odd: the live runners join again
         if not isinstance(queue, list):
             return []
         return [w for w in queue if _entry_ok(w) and same_process(w["runner_pid"], w["runner_start"])]
@@ -312,20 +303,14 @@ class GpuLeases:
         return self._read_file(self._path(gpu))
 
     def _read_file(self, path: Path) -> dict[str, Any] | None:
-        fd = _open_shared(path)
-        try:
-            data = _read_all(fd)
-        finally:
-            os.close(fd)
-        try:
-            record = json.loads(data) if data.strip() else None
-        except Exception:  # noqa: BLE001 - torn by a runner killed mid-write (its holder is gone), or not JSON
-            return None
-        return record if isinstance(record, dict) else None
+        record = _load_json(path)
+        return record if isinstance(record, dict) else None  # torn: its runner was killed mid-write
 
     def _read_held(self, gpu: int) -> dict[str, Any] | None:
-        record = self._read(gpu)
-        return record if record is not None and held(record) else None
+        """The lease that holds ``gpu``, under its UUID or, for a card whose UUID
+        this runner knows, under its index (a runner that had no UUID for it)."""
+        key = self._key(gpu)
+        return self._held_record(key) or (self._held_record(str(gpu)) if key != str(gpu) else None)
 
     def _write(self, gpu: int, record: dict[str, Any] | None) -> None:
         _rewrite(self._path(gpu), b"" if record is None else json.dumps(record, sort_keys=True).encode())
@@ -377,6 +362,20 @@ def _open_shared(path: Path) -> int:
     if st.st_uid == os.getuid():
         os.fchmod(fd, 0o666)  # whatever the umask: another user's runner rewrites it later
     return fd
+
+
+def _load_json(path: Path) -> Any:
+    """A shared file's JSON; None when it is empty, torn or not JSON at all
+    (anything a parser can raise on what another user wrote)."""
+    fd = _open_shared(path)
+    try:
+        data = _read_all(fd)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(data) if data.strip() else None
+    except Exception:  # noqa: BLE001 - RecursionError, UnicodeDecodeError, ValueError...
+        return None
 
 
 def _read_all(fd: int) -> bytes:

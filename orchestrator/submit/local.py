@@ -273,9 +273,15 @@ def _check_gpus(cells: list[PlannedCell], *, leases: bool = True) -> None:
     if not leases:
         return
     try:
-        GpuLeases(uuids=dict(enumerate(_gpu_uuids()))).check(gpus)
+        _leases().check(gpus)
     except LeaseError as e:
         raise LaunchError(str(e)) from None
+
+
+def _leases() -> GpuLeases:
+    """This machine's lease folder, files named by each card's UUID; the GPUs stay
+    NVML's indices (the worker makes CUDA number them as NVML does: entry.run_cell)."""
+    return GpuLeases(uuids=dict(enumerate(_gpu_uuids())))
 
 
 def _gpu_count_text(gpus: list[int]) -> str:
@@ -345,9 +351,7 @@ class _Runner:
         self.q = read_json(queue_path)
         self.paths = SweepPaths.of(self.q["sweep_dir"])
         self.gpus = local_gpus()
-        # files named by UUID; the GPUs stay NVML's indices (the worker makes
-        # CUDA number them as NVML does: entry.run_cell)
-        self.leases = GpuLeases(uuids=dict(enumerate(_gpu_uuids())))
+        self.leases = _leases()
         self.running: list[tuple[dict[str, Any], Any, list[int]]] = []
         self._told_held: tuple[Any, ...] = ()
         self._queued = False  # this runner's next cell waits in the machine-wide line

@@ -139,10 +139,10 @@ def _reduce_project(x: torch.Tensor, layer: RowLinear) -> torch.Tensor:
     (linear.partial_products)."""
     if _skinny(x, layer.weight):
         return reduce_from_model_parallel_region(linear.skinny_linear(x, layer.weight))
-    # one GPU only: with model parallelism each all-reduce would carry both partials,
-    # and a rank's share of K may be too short for cuBLAS to split at all (not measured)
+    # one GPU only (so no all-reduce): with model parallelism each all-reduce would carry
+    # both partials, and a rank's share of K may be too short for cuBLAS to split (not measured)
     if mp.get_model_parallel_world_size() == 1 and linear.split_k_usable(x, layer.weight):
-        return reduce_from_model_parallel_region(linear.partial_products(x, layer.weight))
+        return linear.partial_products(x, layer.weight)
     return layer(x)
 
 
