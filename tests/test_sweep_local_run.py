@@ -285,7 +285,7 @@ def test_a_cell_behind_another_sweeps_waiting_cell_says_so_and_its_place_ends_wi
         runner = _Runner(queue)
         assert runner._claim(runner.q["cells"][0]) is None  # GPU 0 is free, but x1 waited first
         (cell,) = sweep_status(paths, validate=False).cells
-        assert cell.reason == ("waits for 1 free GPU(s); held: none; first in line: bob's cell x1 of /s/other, "
+        assert cell.reason == ("waits for 1 free GPU(s); held: none; ahead in line: bob's cell x1 of /s/other, "
                                "waiting for 1 GPU(s)")
         assert [w["runner_pid"] for w in json.loads(waiting.read_text())] == [other.pid, os.getpid()]
         runner._leave_line_if_idle([runner.q["cells"][0]])  # still a cell to start: keeps its place

@@ -509,7 +509,7 @@ class _Runner:
                             for g, r in sorted(others.items()))
         entry["waiting_for"] = f"waits for {entry['shards']} free GPU(s); held: {held_by or 'none'}"
         if ahead:
-            entry["waiting_for"] += (f"; first in line: {ahead.get('user')}'s cell {ahead.get('cell_id')} of "
+            entry["waiting_for"] += (f"; ahead in line: {ahead.get('user')}'s cell {ahead.get('cell_id')} of "
                                      f"{ahead.get('sweep')}, waiting for {ahead.get('n')} GPU(s)")
         self.save()  # status shows it
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} cell {entry['cell_id']} of {self.paths.root} "
