@@ -118,10 +118,11 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
     if sampler:
         sampler.stop()
     decode_s = sum(marks[i + 1][1] - marks[i][1] for i in range(len(marks) - 1) if marks[i][0] == "decode")
+    prefill_s = sum(marks[i + 1][1] - marks[i][1] for i in range(len(marks) - 1) if marks[i][0] == "prefill")
     wall = t1 - t0
     energy = None if e0 is None else e1 - e0
     res = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-           "decode_s": decode_s, "decode_steps": reps * (new_tokens - 1),
+           "decode_s": decode_s, "decode_steps": reps * (new_tokens - 1), "prefill_ms": 1e3 * prefill_s / reps,
            "decode_step_ms": 1e3 * decode_s / (reps * (new_tokens - 1)),
            "energy_j": energy, "j_per_token": None if energy is None else energy / tokens,
            "mean_w": None if energy is None else energy / wall}
@@ -156,6 +157,7 @@ class Step:
     split_k: bool = True  # linear.SPLIT_K: row-parallel products as partial sums at few rows
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
     blas: str | None = None  # torch.backends.cuda.preferred_blas_library while capturing; None: torch's default
+    prefill: bool = True  # fused.PREFILL: a prefill on the fused path too (compiled for any width)
 
 
 STEPS = {
@@ -170,6 +172,8 @@ STEPS = {
                           " (the default before 2026-11-27 22:00)", split_k=False),
     "fused-lt": Step("as fused, matrix products through cuBLASLt (torch's preferred BLAS library)",
                      blas="cublaslt"),
+    "fused-plainprefill": Step("as fused, the prefill on the plain path (eager elementwise work;"
+                               " the default before 2026-11-28 00:30)", prefill=False),
 }
 _DEFAULT_SPLITS_BUSY = attention.MAX_SPLITS_BUSY
 _DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
@@ -179,6 +183,7 @@ def _use_step(model, step: str) -> None:
     """Set the decode path; a generator's graph keeps the one set when it was captured."""
     v = STEPS[step]
     model.fuse, fused.HAND_KERNELS, linear.SKINNY, linear.SPLIT_K = v.fuse, v.hand_kernels, v.skinny, v.split_k
+    fused.PREFILL = v.prefill
     attention.MAX_SPLITS_BUSY = v.splits_busy or _DEFAULT_SPLITS_BUSY
     if _DEFAULT_BLAS is not None:
         torch.backends.cuda.preferred_blas_library(v.blas or _DEFAULT_BLAS)
@@ -225,7 +230,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
             "roofline_fraction_decode": roofline_step_s / (best["decode_step_ms"] / 1e3),
             "tokens_per_s_all_windows": [r["tokens_per_s"] for r in runs], **best})
         print(json.dumps({k: rows[-1][k] for k in ("model", "batch_size", "cuda_graph", "step", "sampler",
-                                                    "warmup_s", "tokens_per_s", "decode_step_ms",
+                                                    "warmup_s", "tokens_per_s", "decode_step_ms", "prefill_ms",
                                                     "roofline_fraction_decode", "j_per_token", "mean_w")}),
               flush=True)
 
@@ -312,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
             write_report(args.out, card, bw, rows)  # after each model: a cut-short run keeps what it measured
     print(f"fused: {fused.status()}")
     print(f"{'model':10} {'kv':>4} {'batch':>5} {'graph':>5} {'step':>10} {'smp':>3} {'tok/s':>8} {'step ms':>7} "
-          f"{'roof':>5} {'J/tok':>7} {'W':>5}")
+          f"{'pre ms':>7} {'roof':>5} {'J/tok':>7} {'W':>5}")
     for r in rows:
         jt = float("nan") if r["j_per_token"] is None else r["j_per_token"]
         w = float("nan") if r["mean_w"] is None else r["mean_w"]
         print(f"{r['model']:10} {r['kv_cache_dtype'][:4]:>4} {r['batch_size']:5d} {r['cuda_graph']!s:>5} {r['step']:>10} {r['sampler']:>3} "
-              f"{r['tokens_per_s']:8.1f} {r['decode_step_ms']:7.3f} {r['roofline_fraction_decode']:5.1%} "
+              f"{r['tokens_per_s']:8.1f} {r['decode_step_ms']:7.3f} {r['prefill_ms']:7.2f} {r['roofline_fraction_decode']:5.1%} "
               f"{jt:7.4f} {w:5.0f}")
     shutdown()
     return 0

@@ -180,6 +180,38 @@ def test_fused_decode_step_matches_plain_path():
         fused.COMPILE = saved
 
 
+def test_fused_prefill_matches_plain_path(monkeypatch):
+    """A padded prefill on the fused path (rotary + cache writes in one call, pending
+    residual adds folded into the norms), run uncompiled: the logits of every position
+    and both caches of every layer equal the plain path's, grouped-query heads included."""
+    from workers.model import fused
+    from workers.model.generate import left_pad
+
+    monkeypatch.setattr(fused, "COMPILE", False)
+    calls = []
+    real = fused.rope_cache_rows
+    monkeypatch.setattr(fused, "rope_cache_rows", lambda qkv, *a: calls.append(qkv.shape) or real(qkv, *a))
+    model = tiny(seed=5)
+    tokens, pads = left_pad([[1, 9, 8, 7, 6, 5, 4], [1, 2], [1, 3, 3, 3]], rows=3)
+    out, caches = {}, {}
+    for fuse in (False, True):
+        model.fuse = fuse
+        for layer in model.layers:  # stale cache contents must not matter
+            layer.attention.cache_k.normal_()
+            layer.attention.cache_v.normal_()
+        out[fuse] = forward_full(model, tokens, pads)
+        out[(fuse, "last")] = forward_full(model, tokens, pads, last_only=True)
+        caches[fuse] = [(a.cache_k[:3, :, :7].clone(), a.cache_v[:3, :, :7].clone())
+                        for a in (layer.attention for layer in model.layers)]
+    model.fuse = False
+    assert len(calls) == 2 * len(model.layers) and calls[0][1] == 7  # every layer, both fused calls
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[(True, "last")], out[False][:, -1:], rtol=1e-5, atol=1e-5)
+    for (k1, v1), (k0, v0) in zip(caches[True], caches[False]):
+        torch.testing.assert_close(k1, k0, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(v1, v0, rtol=0, atol=0)
+
+
 def test_partial_products_sum_to_the_product_and_the_norm_adds_them():
     """Row-parallel products at few rows as partial sums (linear.partial_products): they
     add up to F.linear, and fused.add_norm folds them into the residual add + norm."""

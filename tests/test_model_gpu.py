@@ -178,3 +178,57 @@ def test_hand_kernels_step_matches_compiled_step(model):  # the fixture joins th
         torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-2, atol=1e-2)
     finally:
         fused.HAND_KERNELS, linear.SKINNY = True, False
+
+
+@pytest.mark.parametrize("nq,nkv,t,cache_dtype", [(32, 32, 128, torch.bfloat16), (8, 2, 7, torch.bfloat16),
+                                                  (12, 4, 33, torch.bfloat16), (4, 4, 5, torch.float8_e4m3fn)])
+def test_rope_cache_rows_kernel_matches_function(nq, nkv, t, cache_dtype):
+    """The prefill's kernel (T tokens a row, heads in blocks, ragged last block) against
+    the uncompiled function: same q, same cache slots written, nothing else touched."""
+    from workers.model import fused
+
+    b, d, s, first = 3, 128, 200, 9
+    g = torch.Generator(device="cuda").manual_seed(4)
+    qkv = torch.randn(b, t, nq + 2 * nkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    angles = torch.rand(b, t, 1, d // 2, device="cuda", generator=g) * 6.28
+    cos_sin = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    slots = torch.arange(first, first + t, device="cuda")
+    caches = [torch.zeros(b + 1, nkv, s, d, device="cuda", dtype=cache_dtype)[:b] for _ in range(4)]
+    q_ref = fused.rope_cache(qkv, cos_sin, caches[0], caches[1], slots, nq, nkv)
+    q = fused.rope_cache_rows_triton(qkv, cos_sin, caches[2], caches[3], slots, nq, nkv)
+    assert q.shape == (b, nq, t, d)
+    torch.testing.assert_close(q, q_ref, rtol=1e-2, atol=1e-2)  # one bf16 rounding step apart at most
+    tol = dict(rtol=0.13, atol=0.02) if cache_dtype == torch.float8_e4m3fn else dict(rtol=1e-2, atol=1e-2)
+    for ref, got in ((caches[0], caches[2]), (caches[1], caches[3])):
+        torch.testing.assert_close(got.float(), ref.float(), **tol)
+        assert got[:, :, first:first + t].float().abs().amin(dim=-1).gt(0).float().mean() > 0.5
+        assert got[:, :, :first].float().abs().sum() == 0 and got[:, :, first + t:].float().abs().sum() == 0
+
+
+def test_fused_prefill_matches_plain_prefill_and_compiles_once(model):  # the fixture joins the process group
+    """A bf16 prefill on the fused path (compiled add + norm and SiLU-mul for any width, the
+    rows kernel) against the plain path: the same logits up to bf16 rounding and the same
+    caches; a prompt batch of another width reuses the compiled kernels."""
+    import torch._dynamo.utils as dutils
+
+    from workers.model.generate import left_pad
+
+    m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=6,
+                    max_batch_size=4, max_seq_len=64)
+    out = {}
+    for width in (9, 14):
+        prompts = [[1] + [(7 * i + j) % 500 + 2 for j in range(width - 1 - i)] for i in range(3)]
+        tokens, pads = left_pad(prompts, rows=4)
+        if width == 14:
+            frames = dict(dutils.counters["stats"]).get("unique_graphs", 0)
+        for fuse in (False, True):
+            m.fuse = fuse
+            logits = forward_full(m, tokens, pads)
+            out[(width, fuse)] = (logits, m.layers[-1].attention.cache_k[:4, :, :width].clone(),
+                                  m.layers[-1].attention.cache_v[:4, :, :width].clone())
+        got, want = out[(width, True)], out[(width, False)]
+        torch.testing.assert_close(got[0], want[0], rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(got[1].float(), want[1].float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+        assert got[0].float().std() > 0
+    assert dict(dutils.counters["stats"]).get("unique_graphs", 0) == frames  # the second width compiled nothing

@@ -86,10 +86,17 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 
 
 class _Compiled:
-    """``fn`` compiled on first use; on any compile error, a warning and ``fn`` as it is."""
+    """``fn`` compiled on first use; on any compile error, a warning and ``fn`` as it is.
 
-    def __init__(self, fn: Callable) -> None:
-        self.fn, self.name = fn, fn.__name__
+    ``rows=True``: the leading dimensions (batch, tokens) of its 3-d tensor arguments
+    are compiled as symbols, so that one kernel serves every prompt width. A prefill
+    sees a new width with almost every batch; compiled for each, the compile would
+    land inside the measured window. Decode steps keep their own instances, compiled
+    for the one shape their CUDA graph replays."""
+
+    def __init__(self, fn: Callable, rows: bool = False) -> None:
+        self.fn, self.rows = fn, rows
+        self.name = fn.__name__ + ("[rows]" if rows else "")
         self._compiled: Callable | None = None
         self.error: str | None = None
 
@@ -97,6 +104,11 @@ class _Compiled:
         if self.error is None and COMPILE:
             if self._compiled is None:
                 self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=None)
+            if self.rows:
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.dim() == 3:
+                        torch._dynamo.maybe_mark_dynamic(a, 0)
+                        torch._dynamo.maybe_mark_dynamic(a, 1)
             try:
                 return self._compiled(*args)
             except Exception as err:  # no Triton, an unsupported op...: stay correct, unfused
@@ -111,11 +123,20 @@ ADD_RMS_NORM = _Compiled(add_rms_norm)
 ADD_PARTIALS_RMS_NORM = _Compiled(add_partials_rms_norm)
 ROPE_CACHE = _Compiled(rope_cache)
 SILU_MUL = _Compiled(silu_mul)
+# the prefill's (many tokens a row, any width)
+ADD_RMS_NORM_ROWS = _Compiled(add_rms_norm, rows=True)
+SILU_MUL_ROWS = _Compiled(silu_mul, rows=True)
+
+
+def add_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_norm`` for a prefill: (B, T, D) of any width, one compiled kernel for all."""
+    return ADD_RMS_NORM_ROWS(x, delta, weight, eps)
 
 
 def status() -> dict[str, object]:
     """Whether each function runs compiled, for benchmark records."""
-    fns = (ADD_RMS_NORM, ADD_PARTIALS_RMS_NORM, ROPE_CACHE, SILU_MUL)
+    fns = (ADD_RMS_NORM, ADD_PARTIALS_RMS_NORM, ROPE_CACHE, SILU_MUL, ADD_RMS_NORM_ROWS, SILU_MUL_ROWS)
     return {"compile": COMPILE, "compiled": [f.name for f in fns if f._compiled is not None and f.error is None],
             "errors": {f.name: f.error for f in fns if f.error}}
 
@@ -179,3 +200,72 @@ def rope_cache_fast(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Ten
 
 
 HAND_KERNELS = True  # False: rotary and cache writes take the compiled function (for comparison)
+PREFILL = True  # False: a prefill takes the plain path where decode steps are fused (for comparison)
+
+# heads per program of the prefill's kernel: a program per (row, head) as in decode
+# would be 8,192 x 96 programs of 256 bytes each at batch 64 x 128 tokens
+ROWS_HEADS_PER_PROGRAM = 8
+
+if triton is not None:
+    @triton.jit
+    def _rope_cache_rows_kernel(qkv_ptr, cs_ptr, ck_ptr, cv_ptr, slots_ptr, q_ptr, T,
+                                stride_qkv_b, stride_qkv_t, stride_cs_b, stride_cs_t,
+                                stride_c_b, stride_c_h, stride_c_s, stride_q_b, stride_q_h, stride_q_t,
+                                NQ: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HB: tl.constexpr):
+        row = tl.program_id(0)  # b * T + t
+        b = row // T
+        t = row % T
+        h = tl.program_id(1) * HB + tl.arange(0, HB)[:, None]  # query heads, then key heads
+        i = tl.arange(0, HALF)[None, :]
+        live = h < NQ + NKV
+        src = qkv_ptr + b * stride_qkv_b + t * stride_qkv_t + h * (2 * HALF)
+        x0 = tl.load(src + 2 * i, mask=live, other=0.0).to(tl.float32)
+        x1 = tl.load(src + 2 * i + 1, mask=live, other=0.0).to(tl.float32)
+        cs = cs_ptr + b * stride_cs_b + t * stride_cs_t
+        c = tl.load(cs + 2 * i)
+        s = tl.load(cs + 2 * i + 1)
+        # rounded to the activations' dtype first, as the compiled function does
+        r0 = (x0 * c - x1 * s).to(qkv_ptr.dtype.element_ty)
+        r1 = (x0 * s + x1 * c).to(qkv_ptr.dtype.element_ty)
+        is_q = h < NQ
+        dst = q_ptr + b * stride_q_b + h * stride_q_h + t * stride_q_t
+        tl.store(dst + 2 * i, r0, mask=is_q)
+        tl.store(dst + 2 * i + 1, r1, mask=is_q)
+        is_k = live & (h >= NQ)
+        kv = h - NQ  # negative on query heads, which the masks leave out
+        at = b * stride_c_b + kv * stride_c_h + tl.load(slots_ptr + t) * stride_c_s
+        tl.store(ck_ptr + at + 2 * i, r0.to(ck_ptr.dtype.element_ty), mask=is_k)
+        tl.store(ck_ptr + at + 2 * i + 1, r1.to(ck_ptr.dtype.element_ty), mask=is_k)
+        vsrc = qkv_ptr + b * stride_qkv_b + t * stride_qkv_t + (NQ + NKV + kv) * (2 * HALF)
+        v0 = tl.load(vsrc + 2 * i, mask=is_k, other=0.0)
+        v1 = tl.load(vsrc + 2 * i + 1, mask=is_k, other=0.0)
+        tl.store(cv_ptr + at + 2 * i, v0.to(cv_ptr.dtype.element_ty), mask=is_k)
+        tl.store(cv_ptr + at + 2 * i + 1, v1.to(cv_ptr.dtype.element_ty), mask=is_k)
+
+
+def rope_cache_rows_triton(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                           slots: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    """``rope_cache`` for any number of tokens a row in one kernel; same arguments and result."""
+    b, t, _, d = qkv.shape
+    q = torch.empty((b, nq, t, d), device=qkv.device, dtype=qkv.dtype)
+    hb = ROWS_HEADS_PER_PROGRAM
+    _rope_cache_rows_kernel[(b * t, triton.cdiv(nq + nkv, hb))](
+        qkv, cos_sin, cache_k, cache_v, slots, q, t,
+        qkv.stride(0), qkv.stride(1), cos_sin.stride(0), cos_sin.stride(1),
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), q.stride(0), q.stride(1), q.stride(2),
+        NQ=nq, NKV=nkv, HALF=d // 2, HB=hb, num_warps=4)
+    return q
+
+
+def rope_cache_rows(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                    slots: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    """Rotary and both cache writes of a prefill (B, T tokens): the hand-written kernel
+    where it serves, else ``rope_cache`` uncompiled (the CPU; an odd head size)."""
+    half = qkv.shape[-1] // 2
+    serves = (triton is not None and HAND_KERNELS and qkv.is_cuda and half >= 1 and half & (half - 1) == 0
+              and qkv.stride(-1) == 1 and qkv.stride(-2) == qkv.shape[-1]
+              and cos_sin.stride(-1) == 1 and cos_sin.stride(-2) == 2
+              and cache_k.stride(-1) == 1 and cache_v.stride() == cache_k.stride())
+    if serves:
+        return rope_cache_rows_triton(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)
+    return rope_cache(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)
