@@ -188,6 +188,7 @@ def test_fused_prefill_matches_plain_path(monkeypatch):
     from workers.model.generate import left_pad
 
     monkeypatch.setattr(fused, "COMPILE", False)
+    monkeypatch.setattr(fused, "PREFILL_MIN_ROWS", 0)  # the CUDA default keeps small prefills plain
     calls = []
     real = fused.rope_cache_rows
     monkeypatch.setattr(fused, "rope_cache_rows", lambda qkv, *a: calls.append(qkv.shape) or real(qkv, *a))
@@ -203,8 +204,11 @@ def test_fused_prefill_matches_plain_path(monkeypatch):
         out[(fuse, "last")] = forward_full(model, tokens, pads, last_only=True)
         caches[fuse] = [(a.cache_k[:3, :, :7].clone(), a.cache_v[:3, :, :7].clone())
                         for a in (layer.attention for layer in model.layers)]
-    model.fuse = False
     assert len(calls) == 2 * len(model.layers) and calls[0][1] == 7  # every layer, both fused calls
+    monkeypatch.setattr(fused, "PREFILL_MIN_ROWS", 22)  # 3 rows x 7 tokens = 21: below, the plain path
+    forward_full(model, tokens, pads)
+    model.fuse = False
+    assert len(calls) == 2 * len(model.layers)
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[(True, "last")], out[False][:, -1:], rtol=1e-5, atol=1e-5)
     for (k1, v1), (k0, v0) in zip(caches[True], caches[False]):

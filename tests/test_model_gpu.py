@@ -205,13 +205,16 @@ def test_rope_cache_rows_kernel_matches_function(nq, nkv, t, cache_dtype):
         assert got[:, :, :first].float().abs().sum() == 0 and got[:, :, first + t:].float().abs().sum() == 0
 
 
-def test_fused_prefill_matches_plain_prefill_and_compiles_once(model):  # the fixture joins the process group
+def test_fused_prefill_matches_plain_prefill_and_compiles_once(model, monkeypatch):  # fixture: process group
     """A bf16 prefill on the fused path (compiled add + norm and SiLU-mul for any width, the
     rows kernel) against the plain path: the same logits up to bf16 rounding and the same
     caches; a prompt batch of another width reuses the compiled kernels."""
     import torch._dynamo.utils as dutils
 
+    from workers.model import fused
     from workers.model.generate import left_pad
+
+    monkeypatch.setattr(fused, "PREFILL_MIN_ROWS", 0)  # small prompts, so that the test stays quick
 
     m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=6,
                     max_batch_size=4, max_seq_len=64)
@@ -232,3 +235,6 @@ def test_fused_prefill_matches_plain_prefill_and_compiles_once(model):  # the fi
         torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
         assert got[0].float().std() > 0
     assert dict(dutils.counters["stats"]).get("unique_graphs", 0) == frames  # the second width compiled nothing
+    errors = fused.status()["errors"]
+    assert "add_rms_norm_rows" not in errors and "silu_mul_rows" not in errors, errors
+    assert {"add_rms_norm_rows", "silu_mul_rows"} <= set(fused.status()["compiled"])

@@ -96,7 +96,7 @@ class _Compiled:
 
     def __init__(self, fn: Callable, rows: bool = False) -> None:
         self.fn, self.rows = fn, rows
-        self.name = fn.__name__ + ("[rows]" if rows else "")
+        self.name = fn.__name__
         self._compiled: Callable | None = None
         self.error: str | None = None
 
@@ -123,9 +123,27 @@ ADD_RMS_NORM = _Compiled(add_rms_norm)
 ADD_PARTIALS_RMS_NORM = _Compiled(add_partials_rms_norm)
 ROPE_CACHE = _Compiled(rope_cache)
 SILU_MUL = _Compiled(silu_mul)
-# the prefill's (many tokens a row, any width)
-ADD_RMS_NORM_ROWS = _Compiled(add_rms_norm, rows=True)
-SILU_MUL_ROWS = _Compiled(silu_mul, rows=True)
+
+
+# The prefill's (many tokens a row, any width). Functions of their own: compiled code is
+# cached per function, and decode's shapes and the prefill's would share one cache and
+# its recompile limit.
+def add_rms_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return add_rms_norm(x, delta, weight, eps)
+
+
+def silu_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
+    return silu_mul(gate_up)
+
+
+ADD_RMS_NORM_ROWS = _Compiled(add_rms_norm_rows, rows=True)
+SILU_MUL_ROWS = _Compiled(silu_mul_rows, rows=True)
+# Rows (batch x tokens) from which a prefill takes the fused path. The compiled and
+# Triton calls cost more host time per call than the few eager kernels they replace,
+# and a small prefill is bound by that host time: at 128 rows (batch 1) the fused
+# prefill was slower, at 1,024 (batch 8) and 8,192 (batch 64) faster (docs/performance.md).
+PREFILL_MIN_ROWS = 1024
 
 
 def add_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -216,31 +234,29 @@ if triton is not None:
         b = row // T
         t = row % T
         h = tl.program_id(1) * HB + tl.arange(0, HB)[:, None]  # query heads, then key heads
-        i = tl.arange(0, HALF)[None, :]
+        d = tl.arange(0, 2 * HALF)[None, :]
         live = h < NQ + NKV
-        src = qkv_ptr + b * stride_qkv_b + t * stride_qkv_t + h * (2 * HALF)
-        x0 = tl.load(src + 2 * i, mask=live, other=0.0).to(tl.float32)
-        x1 = tl.load(src + 2 * i + 1, mask=live, other=0.0).to(tl.float32)
-        cs = cs_ptr + b * stride_cs_b + t * stride_cs_t
-        c = tl.load(cs + 2 * i)
-        s = tl.load(cs + 2 * i + 1)
+        # whole head rows are loaded and stored (wide, contiguous accesses); the pairs
+        # are split and joined in registers: loads of every other element ran at a
+        # third of the memory's speed
+        src = qkv_ptr + b * stride_qkv_b + t * stride_qkv_t
+        x = tl.load(src + h * (2 * HALF) + d, mask=live, other=0.0).to(tl.float32)
+        x0, x1 = tl.split(tl.reshape(x, (HB, HALF, 2)))
+        cs = tl.load(cs_ptr + b * stride_cs_b + t * stride_cs_t + tl.arange(0, 2 * HALF))
+        c, s = tl.split(tl.reshape(cs, (HALF, 2)))
+        c = c[None, :]
+        s = s[None, :]
         # rounded to the activations' dtype first, as the compiled function does
         r0 = (x0 * c - x1 * s).to(qkv_ptr.dtype.element_ty)
         r1 = (x0 * s + x1 * c).to(qkv_ptr.dtype.element_ty)
-        is_q = h < NQ
-        dst = q_ptr + b * stride_q_b + h * stride_q_h + t * stride_q_t
-        tl.store(dst + 2 * i, r0, mask=is_q)
-        tl.store(dst + 2 * i + 1, r1, mask=is_q)
+        r = tl.reshape(tl.join(r0, r1), (HB, 2 * HALF))
+        tl.store(q_ptr + b * stride_q_b + h * stride_q_h + t * stride_q_t + d, r, mask=h < NQ)
         is_k = live & (h >= NQ)
         kv = h - NQ  # negative on query heads, which the masks leave out
         at = b * stride_c_b + kv * stride_c_h + tl.load(slots_ptr + t) * stride_c_s
-        tl.store(ck_ptr + at + 2 * i, r0.to(ck_ptr.dtype.element_ty), mask=is_k)
-        tl.store(ck_ptr + at + 2 * i + 1, r1.to(ck_ptr.dtype.element_ty), mask=is_k)
-        vsrc = qkv_ptr + b * stride_qkv_b + t * stride_qkv_t + (NQ + NKV + kv) * (2 * HALF)
-        v0 = tl.load(vsrc + 2 * i, mask=is_k, other=0.0)
-        v1 = tl.load(vsrc + 2 * i + 1, mask=is_k, other=0.0)
-        tl.store(cv_ptr + at + 2 * i, v0.to(cv_ptr.dtype.element_ty), mask=is_k)
-        tl.store(cv_ptr + at + 2 * i + 1, v1.to(cv_ptr.dtype.element_ty), mask=is_k)
+        tl.store(ck_ptr + at + d, r.to(ck_ptr.dtype.element_ty), mask=is_k)
+        v = tl.load(src + (NQ + NKV + kv) * (2 * HALF) + d, mask=is_k, other=0.0)
+        tl.store(cv_ptr + at + d, v.to(cv_ptr.dtype.element_ty), mask=is_k)
 
 
 def rope_cache_rows_triton(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

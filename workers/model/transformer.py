@@ -22,10 +22,10 @@ keys load as they are. Differences from Meta's file, and why:
   writes run as one hand-written Triton kernel (``fused.HAND_KERNELS``); the
   matrix products stay on cuBLAS unless ``linear.SKINNY`` is set (faster, but
   not cheaper in energy: ``linear.py``).
-- A prefill on the fused path runs the same way with kernels compiled for any
-  prompt width (``forward_prefill``): eager, its elementwise work (rotary in
-  complex float32, the cache writes, SiLU, the adds) took a quarter of a batch-64
-  prefill's time.
+- A prefill of many rows on the fused path runs the same way, with kernels
+  compiled for any prompt width (``forward_prefill``): eager, its elementwise
+  work (rotary in complex float32, the cache writes, SiLU, the adds) took a
+  quarter of a batch-64 prefill's time.
 """
 from __future__ import annotations
 
@@ -331,7 +331,7 @@ class Transformer(nn.Module):
             return self.output(normed).float()
         if mask is None:
             raise ValueError("the plain path needs a mask; only a fused decode step takes pads instead")
-        if self.fuse and fused.PREFILL:  # a prefill on the fused path
+        if self.fuse and fused.PREFILL and tokens.numel() >= fused.PREFILL_MIN_ROWS:  # a prefill, fused
             cos_sin = torch.view_as_real(self.rope)[positions].unsqueeze(2)
             delta = None
             for layer in self.layers:
