@@ -227,12 +227,17 @@ def test_fused_prefill_matches_plain_prefill_and_compiles_once(model, monkeypatc
         for fuse in (False, True):
             m.fuse = fuse
             logits = forward_full(m, tokens, pads)
-            out[(width, fuse)] = (logits, m.layers[-1].attention.cache_k[:4, :, :width].clone(),
-                                  m.layers[-1].attention.cache_v[:4, :, :width].clone())
+            first, last = m.layers[0].attention, m.layers[-1].attention
+            out[(width, fuse)] = (logits, first.cache_k[:4, :, :width].clone(), first.cache_v[:4, :, :width].clone(),
+                                  last.cache_k[:4, :, :width].clone(), last.cache_v[:4, :, :width].clone())
         got, want = out[(width, True)], out[(width, False)]
         torch.testing.assert_close(got[0], want[0], rtol=3e-2, atol=3e-2)
+        # the first layer's input is the same in both paths: values copied exactly, keys
+        # one bf16 rounding apart; deeper layers see the residual stream rounded differently
         torch.testing.assert_close(got[1].float(), want[1].float(), rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+        for g_, w_ in zip(got[3:], want[3:]):
+            torch.testing.assert_close(g_.float(), w_.float(), rtol=3e-2, atol=3e-2)
         assert got[0].float().std() > 0
     assert dict(dutils.counters["stats"]).get("unique_graphs", 0) == frames  # the second width compiled nothing
     errors = fused.status()["errors"]
