@@ -243,3 +243,29 @@ def test_fused_prefill_matches_plain_prefill_and_compiles_once(model, monkeypatc
     errors = fused.status()["errors"]
     assert "add_rms_norm_rows" not in errors and "silu_mul_rows" not in errors, errors
     assert {"add_rms_norm_rows", "silu_mul_rows"} <= set(fused.status()["compiled"])
+
+
+def test_first_generate_compiles_the_fused_prefill_for_every_later_width(model, monkeypatch):
+    """Which prompt batches reach the fused prefill depends on their width: the first
+    generate call compiles its kernels on dummy tokens, so that a wide batch later (inside
+    a measured window, in a cell) compiles nothing; its tokens equal the plain prefill's."""
+    import torch._dynamo.utils as dutils
+
+    from workers.model import fused
+
+    monkeypatch.setattr(fused, "PREFILL_MIN_ROWS", 64)  # 4 rows: the fused prefill from 16 tokens
+    model.fuse = True
+    narrow = [[1, 7, 8], [1, 42], [1, 5, 5, 5]]  # 4 x 4 rows: the plain prefill
+    wide = [[1] + [(5 * i + j) % 300 + 2 for j in range(30 - 3 * i)] for i in range(3)]
+    gen = Generator(model, max_batch_size=4, max_seq_len=300, device="cuda:0", cuda_graph=True)
+    gen.generate(narrow, max_new_tokens=8, eos_id=None)
+    frames = dict(dutils.counters["stats"]).get("unique_graphs", 0)
+    calls = []
+    real = fused.rope_cache_rows
+    monkeypatch.setattr(fused, "rope_cache_rows", lambda qkv, *a: calls.append(qkv.shape) or real(qkv, *a))
+    out = gen.generate(wide, max_new_tokens=40, eos_id=None)
+    assert calls and calls[0][:2] == (4, 31)
+    assert dict(dutils.counters["stats"]).get("unique_graphs", 0) == frames
+    monkeypatch.setattr(fused, "PREFILL", False)
+    plain = Generator(model, max_batch_size=4, max_seq_len=300, device="cuda:0", cuda_graph=True)
+    assert plain.generate(wide, max_new_tokens=40, eos_id=None) == out

@@ -225,7 +225,8 @@ PREFILL = True  # False: a prefill takes the plain path where decode steps are f
 ROWS_HEADS_PER_PROGRAM = 8
 
 if triton is not None:
-    @triton.jit
+    # T left unspecialised: Triton would compile again for widths that are (not) multiples of 16
+    @triton.jit(do_not_specialize=["T"])
     def _rope_cache_rows_kernel(qkv_ptr, cs_ptr, ck_ptr, cv_ptr, slots_ptr, q_ptr, T,
                                 stride_qkv_b, stride_qkv_t, stride_cs_b, stride_cs_t,
                                 stride_c_b, stride_c_h, stride_c_s, stride_q_b, stride_q_h, stride_q_t,

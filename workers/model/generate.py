@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import fused
 from .transformer import Transformer
 
 
@@ -96,6 +97,7 @@ class Generator:
         if self.dynamic_kv:  # attention finds each row's slots itself: one bucket, one graph
             self.kv_bucket = max_seq_len
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefill_warm = False
         self._state: dict[str, torch.Tensor] = {}
         self._key_idx = torch.arange(max_seq_len, device=self.device)
 
@@ -111,6 +113,8 @@ class Generator:
         self._alloc_state(rows)
         if self.use_graph and not self._graphs:
             self._capture_all()
+        if not self._prefill_warm:
+            self._warm_prefill()
         with torch.inference_mode():
             self._sync_mark(on_phase, "prefill")
             width = self._prefill(batch_tokens, rows, eos_id)
@@ -197,6 +201,22 @@ class Generator:
             warnings.warn(f"CUDA graph capture failed ({err}); decoding eagerly", RuntimeWarning)
             self._graphs.clear()
             self.use_graph = False
+
+    def _warm_prefill(self) -> None:
+        """Compile the fused prefill's kernels now, on a prompt of dummy tokens: which
+        prompts reach ``fused.PREFILL_MIN_ROWS`` depends on their widths, so the first
+        one might come inside a measured window. Compiled once, they serve every width.
+        Writes cache slots that every generate call rewrites before reading them."""
+        self._prefill_warm = True
+        model = self.model
+        if self.device.type != "cuda" or not (model.fuse and fused.PREFILL):
+            return
+        rows = self.max_batch_size
+        width = max(2, -(-fused.PREFILL_MIN_ROWS // rows))
+        if width > self.max_seq_len:
+            return  # no prompt batch of this generator is large enough for the fused prefill
+        with torch.inference_mode():
+            forward_full(model, torch.ones(rows, width, dtype=torch.long), last_only=True)
 
     def _rewind(self) -> None:
         self._state["pos"].zero_()
