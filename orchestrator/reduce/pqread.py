@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - depends on the installed pyarrow
 class SmallParquet:
     """Footer, schema and column reads of one in-memory Parquet file."""
 
-    __slots__ = ("_r", "metadata", "schema_arrow")
+    __slots__ = ("_r", "metadata", "_schema_arrow")
 
     def __init__(self, data: bytes, dictionary: Sequence[int] | None = None) -> None:
         """``dictionary``: positions of string columns to decode as dictionary arrays."""
@@ -36,7 +36,15 @@ class SmallParquet:
             r = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False, read_dictionary=dictionary).reader
         self._r = r
         self.metadata: pq.FileMetaData = r.metadata
-        self.schema_arrow: pa.Schema = r.schema_arrow
+        self._schema_arrow: pa.Schema | None = None
+
+    @property
+    def schema_arrow(self) -> pa.Schema:
+        """The Arrow schema the reader decodes to, built on first use: a file
+        whose Parquet schema is the expected one never needs it (validate.py)."""
+        if self._schema_arrow is None:
+            self._schema_arrow = self._r.schema_arrow
+        return self._schema_arrow
 
     def read(self, column_indices: Sequence[int] | None = None) -> pa.Table:
         idx = list(range(len(self.schema_arrow))) if column_indices is None else list(column_indices)
