@@ -100,8 +100,11 @@ def _read_tables(files: list[CellFile]) -> tuple[CellTelemetry, pa.Table]:
     decoded = [i for i in _TELEMETRY_COLUMNS if i not in constant]
     tables = [_read(f, decoded) for f in tel]
     rows = [t.num_rows for t in tables]
+    names = [TELEMETRY_SCHEMA.field(i).name for i in decoded]
+    text = [(n, names.index(n)) for n in _IDENTITY_TEXT if n in names]
+    checked: list[pa.Array] = []
     for f, t in zip(tel, tables):
-        _check_text(f, t)
+        _check_text(f, t, names.index("phase"), text, checked)
     table = _concat(tables, decoded).replace_schema_metadata(None)
     by_name = {TELEMETRY_SCHEMA.field(i).name: table.column(j) for j, i in enumerate(decoded)}
     if by_name["timestamp_ns"].null_count:
@@ -126,22 +129,27 @@ def _concat(tables: list[pa.Table], columns: list[int]) -> pa.Table:
         return pa.concat_tables([t.cast(schema) for t in tables])
 
 
-def _check_text(f: CellFile, t: pa.Table) -> None:
+def _check_text(f: CellFile, t: pa.Table, phase: int, text: list[tuple[str, int]], checked: list[pa.Array]) -> None:
     """Strings that reach the compacted copy must be UTF-8 (pyarrow does not
     check when it decodes, and a reader of the copy would fail on them), and
-    phase one of PHASES. Decoded columns only: a rebuilt one was checked from
-    its statistics. Phase is checked on its dictionaries, a few values a file."""
-    for chunk in t.column("phase").chunks:
+    phase one of PHASES. Decoded columns only (``text``: the identity columns
+    decoded, by position; ``phase``: phase's position): a rebuilt one was
+    checked from its statistics. Phase is checked on its dictionaries, a few
+    values a file; one equal to a dictionary in ``checked`` (the ranks' files
+    of a cell normally hold the same one) passed already."""
+    for chunk in t.column(phase).chunks:
         values = chunk.dictionary if pa.types.is_dictionary(chunk.type) else chunk
+        if any(values.equals(c) for c in checked):
+            continue
         _valid_utf8(values, "phase", f.rel)
         odd = set(values.to_pylist()) - _PHASES
         odd.discard(None)
         if odd:
             raise InvalidCell(f"phase in {f.rel} holds {sorted(odd)[0]!r}, not one of {', '.join(PHASES)}")
-    for name in _IDENTITY_TEXT:
-        if name in t.column_names:
-            for chunk in t.column(name).chunks:
-                _valid_utf8(chunk, name, f.rel)
+        checked.append(values)
+    for name, j in text:
+        for chunk in t.column(j).chunks:
+            _valid_utf8(chunk, name, f.rel)
 
 
 def _valid_utf8(values: pa.Array, name: str, rel: str) -> None:
