@@ -101,9 +101,9 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
     sampler = card.sampler(sampler_hz) if sampler_hz else None
 
     def on_phase(phase: str) -> None:
-        marks.append((phase, time.perf_counter()))
         if sampler is not None:
             sampler.mark(phase)  # as the worker marks phases: rows, and a counter read off the decode path
+        marks.append((phase, time.perf_counter()))  # after the mark: its counter read is in no phase's time
 
     if sampler:
         sampler.start()
@@ -158,6 +158,7 @@ class Step:
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
     blas: str | None = None  # torch.backends.cuda.preferred_blas_library while capturing; None: torch's default
     prefill: bool = True  # fused.PREFILL: a prefill on the fused path too (compiled for any width)
+    prefill_min_rows: int | None = None  # fused.PREFILL_MIN_ROWS; None: the module's own
 
 
 STEPS = {
@@ -172,10 +173,13 @@ STEPS = {
                           " (the default before 2026-11-27 22:00)", split_k=False),
     "fused-lt": Step("as fused, matrix products through cuBLASLt (torch's preferred BLAS library)",
                      blas="cublaslt"),
-    "fused-plainprefill": Step("as fused, the prefill on the plain path (eager elementwise work;"
-                               " the default before 2026-11-28 00:30)", prefill=False),
+    "fused-plainprefill": Step("as fused, the prefill on the plain path at any size (eager elementwise"
+                               " work; the default before 2026-11-27 23:46)", prefill=False),
+    "fused-allprefill": Step("as fused, the fused prefill at any size (also under PREFILL_MIN_ROWS)",
+                             prefill_min_rows=0),
 }
 _DEFAULT_SPLITS_BUSY = attention.MAX_SPLITS_BUSY
+_DEFAULT_PREFILL_MIN_ROWS = fused.PREFILL_MIN_ROWS
 _DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
 
 
@@ -184,6 +188,7 @@ def _use_step(model, step: str) -> None:
     v = STEPS[step]
     model.fuse, fused.HAND_KERNELS, linear.SKINNY, linear.SPLIT_K = v.fuse, v.hand_kernels, v.skinny, v.split_k
     fused.PREFILL = v.prefill
+    fused.PREFILL_MIN_ROWS = _DEFAULT_PREFILL_MIN_ROWS if v.prefill_min_rows is None else v.prefill_min_rows
     attention.MAX_SPLITS_BUSY = v.splits_busy or _DEFAULT_SPLITS_BUSY
     if _DEFAULT_BLAS is not None:
         torch.backends.cuda.preferred_blas_library(v.blas or _DEFAULT_BLAS)

@@ -189,6 +189,8 @@ def test_fused_prefill_matches_plain_path(monkeypatch):
 
     monkeypatch.setattr(fused, "COMPILE", False)
     monkeypatch.setattr(fused, "PREFILL_MIN_ROWS", 0)  # the CUDA default keeps small prefills plain
+    serves = fused.prefill_serves
+    monkeypatch.setattr(fused, "prefill_serves", lambda head_dim, device: True)  # CUDA only otherwise
     calls = []
     real = fused.rope_cache_rows
     monkeypatch.setattr(fused, "rope_cache_rows", lambda qkv, *a: calls.append(qkv.shape) or real(qkv, *a))
@@ -207,8 +209,12 @@ def test_fused_prefill_matches_plain_path(monkeypatch):
     assert len(calls) == 2 * len(model.layers) and calls[0][1] == 7  # every layer, both fused calls
     monkeypatch.setattr(fused, "PREFILL_MIN_ROWS", 22)  # 3 rows x 7 tokens = 21: below, the plain path
     forward_full(model, tokens, pads)
+    monkeypatch.setattr(fused, "PREFILL_MIN_ROWS", 0)
+    monkeypatch.setattr(fused, "prefill_serves", lambda head_dim, device: False)  # e.g. an odd head size
+    forward_full(model, tokens, pads)
     model.fuse = False
     assert len(calls) == 2 * len(model.layers)
+    assert not serves(128, torch.device("cpu")) and not serves(96, torch.device("cuda"))
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[(True, "last")], out[False][:, -1:], rtol=1e-5, atol=1e-5)
     for (k1, v1), (k0, v0) in zip(caches[True], caches[False]):

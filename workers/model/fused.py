@@ -88,11 +88,12 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 class _Compiled:
     """``fn`` compiled on first use; on any compile error, a warning and ``fn`` as it is.
 
-    ``rows=True``: the leading dimensions (batch, tokens) of its 3-d tensor arguments
-    are compiled as symbols, so that one kernel serves every prompt width. A prefill
-    sees a new width with almost every batch; compiled for each, the compile would
-    land inside the measured window. Decode steps keep their own instances, compiled
-    for the one shape their CUDA graph replays."""
+    ``rows=True``: its arguments are (rows, features) and the row count is compiled as
+    a symbol, so that one kernel serves every batch and prompt width. A prefill sees a
+    new width with almost every batch; compiled for each, the compile would land inside
+    the measured window. The callers flatten (batch, tokens) into rows: a batch of one
+    would otherwise be a dimension of size 1, which is always compiled apart. Decode
+    steps keep their own instances, compiled for the one shape their CUDA graph replays."""
 
     def __init__(self, fn: Callable, rows: bool = False) -> None:
         self.fn, self.rows = fn, rows
@@ -106,9 +107,8 @@ class _Compiled:
                 self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=None)
             if self.rows:
                 for a in args:
-                    if isinstance(a, torch.Tensor) and a.dim() == 3:
+                    if isinstance(a, torch.Tensor) and a.dim() == 2:
                         torch._dynamo.maybe_mark_dynamic(a, 0)
-                        torch._dynamo.maybe_mark_dynamic(a, 1)
             try:
                 return self._compiled(*args)
             except Exception as err:  # no Triton, an unsupported op...: stay correct, unfused
@@ -125,8 +125,8 @@ ROPE_CACHE = _Compiled(rope_cache)
 SILU_MUL = _Compiled(silu_mul)
 
 
-# The prefill's (many tokens a row, any width). Functions of their own: compiled code is
-# cached per function, and decode's shapes and the prefill's would share one cache and
+# The prefill's (rows = batch x tokens, any count). Functions of their own: compiled code
+# is cached per function, and decode's shapes and the prefill's would share one cache and
 # its recompile limit.
 def add_rms_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,15 +141,30 @@ ADD_RMS_NORM_ROWS = _Compiled(add_rms_norm_rows, rows=True)
 SILU_MUL_ROWS = _Compiled(silu_mul_rows, rows=True)
 # Rows (batch x tokens) from which a prefill takes the fused path. The compiled and
 # Triton calls cost more host time per call than the few eager kernels they replace,
-# and a small prefill is bound by that host time: at 128 rows (batch 1) the fused
-# prefill was slower, at 1,024 (batch 8) and 8,192 (batch 64) faster (docs/performance.md).
+# and a small prefill is bound by that host time (docs/performance.md).
 PREFILL_MIN_ROWS = 1024
 
 
 def add_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``add_norm`` for a prefill: (B, T, D) of any width, one compiled kernel for all."""
-    return ADD_RMS_NORM_ROWS(x, delta, weight, eps)
+    """``add_norm`` for a prefill: (B, T, D) as rows, one compiled kernel for every B and T."""
+    h, normed = ADD_RMS_NORM_ROWS(x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1]), weight, eps)
+    return h.view(x.shape), normed.view(x.shape)
+
+
+def silu_mul_rows_of(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) x up of a prefill: (B, T, 2H) as rows, one compiled kernel for every B and T."""
+    out = SILU_MUL_ROWS(gate_up.reshape(-1, gate_up.shape[-1]))
+    return out.view(*gate_up.shape[:-1], out.shape[-1])
+
+
+def prefill_serves(head_dim: int, device: torch.device) -> bool:
+    """Whether a prefill may take the fused path: the rows kernel runs there (CUDA, Triton,
+    a power-of-two head size, hand kernels on). Where it does not, the whole prefill stays
+    on the plain path: rotary and the cache writes uncompiled would cost more than there."""
+    half = head_dim // 2
+    return (PREFILL and triton is not None and HAND_KERNELS and device.type == "cuda"
+            and half >= 1 and half & (half - 1) == 0)
 
 
 def status() -> dict[str, object]:
@@ -164,7 +179,7 @@ if triton is not None:
     def _rope_cache_kernel(qkv_ptr, cs_ptr, ck_ptr, cv_ptr, slots_ptr, q_ptr,
                            stride_qkv_b, stride_cs_b, stride_c_b, stride_c_h, stride_c_s, stride_q_b,
                            NQ: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a cache may pass 2**31 elements
         h = tl.program_id(1)  # query heads, then key heads
         i = tl.arange(0, HALF)
         src = qkv_ptr + b * stride_qkv_b + h * (2 * HALF)
@@ -231,7 +246,7 @@ if triton is not None:
                                 stride_qkv_b, stride_qkv_t, stride_cs_b, stride_cs_t,
                                 stride_c_b, stride_c_h, stride_c_s, stride_q_b, stride_q_h, stride_q_t,
                                 NQ: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr, HB: tl.constexpr):
-        row = tl.program_id(0)  # b * T + t
+        row = tl.program_id(0).to(tl.int64)  # b * T + t; 64-bit offsets, as in decode
         b = row // T
         t = row % T
         h = tl.program_id(1) * HB + tl.arange(0, HB)[:, None]  # query heads, then key heads

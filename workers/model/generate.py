@@ -209,7 +209,7 @@ class Generator:
         Writes cache slots that every generate call rewrites before reading them."""
         self._prefill_warm = True
         model = self.model
-        if self.device.type != "cuda" or not (model.fuse and fused.PREFILL):
+        if not (model.fuse and fused.prefill_serves(model.args.head_dim, self.device)):
             return
         rows = self.max_batch_size
         width = max(2, -(-fused.PREFILL_MIN_ROWS // rows))

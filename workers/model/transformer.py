@@ -244,7 +244,7 @@ class FeedForward(nn.Module):
         return _reduce_project(fused.SILU_MUL(gate_up), self.w2)
 
     def forward_prefill(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(fused.SILU_MUL_ROWS(F.linear(x, self._w13)))
+        return self.w2(fused.silu_mul_rows_of(F.linear(x, self._w13)))
 
 
 class TransformerBlock(nn.Module):
@@ -331,13 +331,14 @@ class Transformer(nn.Module):
             return self.output(normed).float()
         if mask is None:
             raise ValueError("the plain path needs a mask; only a fused decode step takes pads instead")
-        if self.fuse and fused.PREFILL and tokens.numel() >= fused.PREFILL_MIN_ROWS:  # a prefill, fused
+        if (self.fuse and tokens.numel() >= fused.PREFILL_MIN_ROWS
+                and fused.prefill_serves(self.args.head_dim, h.device)):  # a prefill of many rows, fused
             cos_sin = torch.view_as_real(self.rope)[positions].unsqueeze(2)
             delta = None
             for layer in self.layers:
                 h, delta = layer.forward_prefill(h, delta, cos_sin, slots, mask, kv_len)
-            if last_only:
-                h, delta = h[:, -1:], delta[:, -1:]
+            if last_only:  # B rows: eager (a compile of its own for a strided view would cost more)
+                return self.output(self.norm(h[:, -1:] + delta[:, -1:])).float()
             _, normed = fused.add_norm_rows(h, delta, self.norm.weight, self.norm.eps)
             return self.output(normed).float()
         freqs = self.rope[positions].unsqueeze(2)
