@@ -274,7 +274,7 @@ def test_first_generate_compiles_the_fused_prefill_for_every_later_width(model, 
     assert plain.generate(wide, max_new_tokens=40, eos_id=None) == out
 
 
-def test_eager_generator_batch_of_one_wide_prompt_compiles_nothing(monkeypatch):
+def test_eager_generator_batch_of_one_wide_prompt_compiles_nothing(model, monkeypatch):  # fixture: process group
     """Without CUDA graphs a batch is as many rows as prompts: a last batch of one wide
     prompt takes the fused prefill with batch 1, after the first call compiled it at another
     batch size. The prefill's functions take (rows, features), so that compiles nothing."""
@@ -291,7 +291,8 @@ def test_eager_generator_batch_of_one_wide_prompt_compiles_nothing(monkeypatch):
     calls = []
     real = fused.rope_cache_rows
     monkeypatch.setattr(fused, "rope_cache_rows", lambda qkv, *a: calls.append(qkv.shape) or real(qkv, *a))
-    gen.generate([[1] + list(range(2, 42))], max_new_tokens=4, eos_id=None)  # 1 row x 41 tokens
+    # 1 row x 41 tokens, prefill only: eager decode steps of a new batch size compile their own
+    gen.generate([[1] + list(range(2, 42))], max_new_tokens=1, eos_id=None)
     assert calls and calls[0][:2] == (1, 41)
     assert dict(dutils.counters["stats"]).get("unique_graphs", 0) == frames
     errors = fused.status()["errors"]
