@@ -347,3 +347,27 @@ def test_prefill_leaves_cudnn_attention_out(monkeypatch):
     Generator(model, max_batch_size=2, max_seq_len=32, device="cpu").generate([[1, 5, 6], [1]], max_new_tokens=3,
                                                                             eos_id=None)
     assert seen and all(SDPBackend.CUDNN_ATTENTION not in b and SDPBackend.EFFICIENT_ATTENTION in b for b in seen)
+
+
+def test_compiled_function_past_the_recompile_limit_keeps_its_compiled_shapes(monkeypatch):
+    """One shape too many for torch.compile's cache (many model shapes in one process) runs
+    that call unfused with one warning; the function is not switched off for the shapes it
+    has compiled (a permanent error would be)."""
+    import torch._dynamo
+
+    from workers.model import fused
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", **kw))  # no C++ build
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(fused, "COMPILE", True)
+
+    def double(x):
+        return x * 2
+
+    f = fused._Compiled(double)
+    assert f(torch.ones(3)).tolist() == [2.0] * 3
+    with pytest.warns(RuntimeWarning, match="recompile limit"):
+        assert f(torch.ones(2, 2)).tolist() == [[2.0, 2.0]] * 2
+    assert f.over_limit and f.error is None
+    assert f(torch.ones(3)).tolist() == [2.0] * 3

@@ -100,6 +100,7 @@ class _Compiled:
         self.name = fn.__name__
         self._compiled: Callable | None = None
         self.error: str | None = None
+        self.over_limit = False  # a shape met the recompile limit (and ran unfused)
 
     def __call__(self, *args):
         if self.error is None and COMPILE:
@@ -112,6 +113,14 @@ class _Compiled:
             try:
                 return self._compiled(*args)
             except Exception as err:  # no Triton, an unsupported op...: stay correct, unfused
+                if type(err).__name__ == "FailOnRecompileLimitHit":
+                    # one shape too many for this function's compile cache (many model shapes in
+                    # one process): this call runs unfused, the shapes compiled before keep theirs
+                    if not self.over_limit:
+                        warnings.warn(f"{self.name}: torch.compile's recompile limit reached; new shapes "
+                                      "run unfused", RuntimeWarning)
+                    self.over_limit = True
+                    return self.fn(*args)
                 self.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
                 warnings.warn(f"torch.compile of {self.name} failed ({self.error}); running it unfused",
                               RuntimeWarning)
