@@ -259,3 +259,77 @@ def test_requests_as_written_are_summed_exactly(tmp_path):
     paths, (good, other) = _sweep(tmp_path)
     table = reduce_sweep(paths.root)
     assert table.column("output_tokens").to_pylist() == [SPEC.n_responses * SPEC.tokens_per_response] * 2
+
+
+# ----------------------------------------------- files written as the sampler writes them
+# (no stored Arrow schema: the validator judges their schema from the Parquet schema alone)
+
+
+def _struct_of(t: pa.Table, names: list[str], group: str) -> pa.Table:
+    """``t`` with the adjacent columns ``names`` moved into one required struct ``group``:
+    the same leaf columns, levels and types in the Parquet schema, one group node more."""
+    first = t.schema.get_field_index(names[0])
+    struct = pa.StructArray.from_arrays([t.column(n).combine_chunks() for n in names],
+                                        fields=[t.schema.field(n) for n in names])
+    fields, columns = [], []
+    for i, f in enumerate(t.schema):
+        if i == first:
+            fields.append(pa.field(group, struct.type, nullable=False))
+            columns.append(struct)
+        elif f.name not in names:
+            fields.append(f)
+            columns.append(t.column(i))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=t.schema.metadata))
+
+
+def _write_as_sampler(path, table: pa.Table, telemetry: bool) -> None:
+    from orchestrator.contracts import TELEMETRY_PARQUET_OPTIONS, parquet_without_arrow_schema
+
+    meta = (table.schema.metadata or {}).get(TELEMETRY_META_KEY)
+    options = TELEMETRY_PARQUET_OPTIONS if telemetry else {}
+    path.write_bytes(parquet_without_arrow_schema(table, meta, **options).to_pybytes())
+
+
+def test_files_as_the_sampler_writes_them_take_the_parquet_schema_check(tmp_path):
+    """The check below is the one these files meet (otherwise the tests after this one
+    would test the Arrow schema's check again); a struct is not taken for its leaves."""
+    from orchestrator.reduce.validate import _as_written
+
+    paths, (good, _) = _sweep(tmp_path)
+    md = pq.read_metadata(paths.telemetry_file(good, 0))
+    assert _as_written(md, md.metadata or {}, True)
+    f = paths.requests_file(good)
+    t = pq.read_table(f)
+    _write_as_sampler(f, t, telemetry=False)
+    assert _as_written(pq.read_metadata(f), pq.read_metadata(f).metadata or {}, False)
+    _write_as_sampler(f, _struct_of(t, ["start_ns"], "start_ns"), telemetry=False)
+    assert not _as_written(pq.read_metadata(f), pq.read_metadata(f).metadata or {}, False)
+
+
+@pytest.mark.parametrize("names, group, ranks, reason", [
+    (["power_w"], "power_w", [1], "column power_w in telemetry/rank-1.parquet is struct<power_w: double>, expected double"),
+    (["power_w", "energy_j"], "pe", [0, 1], "unexpected column pe in telemetry/rank-0.parquet"),
+    (["phase"], "phase", [0], "column phase in telemetry/rank-0.parquet is "
+                              "struct<phase: dictionary<values=string, indices=int32, ordered=0>>, expected string"),
+])
+def test_telemetry_columns_moved_into_a_struct(tmp_path, names, group, ranks, reason):
+    """A writer that nests columns in a required group: Parquet's leaf columns are the
+    same as the contract's, the decoded columns are not."""
+    paths, (good, bad) = _sweep(tmp_path)
+    for rank in ranks:
+        f = paths.telemetry_file(bad, rank)
+        _write_as_sampler(f, _struct_of(pq.read_table(f), names, group), telemetry=True)
+    _redo_done(paths, bad)
+    _refused(paths, good, bad, reason)
+
+
+@pytest.mark.parametrize("names, group, reason", [
+    (["input_tokens", "output_tokens"], "g", "unexpected column g in requests/rank-0.parquet"),
+    (["start_ns"], "start_ns", "column start_ns in requests/rank-0.parquet is struct<start_ns: int64>, expected int64"),
+])
+def test_requests_columns_moved_into_a_struct(tmp_path, names, group, reason):
+    paths, (good, bad) = _sweep(tmp_path)
+    f = paths.requests_file(bad)
+    _write_as_sampler(f, _struct_of(pq.read_table(f), names, group), telemetry=False)
+    _redo_done(paths, bad)
+    _refused(paths, good, bad, reason)

@@ -300,13 +300,20 @@ _ARROW_SCHEMA_KEY = b"ARROW:schema"
 
 
 @functools.cache
-def _written_schema(telemetry: bool) -> pq.ParquetSchema:
-    """The Parquet schema of TELEMETRY_SCHEMA (or REQUESTS_SCHEMA) as
+def _written_tree(telemetry: bool) -> str:
+    """The Parquet schema tree of TELEMETRY_SCHEMA (or REQUESTS_SCHEMA) as
     contracts.parquet_without_arrow_schema writes it, made on first use: a
     Parquet write before the workers fork would leave each of them 8 MiB of
     the writer's memory."""
     schema = TELEMETRY_SCHEMA if telemetry else REQUESTS_SCHEMA
-    return pq.ParquetSchema(SmallParquet(parquet_without_arrow_schema(schema.empty_table(), None)).metadata)
+    return _tree(pq.ParquetSchema(SmallParquet(parquet_without_arrow_schema(schema.empty_table(), None)).metadata))
+
+
+def _tree(schema: pq.ParquetSchema) -> str:
+    """Every node of the schema, groups included, as pyarrow prints it (less the line
+    with the object's address). ParquetSchema.equals compares the leaf columns only:
+    columns moved into a required group (a struct) would pass it unchanged."""
+    return str(schema).split("\n", 1)[-1]
 
 
 def _as_written(md: pq.FileMetaData, key_values: dict[bytes, bytes], telemetry: bool) -> bool:
@@ -314,7 +321,7 @@ def _as_written(md: pq.FileMetaData, key_values: dict[bytes, bytes], telemetry: 
     # ParquetSchema(md), not md.schema: that property keeps the schema in md,
     # and the schema keeps md, a cycle that held each file's footer until the
     # garbage collector's next full pass (10 MiB more per worker).
-    return _ARROW_SCHEMA_KEY not in key_values and pq.ParquetSchema(md).equals(_written_schema(telemetry))
+    return _ARROW_SCHEMA_KEY not in key_values and _tree(pq.ParquetSchema(md)) == _written_tree(telemetry)
 
 
 def _open_parquet(rel: str, data: bytes, dictionary: tuple[int, ...]) -> SmallParquet:
