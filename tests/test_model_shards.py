@@ -1,4 +1,5 @@
-"""Model parallel on the CPU with gloo: one shard and two shards give the same logits.
+"""Model parallel on the CPU with gloo: one shard and two shards give the same logits,
+on the plain path and on the fused one (prefill and decode, run uncompiled).
 
 A checkpoint written by a one-shard model (one file, and two files) is loaded on
 two ranks, each rank reading only its slices; logits and greedy tokens must
@@ -33,8 +34,18 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
         logits = forward_full(model, torch.tensor(TOKENS))
         new = Generator(model, max_batch_size=2, max_seq_len=64, device="cpu").generate(
             TOKENS, max_new_tokens=12, eos_id=None)
+        result = {"logits": logits, "new": new}
+        if world > 1:  # the fused paths (CUDA's default), uncompiled: the same all-reduces, other kernels
+            from workers.model import fused
+
+            fused.COMPILE, fused.PREFILL_MIN_ROWS = False, 0
+            fused.prefill_serves = lambda head_dim, device: True
+            model.fuse = True
+            result["logits_fused"] = forward_full(model, torch.tensor(TOKENS))
+            result["new_fused"] = Generator(model, max_batch_size=2, max_seq_len=64, device="cpu").generate(
+                TOKENS, max_new_tokens=12, eos_id=None)
         if rank == 0:
-            torch.save({"logits": logits, "new": new}, out)
+            torch.save(result, out)
     finally:
         wdist.shutdown()
 
@@ -56,3 +67,5 @@ def test_one_shard_and_two_shards_agree(tmp_path):
         got = torch.load(got_file)
         torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
         assert got["new"] == want["new"]
+        torch.testing.assert_close(got["logits_fused"], want["logits"], rtol=1e-4, atol=1e-4)
+        assert got["new_fused"] == want["new"]
