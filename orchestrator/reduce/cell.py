@@ -102,9 +102,10 @@ def _read_tables(files: list[CellFile]) -> tuple[CellTelemetry, pa.Table]:
     rows = [t.num_rows for t in tables]
     names = [TELEMETRY_SCHEMA.field(i).name for i in decoded]
     text = [(n, names.index(n)) for n in _IDENTITY_TEXT if n in names]
+    phase = names.index("phase")
     checked: list[pa.Array] = []
     for f, t in zip(tel, tables):
-        _check_text(f, t, names.index("phase"), text, checked)
+        _check_text(f, t, phase, text, checked)
     table = _concat(tables, decoded).replace_schema_metadata(None)
     by_name = {TELEMETRY_SCHEMA.field(i).name: table.column(j) for j, i in enumerate(decoded)}
     if by_name["timestamp_ns"].null_count:

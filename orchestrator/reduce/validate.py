@@ -354,10 +354,6 @@ def _check_schema(rel: str, got: pa.Schema, expected: pa.Schema, dictionary: tup
             raise InvalidCell(f"columns of {rel} are out of order: {have} where {want} belongs")
 
 
-def telemetry_meta(schema: pa.Schema) -> dict[str, Any]:
-    return _meta_of(schema.metadata or {})
-
-
 def _meta_of(key_values: dict[bytes, bytes]) -> dict[str, Any]:
     """The wattsweep metadata of a telemetry file's key-value metadata ({} when absent or unreadable)."""
     raw = key_values.get(TELEMETRY_META_KEY)

@@ -167,15 +167,6 @@ def silu_mul_rows_of(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], out.shape[-1])
 
 
-def prefill_serves(head_dim: int, device: torch.device) -> bool:
-    """Whether a prefill may take the fused path: the rows kernel runs there (CUDA, Triton,
-    a power-of-two head size, hand kernels on). Where it does not, the whole prefill stays
-    on the plain path: rotary and the cache writes uncompiled would cost more than there."""
-    half = head_dim // 2
-    return (PREFILL and triton is not None and HAND_KERNELS and device.type == "cuda"
-            and half >= 1 and half & (half - 1) == 0)
-
-
 def status() -> dict[str, object]:
     """Whether each function runs compiled, for benchmark records."""
     fns = (ADD_RMS_NORM, ADD_PARTIALS_RMS_NORM, ROPE_CACHE, SILU_MUL, ADD_RMS_NORM_ROWS, SILU_MUL_ROWS)
@@ -225,24 +216,41 @@ def rope_cache_triton(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.T
     return q
 
 
-def _triton_rope_serves(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    half = qkv.shape[-1] // 2
-    return (triton is not None and HAND_KERNELS and qkv.is_cuda and qkv.shape[1] == 1
-            and half >= 1 and half & (half - 1) == 0 and qkv.stride(-1) == 1 and qkv.stride(-2) == qkv.shape[-1]
-            and cos_sin.stride(-1) == 1 and cos_sin.stride(-2) == 2 and cache_k.stride(-1) == 1)
+def hand_kernels_serve(head_dim: int, device: torch.device) -> bool:
+    """Whether the hand-written rotary + cache kernels run for this head size on this
+    device: Triton, CUDA, a power-of-two head size, ``HAND_KERNELS`` on."""
+    half = head_dim // 2
+    return (triton is not None and HAND_KERNELS and device.type == "cuda"
+            and half >= 1 and half & (half - 1) == 0)
+
+
+def _triton_rope_serves(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor,
+                        cache_v: torch.Tensor) -> bool:
+    """The hand-written kernels run, and the tensors lie as they index them."""
+    return (hand_kernels_serve(qkv.shape[-1], qkv.device)
+            and qkv.stride(-1) == 1 and qkv.stride(-2) == qkv.shape[-1]
+            and cos_sin.stride(-1) == 1 and cos_sin.stride(-2) == 2
+            and cache_k.stride(-1) == 1 and cache_v.stride() == cache_k.stride())
 
 
 def rope_cache_fast(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                     slots: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
     """The hand-written kernel where it serves (CUDA, one token a row, head size a power
     of two), else the compiled function."""
-    if _triton_rope_serves(qkv, cos_sin, cache_k) and cache_v.stride() == cache_k.stride():
+    if qkv.shape[1] == 1 and _triton_rope_serves(qkv, cos_sin, cache_k, cache_v):
         return rope_cache_triton(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)
     return ROPE_CACHE(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)
 
 
 HAND_KERNELS = True  # False: rotary and cache writes take the compiled function (for comparison)
 PREFILL = True  # False: a prefill takes the plain path where decode steps are fused (for comparison)
+
+
+def prefill_serves(head_dim: int, device: torch.device) -> bool:
+    """Whether a prefill may take the fused path: the rows kernel runs there. Where it does
+    not, the whole prefill stays on the plain path: rotary and the cache writes uncompiled
+    would cost more than there."""
+    return PREFILL and hand_kernels_serve(head_dim, device)
 
 # heads per program of the prefill's kernel: a program per (row, head) as in decode
 # would be 8,192 x 96 programs of 256 bytes each at batch 64 x 128 tokens
@@ -302,11 +310,6 @@ def rope_cache_rows(qkv: torch.Tensor, cos_sin: torch.Tensor, cache_k: torch.Ten
                     slots: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
     """Rotary and both cache writes of a prefill (B, T tokens): the hand-written kernel
     where it serves, else ``rope_cache`` uncompiled (the CPU; an odd head size)."""
-    half = qkv.shape[-1] // 2
-    serves = (triton is not None and HAND_KERNELS and qkv.is_cuda and half >= 1 and half & (half - 1) == 0
-              and qkv.stride(-1) == 1 and qkv.stride(-2) == qkv.shape[-1]
-              and cos_sin.stride(-1) == 1 and cos_sin.stride(-2) == 2
-              and cache_k.stride(-1) == 1 and cache_v.stride() == cache_k.stride())
-    if serves:
+    if _triton_rope_serves(qkv, cos_sin, cache_k, cache_v):
         return rope_cache_rows_triton(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)
     return rope_cache(qkv, cos_sin, cache_k, cache_v, slots, nq, nkv)

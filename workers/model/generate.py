@@ -208,15 +208,12 @@ class Generator:
         one might come inside a measured window. Compiled once, they serve every width.
         Writes cache slots that every generate call rewrites before reading them."""
         self._prefill_warm = True
-        model = self.model
-        if not (model.fuse and fused.prefill_serves(model.args.head_dim, self.device)):
-            return
         rows = self.max_batch_size
         width = max(2, -(-fused.PREFILL_MIN_ROWS // rows))
-        if width > self.max_seq_len:
-            return  # no prompt batch of this generator is large enough for the fused prefill
+        if width > self.max_seq_len or not self.model.fused_prefill(rows * width):
+            return  # no prompt batch of this generator takes the fused prefill
         with torch.inference_mode():
-            forward_full(model, torch.ones(rows, width, dtype=torch.long), last_only=True)
+            forward_full(self.model, torch.ones(rows, width, dtype=torch.long), last_only=True)
 
     def _rewind(self) -> None:
         self._state["pos"].zero_()

@@ -23,7 +23,7 @@ keys load as they are. Differences from Meta's file, and why:
   matrix products stay on cuBLAS unless ``linear.SKINNY`` is set (faster, but
   not cheaper in energy: ``linear.py``).
 - A prefill of many rows on the fused path runs the same way, with kernels
-  compiled for any prompt width (``forward_prefill``): eager, its elementwise
+  compiled for any prompt width (``fused_prefill``, ``forward_prefill``): eager, its elementwise
   work (rotary in complex float32, the cache writes, SiLU, the adds) took a
   quarter of a batch-64 prefill's time.
 """
@@ -263,30 +263,23 @@ class TransformerBlock(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, cos_sin: torch.Tensor,
                       slots: torch.Tensor, mask: torch.Tensor | None, kv_len: int,
-                      pads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      pads: torch.Tensor | None = None, prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is ``x + delta`` (``delta`` the previous layer's last output,
         not yet added: the add is fused with this layer's first norm). Returns this
-        layer's (x, delta) likewise."""
+        layer's (x, delta) likewise. ``prefill``: a whole prompt, with the prefill's
+        kernels (any width, full-size products) instead of a decode step's."""
+        add_norm = fused.add_norm_rows if prefill else fused.add_norm
         if delta is None:
             normed = self.attention_norm(x)
         else:
-            x, normed = fused.add_norm(x, delta, self.attention_norm.weight, self.attention_norm.eps)
-        attn = self.attention.forward_fused(normed, cos_sin, slots, mask, kv_len, pads)
-        x, normed = fused.add_norm(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
-        return x, self.feed_forward.forward_fused(normed)
-
-
-    def forward_prefill(self, x: torch.Tensor, delta: torch.Tensor | None, cos_sin: torch.Tensor,
-                        slots: torch.Tensor, mask: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward_fused`` for a whole prompt: the same pending residual add, with the
-        prefill's kernels (any width, full-size products)."""
-        if delta is None:
-            normed = self.attention_norm(x)
+            x, normed = add_norm(x, delta, self.attention_norm.weight, self.attention_norm.eps)
+        if prefill:
+            attn = self.attention.forward_prefill(normed, cos_sin, slots, mask, kv_len)
         else:
-            x, normed = fused.add_norm_rows(x, delta, self.attention_norm.weight, self.attention_norm.eps)
-        attn = self.attention.forward_prefill(normed, cos_sin, slots, mask, kv_len)
-        x, normed = fused.add_norm_rows(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
-        return x, self.feed_forward.forward_prefill(normed)
+            attn = self.attention.forward_fused(normed, cos_sin, slots, mask, kv_len, pads)
+        x, normed = add_norm(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
+        ffn = self.feed_forward.forward_prefill if prefill else self.feed_forward.forward_fused
+        return x, ffn(normed)
 
 
 class Transformer(nn.Module):
@@ -322,31 +315,39 @@ class Transformer(nn.Module):
         A fused decode step may instead be given ``pads`` (B,), the first cache slot of
         each row, and no mask: its attention then reads slots ``pads[b]..slots[0]``."""
         h = self.tok_embeddings(tokens)
-        if self.fuse and tokens.shape[1] == 1:
-            cos_sin = torch.view_as_real(self.rope)[positions].unsqueeze(2)
-            delta = None
-            for layer in self.layers:
-                h, delta = layer.forward_fused(h, delta, cos_sin, slots, mask, kv_len, pads)
-            _, normed = fused.add_norm(h, delta, self.norm.weight, self.norm.eps)
-            return self.output(normed).float()
-        if mask is None:
+        decode = self.fuse and tokens.shape[1] == 1
+        if not decode and mask is None:
             raise ValueError("the plain path needs a mask; only a fused decode step takes pads instead")
-        if (self.fuse and tokens.numel() >= fused.PREFILL_MIN_ROWS
-                and fused.prefill_serves(self.args.head_dim, h.device)):  # a prefill of many rows, fused
-            cos_sin = torch.view_as_real(self.rope)[positions].unsqueeze(2)
-            delta = None
-            for layer in self.layers:
-                h, delta = layer.forward_prefill(h, delta, cos_sin, slots, mask, kv_len)
-            if last_only:  # B rows: eager (a compile of its own for a strided view would cost more)
-                return self.output(self.norm(h[:, -1:] + delta[:, -1:])).float()
-            _, normed = fused.add_norm_rows(h, delta, self.norm.weight, self.norm.eps)
-            return self.output(normed).float()
+        if decode or self.fused_prefill(tokens.numel()):
+            return self._forward_fused(h, positions, slots, mask, kv_len, pads, prefill=not decode,
+                                       last_only=last_only)
         freqs = self.rope[positions].unsqueeze(2)
         for layer in self.layers:
             h = layer(h, freqs, slots, mask, kv_len)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    def fused_prefill(self, rows: int) -> bool:
+        """Whether a prefill of ``rows`` (batch x prompt width) takes the fused path: at
+        ``fused.PREFILL_MIN_ROWS`` and more, where its rotary kernel runs."""
+        return self.fuse and rows >= fused.PREFILL_MIN_ROWS and fused.prefill_serves(self.args.head_dim, self.device)
+
+    def _forward_fused(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       mask: torch.Tensor | None, kv_len: int, pads: torch.Tensor | None, *,
+                       prefill: bool, last_only: bool) -> torch.Tensor:
+        """A decode step or a prefill on the fused path, from the embeddings ``h``."""
+        cos_sin = torch.view_as_real(self.rope)[positions].unsqueeze(2)
+        delta = None
+        for layer in self.layers:
+            h, delta = layer.forward_fused(h, delta, cos_sin, slots, mask, kv_len, pads, prefill=prefill)
+        if not prefill:
+            _, normed = fused.add_norm(h, delta, self.norm.weight, self.norm.eps)
+        elif last_only:  # B rows: eager (a compile of its own for a strided view would cost more)
+            return self.output(self.norm(h[:, -1:] + delta[:, -1:])).float()
+        else:
+            _, normed = fused.add_norm_rows(h, delta, self.norm.weight, self.norm.eps)
+        return self.output(normed).float()
 
     def weight_bytes(self, streamed_only: bool = True) -> int:
         """Bytes of this rank's weights. ``streamed_only`` leaves out the embedding
