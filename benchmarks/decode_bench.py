@@ -155,6 +155,8 @@ class Step:
     hand_kernels: bool = True  # fused.HAND_KERNELS: rotary + cache writes in one Triton kernel
     skinny: bool = False  # linear.SKINNY: Triton products for few rows
     split_k: bool = True  # linear.SPLIT_K: row-parallel products as partial sums at few rows
+    tma: bool = True  # linear.TMA: products streamed by the Triton TMA kernel at few rows
+    tma_max_rows: int | None = None  # linear.TMA_MAX_ROWS; None: the module's own
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
     blas: str | None = None  # torch.backends.cuda.preferred_blas_library while capturing; None: torch's default
     prefill: bool = True  # fused.PREFILL: a prefill on the fused path too (compiled for any width)
@@ -165,8 +167,11 @@ STEPS = {
     "plain": Step("unfused, SDPA over key buckets", fuse=False, dynamic_kv=False, hand_kernels=False),
     "fused-sdpa": Step("compiled elementwise kernels, SDPA over key buckets", dynamic_kv=False, hand_kernels=False),
     "fused-compiled": Step("compiled elementwise kernels, attention over used slots", hand_kernels=False),
-    "fused": Step("as fused-compiled, rotary + cache writes in one hand-written kernel; the default"),
+    "fused": Step("as fused-compiled, rotary + cache writes in one hand-written kernel, TMA products"
+                  " at few rows; the default"),
     "fused-skinny": Step("as fused, with Triton skinny products where faster than cuBLAS", skinny=True),
+    "fused-notma": Step("as fused, every product on cuBLAS (the default before 2026-11-28 02:00)", tma=False),
+    "fused-tma64": Step("as fused, the TMA products up to 64 rows", tma_max_rows=64),
     "fused-split4": Step("as fused, attention in up to four key chunks per head at large batch"
                          " (the default before 2026-11-27 09:20)", splits_busy=4),
     "fused-nosplit": Step("as fused, row-parallel products through cuBLAS's own split-K at few rows"
@@ -180,6 +185,7 @@ STEPS = {
 }
 _DEFAULT_SPLITS_BUSY = attention.MAX_SPLITS_BUSY
 _DEFAULT_PREFILL_MIN_ROWS = fused.PREFILL_MIN_ROWS
+_DEFAULT_TMA_MAX_ROWS = linear.TMA_MAX_ROWS
 _DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
 
 
@@ -187,6 +193,8 @@ def _use_step(model, step: str) -> None:
     """Set the decode path; a generator's graph keeps the one set when it was captured."""
     v = STEPS[step]
     model.fuse, fused.HAND_KERNELS, linear.SKINNY, linear.SPLIT_K = v.fuse, v.hand_kernels, v.skinny, v.split_k
+    linear.TMA = v.tma
+    linear.TMA_MAX_ROWS = _DEFAULT_TMA_MAX_ROWS if v.tma_max_rows is None else v.tma_max_rows
     fused.PREFILL = v.prefill
     fused.PREFILL_MIN_ROWS = _DEFAULT_PREFILL_MIN_ROWS if v.prefill_min_rows is None else v.prefill_min_rows
     attention.MAX_SPLITS_BUSY = v.splits_busy or _DEFAULT_SPLITS_BUSY

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.graph_timing import capture, graph_time_us  # noqa: E402
+from benchmarks.tma_linear import persistent_linear  # noqa: E402
 from workers.model import linear  # noqa: E402
 
 # (name, out_features, in_features) of LLaMA-7B's decode products
@@ -78,6 +79,71 @@ def bench_shape(n: int, k: int, m: int, device: torch.device, rotate_bytes: int,
     return out
 
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the TMA kernel swept by --tma
+TMA_CONFIGS = [(64, 128, 4, 4), (64, 128, 4, 6), (128, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 8)]
+
+
+def _current(x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor:
+    """The product as the decode step runs it now: partial products for the row-parallel
+    ones (wo, w2) where the step takes them, F.linear otherwise."""
+    if name in ("wo", "w2") and linear.split_k_usable(x, w):
+        return linear.partial_products(x, w)
+    return F.linear(x, w)
+
+
+def bench_tma(name: str, n: int, k: int, m: int, device: torch.device, rotate_bytes: int, card=None,
+              programs: tuple[int, ...] = ()) -> dict:
+    """The decode step's product now against the TMA kernel over its launch settings and
+    K slices, then the best setting as a persistent kernel on fewer programs (SMs);
+    each by energy too when ``card`` is given."""
+    copies = max(2, rotate_bytes // (n * k * 2))
+    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    ref = F.linear(x, weights[0]).float()
+
+    def product(w, slices, cfg, progs):
+        if progs is None:
+            return linear.tma_linear(x, w, slices, cfg)
+        return persistent_linear(x, w, slices, cfg, progs)
+
+    def run(slices, cfg, progs=None):
+        return [lambda w=w: product(w, slices, cfg, progs) for w in weights]
+
+    def checked(slices, cfg, progs=None):
+        got = product(weights[0], slices, cfg, progs).float()
+        got = got if slices == 1 else got.sum(0)
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        if err > 2e-2:
+            raise AssertionError(f"error {err:.1e}")
+        return graph_time_us(run(slices, cfg, progs))
+
+    now = [lambda w=w: _current(x, w, name) for w in weights]
+    out = {"shape": name, "m": m, "n": n, "k": k, "now_us": graph_time_us(now)}
+    per = {}
+    for slices in ((1,) if n > linear.NARROW_N else (1, 2, 4)):  # wide outputs have programs enough
+        for cfg in TMA_CONFIGS:
+            if linear.tma_usable(x, weights[0], slices, cfg[1]):
+                try:
+                    per[(slices, cfg)] = checked(slices, cfg)
+                except Exception as exc:
+                    print(f"  tma {slices}:{cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+    if not per:
+        return out
+    slices, cfg = best = min(per, key=per.get)
+    out.update(tma_us=per[best], tma_best=f"{slices}:{cfg}",
+               tma_us_all={f"{s}:{c}": us for (s, c), us in per.items()})
+    if card is not None:
+        out["now_uj"] = _graph_energy_uj(now, card)
+        out["tma_uj"] = _graph_energy_uj(run(slices, cfg), card)
+    out["persistent"] = []
+    for progs in programs:
+        entry = {"programs": progs, "us": checked(slices, cfg, progs)}
+        if card is not None:
+            entry["uj"] = _graph_energy_uj(run(slices, cfg, progs), card)
+        out["persistent"].append(entry)
+    return out
+
+
 def _energy(row: dict) -> str:
     if row.get("cublas_uj") is None:
         return ""
@@ -90,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotate-gib", type=float, default=2.0, help="weights rotated through, per shape")
     p.add_argument("--out", default="gemv_bench.json")
     p.add_argument("--energy", action="store_true", help="also energy per call from the NVML counter (observe only)")
+    p.add_argument("--shapes", default=",".join(name for name, _, _ in SHAPES_7B))
+    p.add_argument("--tma", action="store_true",
+                   help="the decode step's products now against the TMA kernel (benchmarks/tma_linear.py) instead")
+    p.add_argument("--programs", default="", help="with --tma: also the persistent TMA kernel on these many programs")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     card = None
@@ -99,7 +169,23 @@ def main(argv: list[str] | None = None) -> int:
         card = Card.open(device)
     rows = []
     for m in (int(b) for b in args.batch_sizes.split(",")):
-        for name, n, k in SHAPES_7B:
+        for name, n, k in (shape for shape in SHAPES_7B if shape[0] in args.shapes.split(",")):
+            if args.tma:
+                row = bench_tma(name, n, k, m, device, int(args.rotate_gib * 2**30), card,
+                                tuple(int(p) for p in args.programs.split(",") if p))
+                rows.append(row)
+                bw = n * k * 2 / 1e6
+                extra = (f" | TMA {row['tma_us']:7.1f} us {bw / row['tma_us']:5.2f} TB/s {row['tma_best']}"
+                         if "tma_us" in row else " | TMA -")
+                if row.get("now_uj") is not None:
+                    extra += f"; energy now {row['now_uj']:.0f} uJ, TMA {row['tma_uj']:.0f} uJ"
+                print(f"b{m:<3} {name:7s} now {row['now_us']:7.1f} us {bw / row['now_us']:5.2f} TB/s{extra}", flush=True)
+                for entry in row.get("persistent", []):
+                    uj = f", {entry['uj']:.0f} uJ" if entry.get("uj") is not None else ""
+                    print(f"      persistent on {entry['programs']:3d} programs: {entry['us']:7.1f} us "
+                          f"{bw / entry['us']:5.2f} TB/s{uj}", flush=True)
+                torch.cuda.empty_cache()
+                continue
             row = {"shape": name, **bench_shape(n, k, m, device, int(args.rotate_gib * 2**30), card)}
             rows.append(row)
             print(f"b{m:<3} {name:7s} cuBLAS {row['cublas_us']:8.1f} us {row['cublas_tb_s']:5.2f} TB/s | "

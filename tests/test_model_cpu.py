@@ -259,6 +259,41 @@ def test_fused_decode_step_with_partial_products_matches_plain_path(monkeypatch)
     assert calls and len(calls) % (2 * len(model.layers)) == 0
 
 
+def test_fused_decode_step_takes_tma_products_where_they_serve(monkeypatch):
+    """Where the TMA kernel serves (one GPU, few rows, a model up to TMA_MAX_WIDTH wide),
+    q/k/v and w1/w3 take it whole and wo and w2 as partials, and decode the plain path's
+    tokens; a wider model or more rows keep cuBLAS. The kernel itself needs a Hopper card
+    (tests/test_model_gpu.py); here a stand-in computes the same values."""
+    import torch.nn.functional as F
+
+    from workers.model import fused, linear
+
+    monkeypatch.setattr(fused, "COMPILE", False)
+    monkeypatch.setattr(linear, "split_k_usable", lambda x, w: x.numel() // x.shape[-1] <= 4)
+    monkeypatch.setattr(linear, "tma_usable", lambda x, w, slices=1, block_k=128, max_rows=64:
+                        x.numel() // x.shape[-1] <= max_rows)
+    calls = []
+
+    def stand_in(x, w, slices=1, config=None):
+        calls.append(slices)
+        return F.linear(x, w) if slices == 1 else linear.partial_products(x, w, slices)
+
+    monkeypatch.setattr(linear, "tma_linear", stand_in)
+    model = tiny(seed=7)
+    prompts = [[1, 5, 6, 7, 8], [1, 42], [1, 3, 3]]
+    outs = _decode_fused_vs_plain(model, prompts, 12)
+    assert outs[True] == outs[False] and all(len(o) == 12 for o in outs[True])
+    layers = len(model.layers)
+    assert calls and len(calls) % (4 * layers) == 0 and calls.count(1) == calls.count(linear.SPLIT_K_SLICES)
+    for setting, value in (("TMA_MAX_WIDTH", model.args.dim - 1), ("TMA_MAX_ROWS", len(prompts) - 1),
+                           ("TMA", False)):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(linear, setting, value)
+            assert _decode_fused_vs_plain(model, prompts, 4)[True] == [o[:4] for o in outs[False]]
+        assert calls == [], setting
+
+
 def test_used_slots_attention_reference_by_hand():
     """Row b attends to slots pads[b]..pos only (padding and stale slots past pos are
     ignored), grouped-query heads share their key/value head."""

@@ -106,6 +106,55 @@ def test_skinny_products_match_cublas(m, n, k):
     assert linear.usable(rows(16), wide.shape[0]) and not linear.usable(rows(17), wide.shape[0])  # wide: 16
 
 
+@pytest.mark.parametrize("m", [1, 5, 64])
+@pytest.mark.parametrize("n,k,slices", [(4096, 4096, 1), (4096, 4096, 2), (1000, 11008, 2), (96, 256, 1)])
+def test_tma_products_match_cublas(m, n, k, slices):
+    """The TMA kernel whole and as partial products (ragged output bands, masked rows)."""
+    from workers.model import linear
+
+    if not linear.tma_usable(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16),
+                             torch.zeros(128, 128, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("needs Triton's TMA descriptors and a Hopper-class card")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    assert linear.tma_usable(x, w, slices)
+    got = linear.tma_linear(x, w, slices)
+    assert got.shape == ((m, n) if slices == 1 else (slices, m, n))
+    got = got.float() if slices == 1 else got.float().sum(0)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+    rows = lambda r, dtype=torch.bfloat16: torch.zeros(r, k, device="cuda", dtype=dtype)  # noqa: E731
+    assert not linear.tma_usable(rows(65), w) and not linear.tma_usable(rows(1, torch.float32), w)
+    assert not linear.tma_usable(x, w, 3)  # K not cut into whole 128-wide blocks
+
+
+def test_tma_step_matches_cublas_step(model, monkeypatch):  # the fixture joins the process group
+    """One fused bf16 decode step with the products on the TMA kernel and on cuBLAS: the
+    same logits up to bf16 rounding, and the kernel really ran (q/k/v, w1/w3 and wo's partials)."""
+    from workers.model import linear
+
+    calls = []
+    real = linear.tma_linear
+    monkeypatch.setattr(linear, "tma_linear", lambda x, w, s=1, c=None: calls.append(s) or real(x, w, s, c))
+    m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
+                    max_batch_size=1, max_seq_len=64)
+    if not linear.tma_usable(torch.zeros(1, m.args.dim, device="cuda", dtype=torch.bfloat16),
+                             m.layers[0].attention.wo.weight):
+        pytest.skip("needs Triton's TMA descriptors and a Hopper-class card")
+    tokens, positions = torch.tensor([[5]], device="cuda"), torch.tensor([[6]], device="cuda")
+    slots, pads = torch.tensor([6], device="cuda"), torch.tensor([0], device="cuda")
+    out = {}
+    for tma in (False, True):
+        monkeypatch.setattr(linear, "TMA", tma)
+        for layer in m.layers:
+            layer.attention.cache_k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
+            layer.attention.cache_v.normal_(generator=torch.Generator(device="cuda").manual_seed(8))
+        out[tma] = m(tokens, positions, slots, None, 0, pads=pads)
+    assert calls.count(1) == 2 * len(m.layers) and calls.count(linear.SPLIT_K_SLICES) >= len(m.layers)
+    torch.testing.assert_close(out[True], out[False], rtol=3e-2, atol=3e-2)
+    assert out[True].float().std() > 0
+
+
 @pytest.mark.parametrize("nq,nkv,cache_dtype", [(32, 32, torch.bfloat16), (8, 2, torch.bfloat16),
                                                 (4, 4, torch.float8_e4m3fn)])
 def test_rope_cache_kernel_matches_compiled_function(nq, nkv, cache_dtype):
@@ -136,6 +185,7 @@ def test_partial_products_step_matches_cublas_split_k(model, monkeypatch):  # th
     calls = []
     real = linear.partial_products
     monkeypatch.setattr(linear, "partial_products", lambda x, w, s=None: calls.append(1) or real(x, w, s))
+    monkeypatch.setattr(linear, "TMA", False)  # wo and w2 through partial_products, not the TMA kernel
 
     m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
                     max_batch_size=1, max_seq_len=64)

@@ -1,20 +1,21 @@
 """Skinny matrix products (few rows of activations against a large weight) in Triton.
 
 A decode step multiplies a handful of activation rows by each weight matrix; the
-time is the time to stream the weight from memory once. This kernel gives each
-program a narrow band of output features and walks the whole reduction
-dimension, so there are many programs (enough to keep every SM's loads in
-flight) and each weight byte is read exactly once. The product itself runs on
-tensor cores (``tl.dot`` on a 16-row tile, rows beyond the batch masked off).
+time is the time to stream the weight from memory once. Two kernels here:
 
-With ``SKINNY`` on, the decode step uses it where it was measured faster than
-cuBLAS (``benchmarks/gemv_bench.py``, ``docs/performance.md``): the q/k/v product
-at up to 16 rows, the narrow output and down projections (``wo``, ``w2``) at up to
-64. It is off by default because faster is not cheaper here: the energy counter
-says cuBLAS moves the same bytes for less energy. Tried and dropped: SiLU x up
-applied while loading the down projection's input (3-8 times slower: every program
-redoes the whole activation) and one row on plain multiply-adds instead of a
-padded tensor-core tile (slower and no cheaper).
+- ``tma_linear`` (on by default for LLaMA-7B-wide models at up to four rows, on one
+  GPU): each program streams a 64-row band of the weight through the tensor-memory
+  copy engine (TMA) in a deep pipeline and multiplies it by the activation rows on
+  tensor cores, weight on the wide side of the product (y^T = W x^T). It can cut K
+  into slices and return partial products, as ``partial_products`` does. Faster than
+  cuBLAS on LLaMA-7B's w1/w3 and w2 at few rows, and there cheaper in joules per token;
+  not cheaper at more rows or at LLaMA-13B's shapes, which stay on cuBLAS (settings
+  below, measurements in ``docs/performance.md``).
+- ``skinny_linear`` (off, ``SKINNY``): per-thread loads, a band of output features per
+  program. Faster than cuBLAS on some products but it drew 10-20% more power for the same
+  bytes. Tried and dropped: SiLU x up applied while loading the down projection's input
+  (3-8 times slower: every program redoes the whole activation) and one row on plain
+  multiply-adds instead of a padded tensor-core tile (slower and no cheaper).
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ try:
     import triton.language as tl
 except ImportError:  # CPU machines: the callers keep F.linear
     triton = None
+try:  # host-side tensor-memory (TMA) descriptors: Triton 3.3 and later
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages); the bench sweeps CONFIGS
 CONFIGS = [(16, 512, 4, 4), (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 4), (64, 256, 8, 3)]
@@ -46,6 +51,20 @@ SPLIT_K = True
 SPLIT_K_SLICES = 2
 SPLIT_K_MAX_ROWS = 64
 
+# A one-GPU decode step of up to TMA_MAX_ROWS rows, in a model at most TMA_MAX_WIDTH wide,
+# streams its products' weights through the tensor-memory copy engine (``tma_linear``):
+# q/k/v and w1/w3 whole, wo and w2 as SPLIT_K_SLICES partials. On three H100s, LLaMA-7B's
+# step ran 6% faster at batch 1, 2 and 4 for 2-6% fewer joules per token; at batch 8 and 64
+# it ran 1-5% faster for as much or more energy, and LLaMA-13B's batch 1 ran 4% faster for
+# 1-2% more energy (its products already stream near the card's bandwidth on cuBLAS), so
+# those stay on cuBLAS (docs/performance.md). (BLOCK_N, BLOCK_K, num_warps, num_stages) per
+# form: the best of ``benchmarks/gemv_bench.py --tma`` on an H100.
+TMA = True
+TMA_MAX_ROWS = 4
+TMA_MAX_WIDTH = 4096
+TMA_WIDE = (64, 128, 4, 6)
+TMA_PARTIALS = (64, 128, 4, 4)
+
 
 def _rows_block(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
@@ -62,7 +81,9 @@ def default_config(block_m: int, n: int) -> tuple[int, int, int, int]:
 def settings() -> dict:
     return {"configs": CONFIGS, "max_rows": MAX_ROWS, "max_rows_narrow": MAX_ROWS_NARROW, "narrow_n": NARROW_N,
             "skinny": SKINNY, "split_k": SPLIT_K, "split_k_slices": SPLIT_K_SLICES,
-            "split_k_max_rows": SPLIT_K_MAX_ROWS}
+            "split_k_max_rows": SPLIT_K_MAX_ROWS, "tma": TMA, "tma_max_rows": TMA_MAX_ROWS,
+            "tma_max_width": TMA_MAX_WIDTH,
+            "tma_wide": TMA_WIDE, "tma_partials": TMA_PARTIALS}
 
 
 def split_k_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -103,6 +124,77 @@ if triton is not None:
             acc += tl.dot(x, tl.trans(w))
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+if triton is not None:
+    @triton.jit
+    def tma_tile(w_desc, x_ptr, y_ptr, M, N, K_SLICE, stride_xm, stride_ys, stride_ym, band, piece,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Output band ``band`` of K slice ``piece``. The weight tile is the product's wide
+        operand and the few activation rows its narrow one (y^T = W x^T), so a 64-row
+        weight band fills the tensor cores' wide side."""
+        k_begin = piece * K_SLICE
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K_SLICE, BLOCK_K):
+            w = w_desc.load([band * BLOCK_N, k_begin + k0])
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k_begin + k0 + offs_k)[:, None],
+                         mask=offs_m[None, :] < M, other=0.0)
+            acc = tl.dot(w, xt, acc)
+        offs_n = band * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + piece * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None],
+                 acc.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+    @triton.jit
+    def _tma_kernel(w_desc, x_ptr, y_ptr, M, N, K_SLICE, stride_xm, stride_ys, stride_ym,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+        tma_tile(w_desc, x_ptr, y_ptr, M, N, K_SLICE, stride_xm, stride_ys, stride_ym,
+                 tl.program_id(0), tl.program_id(1), BLOCK_N, BLOCK_K, BLOCK_M)
+
+
+def tma_usable(x: torch.Tensor, w: torch.Tensor, slices: int = 1, block_k: int = 128,
+               max_rows: int = 64) -> bool:
+    """Whether ``tma_linear`` can run: Triton with host TMA descriptors, a Hopper-class
+    card, 16-bit, at most ``max_rows`` rows (the kernel's tile holds 64), and K cut into
+    slices of whole BLOCK_K blocks."""
+    if triton is None or TensorDescriptor is None or not x.is_cuda:
+        return False
+    k = x.shape[-1]
+    return (torch.cuda.get_device_capability(x.device)[0] >= 9 and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() // k <= min(max_rows, 64) and w.is_contiguous() and k % slices == 0
+            and (k // slices) % block_k == 0)
+
+
+def tma_serves(x: torch.Tensor, w: torch.Tensor, width: int, slices: int = 1) -> bool:
+    """Whether a one-GPU decode step's product takes the TMA kernel: switched on (``TMA``),
+    a model of ``width`` (its hidden size) up to TMA_MAX_WIDTH, at up to TMA_MAX_ROWS rows,
+    and usable."""
+    return TMA and width <= TMA_MAX_WIDTH and tma_usable(x, w, slices, max_rows=TMA_MAX_ROWS)
+
+
+def tma_prepare(x: torch.Tensor, w: torch.Tensor, slices: int, config: tuple[int, int, int, int]):
+    """The launch of ``tma_linear`` without running it: (kernel args, grid, output, settings)."""
+    block_n, block_k, warps, stages = config
+    x2 = _rows(x)
+    m, k = x2.shape
+    n = w.shape[0]
+    y = torch.empty((slices, m, n), device=x.device, dtype=x.dtype)
+    desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
+    args = (desc, x2, y, m, n, k // slices, x2.stride(0), y.stride(0), y.stride(1))
+    meta = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=_rows_block(m), num_warps=warps, num_stages=stages)
+    return args, triton.cdiv(n, block_n), y, meta
+
+
+def tma_linear(x: torch.Tensor, w: torch.Tensor, slices: int = 1,
+               config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``F.linear(x, w)`` for x (..., K) of few rows, the weight streamed by TMA rather
+    than per-thread loads. With ``slices`` > 1 the result is that many partial products
+    over equal cuts of K, stacked first, as ``partial_products`` gives them."""
+    args, bands, y, meta = tma_prepare(x, w, slices, config or (TMA_WIDE if slices == 1 else TMA_PARTIALS))
+    _tma_kernel[(bands, slices)](*args, **meta)
+    shape = (*x.shape[:-1], w.shape[0])
+    return y.view(shape) if slices == 1 else y.view(slices, *shape)
 
 
 def _launch(x2: torch.Tensor, w: torch.Tensor, k: int, config: tuple[int, int, int, int] | None) -> torch.Tensor:

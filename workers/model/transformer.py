@@ -19,9 +19,10 @@ keys load as they are. Differences from Meta's file, and why:
   on CUDA): the elementwise work between the matrix products runs as three
   compiled kernels per call site (``fused.py``), and the residual add of one
   layer is done together with the next layer's RMSNorm. Rotary and both cache
-  writes run as one hand-written Triton kernel (``fused.HAND_KERNELS``); the
-  matrix products stay on cuBLAS unless ``linear.SKINNY`` is set (faster, but
-  not cheaper in energy: ``linear.py``).
+  writes run as one hand-written Triton kernel (``fused.HAND_KERNELS``). The
+  matrix products of a one-GPU step at up to four rows of a LLaMA-7B-wide model
+  stream their weights by TMA (``linear.tma_serves``: faster, and there cheaper in
+  energy); the others stay on cuBLAS (``linear.py``).
 - A prefill of many rows on the fused path runs the same way, with kernels
   compiled for any prompt width (``fused_prefill``, ``forward_prefill``): eager, its elementwise
   work (rotary in complex float32, the cache writes, SiLU, the adds) took a
@@ -131,21 +132,32 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return linear.SKINNY and linear.usable(x, weight.shape[0])
 
 
+def _stream(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A local product of a decode step: on one GPU at few rows the TMA kernel
+    (``linear.tma_serves``), cuBLAS otherwise. Not with model parallelism until measured there.
+    Column-parallel: the model's width is the product's input."""
+    if mp.get_model_parallel_world_size() == 1 and linear.tma_serves(x, weight, x.shape[-1]):
+        return linear.tma_linear(x, weight)
+    return F.linear(x, weight)
+
+
 def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A column-parallel product of a decode step (local, no communication)."""
-    return linear.skinny_linear(x, weight) if _skinny(x, weight) else F.linear(x, weight)
+    return linear.skinny_linear(x, weight) if _skinny(x, weight) else _stream(x, weight)
 
 
 def _reduce_project(x: torch.Tensor, layer: RowLinear) -> torch.Tensor:
     """A row-parallel product of a decode step: local product, then the all-reduce.
     On one GPU, at up to linear.SPLIT_K_MAX_ROWS rows, the result is partial sums,
     one leading dimension more, that the next fused.add_norm adds up
-    (linear.partial_products)."""
+    (linear.partial_products, or the TMA kernel's partials where it serves)."""
     if _skinny(x, layer.weight):
         return reduce_from_model_parallel_region(linear.skinny_linear(x, layer.weight))
     # one GPU only (so no all-reduce): with model parallelism each all-reduce would carry
     # both partials, and a rank's share of K may be too short for cuBLAS to split (not measured)
     if mp.get_model_parallel_world_size() == 1 and linear.split_k_usable(x, layer.weight):
+        if linear.tma_serves(x, layer.weight, layer.weight.shape[0], linear.SPLIT_K_SLICES):  # width: output
+            return linear.tma_linear(x, layer.weight, linear.SPLIT_K_SLICES)
         return linear.partial_products(x, layer.weight)
     return layer(x)
 
@@ -240,7 +252,7 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self._w13)  # cuBLAS streams this wide product at full speed
+        gate_up = _stream(x, self._w13)  # no skinny kernel: cuBLAS streams this wide product at full speed
         return _reduce_project(fused.SILU_MUL(gate_up), self.w2)
 
     def forward_prefill(self, x: torch.Tensor) -> torch.Tensor:
