@@ -187,7 +187,7 @@ def test_observe_mode_reads_and_records_but_never_writes(rig):
     want = 175 if info.min_limit_w <= 175 <= info.max_limit_w else info.min_limit_w  # a real card's range
     s = session(rig, want, gpu_observe=True)
     if rig.kind != "nvml":
-        original = s.backend.set_power_limit_w  # any setter call is a failure
+        # any setter call is a failure
         s.backend.set_power_limit_w = lambda *a: pytest.fail(f"observe mode called a setter {a}")
     with s as (rec,):
         assert rec.observed_only and rec.requested_w == want and rec.enforced_w == backend_limit

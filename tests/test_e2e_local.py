@@ -81,7 +81,7 @@ def test_a_rank_killed_outright_is_named_not_the_peer_that_saw_it_go(tmp_path, m
     assert main(["logs", str(paths.root), cell.cell_id]) == 0
     captured = capsys.readouterr()
     assert "rank 1's log stops without an error or an end: it was killed" in captured.err
-    assert f"_1_log.out <==" in captured.out  # rank 1's own log, not rank 0's
+    assert "_1_log.out <==" in captured.out  # rank 1's own log, not rank 0's
 
 
 @pytest.mark.slow

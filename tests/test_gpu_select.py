@@ -6,7 +6,7 @@ import time
 import pytest
 
 from fakes.gpu_rig import Rig, isolate
-from orchestrator.contracts import GPU_PROFILES, RunOptions
+from orchestrator.contracts import GPU_PROFILES
 from workers.gpu import gpu_index_for_rank, select_backend
 from workers.gpu.base import GpuBackend, GpuError
 from workers.gpu.nvidia_smi import NvidiaSmiBackend

@@ -33,7 +33,7 @@ def test_malformed_line_names_file_and_line(planned):
     lines = paths.plan_jsonl.read_text().splitlines()
     lines[2] = lines[2][:40]
     paths.plan_jsonl.write_text("\n".join(lines) + "\n")
-    with pytest.raises(PlanFileError, match=rf"plan.jsonl:3: malformed plan line"):
+    with pytest.raises(PlanFileError, match=r"plan.jsonl:3: malformed plan line"):
         read_plan(paths)
 
 

@@ -155,7 +155,7 @@ def _two_sweeps(tmp_path, monkeypatch, gpus):
 def test_two_sweeps_on_one_gpu_take_turns(tmp_path, monkeypatch, by_value):
     """Before GPU leases, runners of two sweeps started both cells on GPU 0 at once."""
     runs = _two_sweeps(tmp_path, monkeypatch, "0")
-    (a_paths, a, a_id), (b_paths, b, b_id) = runs["a"], runs["b"]
+    (_, a, _), (_, b, _) = runs["a"], runs["b"]
     first, second = sorted([a, b], key=lambda e: e["started_unix_s"])
     assert second["started_unix_s"] >= first["ended_unix_s"] - 0.3
     waiting = runs["b"] if second is b else runs["a"]
