@@ -155,37 +155,55 @@ class Step:
     hand_kernels: bool = True  # fused.HAND_KERNELS: rotary + cache writes in one Triton kernel
     skinny: bool = False  # linear.SKINNY: Triton products for few rows
     split_k: bool = True  # linear.SPLIT_K: row-parallel products as partial sums at few rows
-    tma: bool = True  # linear.TMA: products streamed by the Triton TMA kernel at few rows
+    tma: bool = False  # linear.TMA: products streamed by the Triton TMA kernel at few rows
     tma_max_rows: int | None = None  # linear.TMA_MAX_ROWS; None: the module's own
+    tma_widths: object = None  # linear.TMA_WIDTHS (anything with `in`); None: the module's own
+    tma_roles: frozenset | None = None  # linear.TMA_ROLES; None: the module's own
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
     blas: str | None = None  # torch.backends.cuda.preferred_blas_library while capturing; None: torch's default
     prefill: bool = True  # fused.PREFILL: a prefill on the fused path too (compiled for any width)
     prefill_min_rows: int | None = None  # fused.PREFILL_MIN_ROWS; None: the module's own
 
 
+class _AnyWidth:
+    """Every model width (for linear.TMA_WIDTHS)."""
+
+    def __contains__(self, width: object) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "any"
+
+
 STEPS = {
     "plain": Step("unfused, SDPA over key buckets", fuse=False, dynamic_kv=False, hand_kernels=False),
     "fused-sdpa": Step("compiled elementwise kernels, SDPA over key buckets", dynamic_kv=False, hand_kernels=False),
     "fused-compiled": Step("compiled elementwise kernels, attention over used slots", hand_kernels=False),
-    "fused": Step("as fused-compiled, rotary + cache writes in one hand-written kernel, TMA products"
-                  " at few rows; the default"),
-    "fused-skinny": Step("as fused, with Triton skinny products where faster than cuBLAS", skinny=True),
-    "fused-notma": Step("as fused, every product on cuBLAS (the default before 2026-11-28 02:00)", tma=False),
-    "fused-tma64": Step("as fused, the TMA products up to 64 rows", tma_max_rows=64),
-    "fused-split4": Step("as fused, attention in up to four key chunks per head at large batch"
+    "fused-notma": Step("as fused-compiled, rotary + cache writes in one hand-written kernel; every product"
+                        " on cuBLAS (the default before 2026-11-28 02:10)"),
+    "fused": Step("as fused-notma, the products of up to linear.TMA_MAX_ROWS rows of a model of"
+                  " linear.TMA_WIDTHS streamed by the TMA kernel; the default", tma=True),
+    "fused-tma64": Step("as fused, the TMA products up to 64 rows", tma=True, tma_max_rows=64),
+    "fused-tma-anywidth": Step("as fused, the TMA products at any model width", tma=True, tma_widths=_AnyWidth()),
+    "fused-tma-w13w2": Step("as fused, only w1/w3 and w2 on the TMA kernel", tma=True,
+                            tma_roles=frozenset({"w13", "w2"})),
+    "fused-skinny": Step("as fused-notma, with Triton skinny products where faster than cuBLAS", skinny=True),
+    "fused-split4": Step("as fused-notma, attention in up to four key chunks per head at large batch"
                          " (the default before 2026-11-27 09:20)", splits_busy=4),
-    "fused-nosplit": Step("as fused, row-parallel products through cuBLAS's own split-K at few rows"
+    "fused-nosplit": Step("as fused-notma, row-parallel products through cuBLAS's own split-K at few rows"
                           " (the default before 2026-11-27 22:00)", split_k=False),
-    "fused-lt": Step("as fused, matrix products through cuBLASLt (torch's preferred BLAS library)",
+    "fused-lt": Step("as fused-notma, matrix products through cuBLASLt (torch's preferred BLAS library)",
                      blas="cublaslt"),
     "fused-plainprefill": Step("as fused, the prefill on the plain path at any size (eager elementwise"
-                               " work; the default before 2026-11-27 23:46)", prefill=False),
+                               " work; the prefill before 2026-11-27 23:46)", tma=True, prefill=False),
     "fused-allprefill": Step("as fused, the fused prefill at any size (also under PREFILL_MIN_ROWS)",
-                             prefill_min_rows=0),
+                             tma=True, prefill_min_rows=0),
 }
 _DEFAULT_SPLITS_BUSY = attention.MAX_SPLITS_BUSY
 _DEFAULT_PREFILL_MIN_ROWS = fused.PREFILL_MIN_ROWS
 _DEFAULT_TMA_MAX_ROWS = linear.TMA_MAX_ROWS
+_DEFAULT_TMA_WIDTHS = linear.TMA_WIDTHS
+_DEFAULT_TMA_ROLES = linear.TMA_ROLES
 _DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
 
 
@@ -195,6 +213,8 @@ def _use_step(model, step: str) -> None:
     model.fuse, fused.HAND_KERNELS, linear.SKINNY, linear.SPLIT_K = v.fuse, v.hand_kernels, v.skinny, v.split_k
     linear.TMA = v.tma
     linear.TMA_MAX_ROWS = _DEFAULT_TMA_MAX_ROWS if v.tma_max_rows is None else v.tma_max_rows
+    linear.TMA_WIDTHS = _DEFAULT_TMA_WIDTHS if v.tma_widths is None else v.tma_widths
+    linear.TMA_ROLES = _DEFAULT_TMA_ROLES if v.tma_roles is None else v.tma_roles
     fused.PREFILL = v.prefill
     fused.PREFILL_MIN_ROWS = _DEFAULT_PREFILL_MIN_ROWS if v.prefill_min_rows is None else v.prefill_min_rows
     attention.MAX_SPLITS_BUSY = v.splits_busy or _DEFAULT_SPLITS_BUSY

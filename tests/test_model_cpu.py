@@ -259,39 +259,70 @@ def test_fused_decode_step_with_partial_products_matches_plain_path(monkeypatch)
     assert calls and len(calls) % (2 * len(model.layers)) == 0
 
 
-def test_fused_decode_step_takes_tma_products_where_they_serve(monkeypatch):
-    """Where the TMA kernel serves (one GPU, few rows, a model up to TMA_MAX_WIDTH wide),
-    q/k/v and w1/w3 take it whole and wo and w2 as partials, and decode the plain path's
-    tokens; a wider model or more rows keep cuBLAS. The kernel itself needs a Hopper card
-    (tests/test_model_gpu.py); here a stand-in computes the same values."""
+@pytest.mark.parametrize("multiple_of,w2_fits", [(256, True), (896, False)])
+def test_fused_decode_step_takes_tma_products_where_they_serve(monkeypatch, multiple_of, w2_fits):
+    """Where the TMA kernel serves (one GPU, up to TMA_MAX_ROWS rows, a model width in
+    TMA_WIDTHS, a product in TMA_ROLES, K cut into whole blocks per slice), q/k/v and w1/w3
+    take it whole and wo and w2 as partials, and decode the plain path's tokens; anywhere
+    else cuBLAS. Only the platform check is stood in for (the kernel needs a Hopper card:
+    tests/test_model_gpu.py), and a stand-in computes the kernel's values. An FFN of 768
+    cuts into two slices of 384 = 3 x 128; one of 896 into two of 448, so w2 stays off."""
     import torch.nn.functional as F
 
     from workers.model import fused, linear
 
     monkeypatch.setattr(fused, "COMPILE", False)
     monkeypatch.setattr(linear, "split_k_usable", lambda x, w: x.numel() // x.shape[-1] <= 4)
-    monkeypatch.setattr(linear, "tma_usable", lambda x, w, slices=1, block_k=128, max_rows=64:
-                        x.numel() // x.shape[-1] <= max_rows)
+    monkeypatch.setattr(linear, "tma_platform", lambda x: True)
     calls = []
 
     def stand_in(x, w, slices=1, config=None):
-        calls.append(slices)
+        calls.append((tuple(w.shape), slices))
         return F.linear(x, w) if slices == 1 else linear.partial_products(x, w, slices)
 
     monkeypatch.setattr(linear, "tma_linear", stand_in)
-    model = tiny(seed=7)
-    prompts = [[1, 5, 6, 7, 8], [1, 42], [1, 3, 3]]
-    outs = _decode_fused_vs_plain(model, prompts, 12)
-    assert outs[True] == outs[False] and all(len(o) == 12 for o in outs[True])
-    layers = len(model.layers)
-    assert calls and len(calls) % (4 * layers) == 0 and calls.count(1) == calls.count(linear.SPLIT_K_SLICES)
-    for setting, value in (("TMA_MAX_WIDTH", model.args.dim - 1), ("TMA_MAX_ROWS", len(prompts) - 1),
-                           ("TMA", False)):
+    a = ModelArgs.from_dict({**TINY.to_dict(), "multiple_of": multiple_of})
+    model, prompts = tiny(seed=7, args=a), [[1, 5, 6, 7, 8], [1, 42], [1, 3, 3]]
+    assert a.ffn_hidden_dim == {256: 768, 896: 896}[multiple_of]
+    shapes = {"wqkv": ((a.n_heads + 2 * a.kv_heads) * a.head_dim, a.dim), "w13": (2 * a.ffn_hidden_dim, a.dim),
+              "wo": (a.dim, a.n_heads * a.head_dim), "w2": (a.dim, a.ffn_hidden_dim)}
+    slices = {"wqkv": 1, "w13": 1, "wo": linear.SPLIT_K_SLICES, "w2": linear.SPLIT_K_SLICES}
+    every = set(shapes) if w2_fits else set(shapes) - {"w2"}
+    plain = _decode_fused_vs_plain(model, prompts, 4)[False]
+    cases = [  # (settings, the products that take the kernel); the limits are inclusive
+        ({"TMA_WIDTHS": frozenset({a.dim}), "TMA_MAX_ROWS": len(prompts)}, every),
+        ({"TMA_WIDTHS": frozenset({a.dim}), "TMA_ROLES": frozenset({"w13", "w2"})}, {"w13", "w2"} & every),
+        ({"TMA_WIDTHS": frozenset({a.dim + 1})}, set()),
+        ({"TMA_WIDTHS": frozenset({a.dim}), "TMA_MAX_ROWS": len(prompts) - 1}, set()),
+        ({"TMA_WIDTHS": frozenset({a.dim}), "TMA": False}, set()),
+    ]
+    for settings, roles in cases:
         calls.clear()
         with monkeypatch.context() as m:
-            m.setattr(linear, setting, value)
-            assert _decode_fused_vs_plain(model, prompts, 4)[True] == [o[:4] for o in outs[False]]
-        assert calls == [], setting
+            for name, value in settings.items():
+                m.setattr(linear, name, value)
+            assert _decode_fused_vs_plain(model, prompts, 4)[True] == plain, settings
+        steps = len(calls) // max(1, len(roles) * a.n_layers)
+        assert sorted(calls) == sorted([(shapes[r], slices[r]) for r in roles] * a.n_layers * steps), settings
+        assert (steps > 0) == bool(roles), settings
+
+
+def test_tma_shape_rules_and_refusal():
+    """The kernel's loop over a K slice has no mask, so K must cut into whole BLOCK_K blocks
+    per slice, and its tile holds 64 rows; tma_linear refuses anything else."""
+    from workers.model import linear
+
+    assert linear.tma_shapes_fit(1, 896, 1, 128) and not linear.tma_shapes_fit(1, 896, 2, 128)  # 448 = 3.5 blocks
+    assert linear.tma_shapes_fit(4, 11008, 2, 128) and not linear.tma_shapes_fit(4, 11008, 2, 256)
+    assert not linear.tma_shapes_fit(1, 4096, 3, 128)
+    assert linear.tma_shapes_fit(64, 4096, 1, 128) and not linear.tma_shapes_fit(65, 4096, 1, 128)
+    assert not linear.tma_shapes_fit(5, 4096, 1, 128, max_rows=4)
+    assert linear.tma_config(1) == linear.TMA_WIDE and linear.tma_config(2) == linear.TMA_PARTIALS
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        linear.tma_prepare(torch.zeros(1, 256), torch.zeros(128, 256), 2, (64, 256, 4, 3))
+    with pytest.raises(ValueError, match="64 rows"):
+        linear.tma_prepare(torch.zeros(65, 256), torch.zeros(128, 256), 1, (64, 128, 4, 4))
+    assert not linear.tma_usable(torch.zeros(1, 256), torch.zeros(128, 256))  # the CPU: never
 
 
 def test_used_slots_attention_reference_by_hand():

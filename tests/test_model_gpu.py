@@ -125,7 +125,10 @@ def test_tma_products_match_cublas(m, n, k, slices):
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w).float(), rtol=2e-2, atol=2e-2)
     rows = lambda r, dtype=torch.bfloat16: torch.zeros(r, k, device="cuda", dtype=dtype)  # noqa: E731
     assert not linear.tma_usable(rows(65), w) and not linear.tma_usable(rows(1, torch.float32), w)
-    assert not linear.tma_usable(x, w, 3)  # K not cut into whole 128-wide blocks
+    w896 = torch.zeros(8, 896, device="cuda", dtype=torch.bfloat16)  # 7 blocks of 128: whole, not in halves
+    x896 = torch.zeros(1, 896, device="cuda", dtype=torch.bfloat16)
+    assert linear.tma_usable(x896, w896, 1) and not linear.tma_usable(x896, w896, 2)
+    assert not linear.tma_usable(x896, torch.zeros(8, 897, device="cuda", dtype=torch.bfloat16)[:, 1:])
 
 
 def test_tma_step_matches_cublas_step(model, monkeypatch):  # the fixture joins the process group
@@ -141,6 +144,7 @@ def test_tma_step_matches_cublas_step(model, monkeypatch):  # the fixture joins 
     if not linear.tma_usable(torch.zeros(1, m.args.dim, device="cuda", dtype=torch.bfloat16),
                              m.layers[0].attention.wo.weight):
         pytest.skip("needs Triton's TMA descriptors and a Hopper-class card")
+    monkeypatch.setattr(linear, "TMA_WIDTHS", frozenset({m.args.dim}))  # the tiny model's width too
     tokens, positions = torch.tensor([[5]], device="cuda"), torch.tensor([[6]], device="cuda")
     slots, pads = torch.tensor([6], device="cuda"), torch.tensor([0], device="cuda")
     out = {}

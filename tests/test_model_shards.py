@@ -40,6 +40,7 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
             fused.COMPILE, fused.PREFILL_MIN_ROWS = False, 0
             fused.prefill_serves = lambda head_dim, device: True
+            _refuse_tma_products()
             model.fuse = True
             result["logits_fused"] = forward_full(model, torch.tensor(TOKENS))
             result["new_fused"] = Generator(model, max_batch_size=2, max_seq_len=64, device="cpu").generate(
@@ -48,6 +49,19 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
             torch.save(result, out)
     finally:
         wdist.shutdown()
+
+
+def _refuse_tma_products() -> None:
+    """Make the TMA kernel look usable for this model and fail if called: with model
+    parallelism the decode step must keep cuBLAS (not measured there)."""
+    from workers.model import linear
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model-parallel decode step took the TMA kernel")
+
+    linear.TMA, linear.TMA_WIDTHS, linear.TMA_MAX_ROWS = True, frozenset({ARGS.dim}), 64
+    linear.tma_usable = lambda x, w, slices=1, block_k=None, max_rows=64: True
+    linear.tma_linear = refuse
 
 
 def _free_port() -> int:

@@ -3,8 +3,7 @@
 A decode step multiplies a handful of activation rows by each weight matrix; the
 time is the time to stream the weight from memory once. Two kernels here:
 
-- ``tma_linear`` (on by default for LLaMA-7B-wide models at up to four rows, on one
-  GPU): each program streams a 64-row band of the weight through the tensor-memory
+- ``tma_linear`` (on by default for models 4,096 wide at up to four rows, on one GPU): each program streams a 64-row band of the weight through the tensor-memory
   copy engine (TMA) in a deep pipeline and multiplies it by the activation rows on
   tensor cores, weight on the wide side of the product (y^T = W x^T). It can cut K
   into slices and return partial products, as ``partial_products`` does. Faster than
@@ -51,19 +50,22 @@ SPLIT_K = True
 SPLIT_K_SLICES = 2
 SPLIT_K_MAX_ROWS = 64
 
-# A one-GPU decode step of up to TMA_MAX_ROWS rows, in a model at most TMA_MAX_WIDTH wide,
-# streams its products' weights through the tensor-memory copy engine (``tma_linear``):
-# q/k/v and w1/w3 whole, wo and w2 as SPLIT_K_SLICES partials. On three H100s, LLaMA-7B's
-# step ran 6% faster at batch 1, 2 and 4 for 2-6% fewer joules per token; at batch 8 and 64
-# it ran 1-5% faster for as much or more energy, and LLaMA-13B's batch 1 ran 4% faster for
-# 1-2% more energy (its products already stream near the card's bandwidth on cuBLAS), so
-# those stay on cuBLAS (docs/performance.md). (BLOCK_N, BLOCK_K, num_warps, num_stages) per
-# form: the best of ``benchmarks/gemv_bench.py --tma`` on an H100.
+# A one-GPU decode step of up to TMA_MAX_ROWS rows, in a model whose width (hidden size) is
+# one of TMA_WIDTHS, streams the weights of the products named in TMA_ROLES through the
+# tensor-memory copy engine (``tma_linear``): q/k/v and w1/w3 whole, wo and w2 as
+# SPLIT_K_SLICES partials. On two H100s, LLaMA-7B's step ran 6% faster at batch 1 (and on one
+# of them at 2 and 4) for 2-6% fewer joules per token. At batch 8 it ran 5% faster for -1% to
+# +1% energy, at batch 64 1% faster for 3-5% more, and LLaMA-13B's batch 1 4% faster for 1-2%
+# more, so those stay on cuBLAS: only what was measured cheaper takes it (docs/performance.md).
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per form: the best of
+# ``benchmarks/gemv_bench.py --tma`` on an H100.
 TMA = True
 TMA_MAX_ROWS = 4
-TMA_MAX_WIDTH = 4096
+TMA_WIDTHS = frozenset({4096})
+TMA_ROLES = frozenset({"wqkv", "wo", "w13", "w2"})
 TMA_WIDE = (64, 128, 4, 6)
 TMA_PARTIALS = (64, 128, 4, 4)
+TMA_TILE_ROWS = 64  # the kernel's activation tile holds at most this many rows
 
 
 def _rows_block(m: int) -> int:
@@ -82,7 +84,7 @@ def settings() -> dict:
     return {"configs": CONFIGS, "max_rows": MAX_ROWS, "max_rows_narrow": MAX_ROWS_NARROW, "narrow_n": NARROW_N,
             "skinny": SKINNY, "split_k": SPLIT_K, "split_k_slices": SPLIT_K_SLICES,
             "split_k_max_rows": SPLIT_K_MAX_ROWS, "tma": TMA, "tma_max_rows": TMA_MAX_ROWS,
-            "tma_max_width": TMA_MAX_WIDTH,
+            "tma_widths": sorted(TMA_WIDTHS), "tma_roles": sorted(TMA_ROLES),
             "tma_wide": TMA_WIDE, "tma_partials": TMA_PARTIALS}
 
 
@@ -153,32 +155,57 @@ if triton is not None:
                  tl.program_id(0), tl.program_id(1), BLOCK_N, BLOCK_K, BLOCK_M)
 
 
-def tma_usable(x: torch.Tensor, w: torch.Tensor, slices: int = 1, block_k: int = 128,
-               max_rows: int = 64) -> bool:
-    """Whether ``tma_linear`` can run: Triton with host TMA descriptors, a Hopper-class
-    card, 16-bit, at most ``max_rows`` rows (the kernel's tile holds 64), and K cut into
-    slices of whole BLOCK_K blocks."""
-    if triton is None or TensorDescriptor is None or not x.is_cuda:
-        return False
-    k = x.shape[-1]
-    return (torch.cuda.get_device_capability(x.device)[0] >= 9 and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() // k <= min(max_rows, 64) and w.is_contiguous() and k % slices == 0
+def tma_config(slices: int) -> tuple[int, int, int, int]:
+    """The launch settings ``tma_linear`` uses by default for this many slices."""
+    return TMA_WIDE if slices == 1 else TMA_PARTIALS
+
+
+def tma_shapes_fit(rows: int, k: int, slices: int, block_k: int, max_rows: int = TMA_TILE_ROWS) -> bool:
+    """The kernel's shape rules: at most ``max_rows`` rows (and no more than its tile holds),
+    and K cut into ``slices`` equal slices of whole BLOCK_K blocks (the loop over a slice has
+    no mask: a partial block would read into the next slice and past the activations)."""
+    return (rows <= min(max_rows, TMA_TILE_ROWS) and slices >= 1 and k % slices == 0
             and (k // slices) % block_k == 0)
 
 
-def tma_serves(x: torch.Tensor, w: torch.Tensor, width: int, slices: int = 1) -> bool:
-    """Whether a one-GPU decode step's product takes the TMA kernel: switched on (``TMA``),
-    a model of ``width`` (its hidden size) up to TMA_MAX_WIDTH, at up to TMA_MAX_ROWS rows,
-    and usable."""
-    return TMA and width <= TMA_MAX_WIDTH and tma_usable(x, w, slices, max_rows=TMA_MAX_ROWS)
+def tma_platform(x: torch.Tensor) -> bool:
+    """Triton with host TMA descriptors, an NVIDIA card of compute capability 9 or later,
+    and 16-bit activations: where the kernel runs at all."""
+    return (triton is not None and TensorDescriptor is not None and x.is_cuda and torch.version.hip is None
+            and torch.cuda.get_device_capability(x.device)[0] >= 9 and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def tma_usable(x: torch.Tensor, w: torch.Tensor, slices: int = 1, block_k: int | None = None,
+               max_rows: int = TMA_TILE_ROWS) -> bool:
+    """Whether ``tma_linear`` can run here: the platform (``tma_platform``), a weight of the
+    activations' dtype that TMA can address (contiguous, 16-byte aligned base and rows), and
+    the shape rules (``tma_shapes_fit``, with the BLOCK_K of ``tma_config(slices)`` unless given)."""
+    k = x.shape[-1]
+    block_k = tma_config(slices)[1] if block_k is None else block_k
+    return (tma_platform(x) and w.dtype == x.dtype and w.is_contiguous() and w.data_ptr() % 16 == 0
+            and (w.shape[-1] * w.element_size()) % 16 == 0
+            and tma_shapes_fit(x.numel() // k, k, slices, block_k, max_rows))
+
+
+def tma_serves(x: torch.Tensor, w: torch.Tensor, role: str, width: int, slices: int = 1) -> bool:
+    """Whether a one-GPU decode step's product ``role`` (wqkv, wo, w13, w2) takes the TMA
+    kernel: switched on (``TMA``), a role in TMA_ROLES, a model ``width`` (its hidden size) in
+    TMA_WIDTHS, at up to TMA_MAX_ROWS rows, and usable."""
+    return (TMA and role in TMA_ROLES and width in TMA_WIDTHS
+            and tma_usable(x, w, slices, max_rows=TMA_MAX_ROWS))
 
 
 def tma_prepare(x: torch.Tensor, w: torch.Tensor, slices: int, config: tuple[int, int, int, int]):
-    """The launch of ``tma_linear`` without running it: (kernel args, grid, output, settings)."""
+    """The launch of ``tma_linear`` without running it: (kernel args, grid, output, settings).
+    Refuses shapes the kernel would get wrong rather than return garbage."""
     block_n, block_k, warps, stages = config
     x2 = _rows(x)
     m, k = x2.shape
     n = w.shape[0]
+    if w.shape[-1] != k or not tma_shapes_fit(m, k, slices, block_k):
+        raise ValueError(f"tma_linear: {m} rows of K={k} against a weight {tuple(w.shape)} in {slices} "
+                         f"slice(s) of BLOCK_K={block_k}: needs <= {TMA_TILE_ROWS} rows and K/slices a "
+                         f"multiple of BLOCK_K (check tma_usable first)")
     y = torch.empty((slices, m, n), device=x.device, dtype=x.dtype)
     desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
     args = (desc, x2, y, m, n, k // slices, x2.stride(0), y.stride(0), y.stride(1))
@@ -191,7 +218,7 @@ def tma_linear(x: torch.Tensor, w: torch.Tensor, slices: int = 1,
     """``F.linear(x, w)`` for x (..., K) of few rows, the weight streamed by TMA rather
     than per-thread loads. With ``slices`` > 1 the result is that many partial products
     over equal cuts of K, stacked first, as ``partial_products`` gives them."""
-    args, bands, y, meta = tma_prepare(x, w, slices, config or (TMA_WIDE if slices == 1 else TMA_PARTIALS))
+    args, bands, y, meta = tma_prepare(x, w, slices, config or tma_config(slices))
     _tma_kernel[(bands, slices)](*args, **meta)
     shape = (*x.shape[:-1], w.shape[0])
     return y.view(shape) if slices == 1 else y.view(slices, *shape)

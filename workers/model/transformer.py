@@ -20,7 +20,7 @@ keys load as they are. Differences from Meta's file, and why:
   compiled kernels per call site (``fused.py``), and the residual add of one
   layer is done together with the next layer's RMSNorm. Rotary and both cache
   writes run as one hand-written Triton kernel (``fused.HAND_KERNELS``). The
-  matrix products of a one-GPU step at up to four rows of a LLaMA-7B-wide model
+  matrix products of a one-GPU step at up to four rows of a model 4,096 wide
   stream their weights by TMA (``linear.tma_serves``: faster, and there cheaper in
   energy); the others stay on cuBLAS (``linear.py``).
 - A prefill of many rows on the fused path runs the same way, with kernels
@@ -132,21 +132,21 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return linear.SKINNY and linear.usable(x, weight.shape[0])
 
 
-def _stream(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A local product of a decode step: on one GPU at few rows the TMA kernel
-    (``linear.tma_serves``), cuBLAS otherwise. Not with model parallelism until measured there.
-    Column-parallel: the model's width is the product's input."""
-    if mp.get_model_parallel_world_size() == 1 and linear.tma_serves(x, weight, x.shape[-1]):
+def _stream(x: torch.Tensor, weight: torch.Tensor, role: str) -> torch.Tensor:
+    """A column-parallel product ``role`` of a decode step (local, no communication): on one
+    GPU at few rows the TMA kernel (``linear.tma_serves``; its input is the model's width),
+    cuBLAS otherwise. Not with model parallelism until measured there."""
+    if mp.get_model_parallel_world_size() == 1 and linear.tma_serves(x, weight, role, x.shape[-1]):
         return linear.tma_linear(x, weight)
     return F.linear(x, weight)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A column-parallel product of a decode step (local, no communication)."""
-    return linear.skinny_linear(x, weight) if _skinny(x, weight) else _stream(x, weight)
+def _project(x: torch.Tensor, weight: torch.Tensor, role: str) -> torch.Tensor:
+    """A column-parallel product of a decode step: the skinny kernel where switched on, else ``_stream``."""
+    return linear.skinny_linear(x, weight) if _skinny(x, weight) else _stream(x, weight, role)
 
 
-def _reduce_project(x: torch.Tensor, layer: RowLinear) -> torch.Tensor:
+def _reduce_project(x: torch.Tensor, layer: RowLinear, role: str) -> torch.Tensor:
     """A row-parallel product of a decode step: local product, then the all-reduce.
     On one GPU, at up to linear.SPLIT_K_MAX_ROWS rows, the result is partial sums,
     one leading dimension more, that the next fused.add_norm adds up
@@ -156,7 +156,8 @@ def _reduce_project(x: torch.Tensor, layer: RowLinear) -> torch.Tensor:
     # one GPU only (so no all-reduce): with model parallelism each all-reduce would carry
     # both partials, and a rank's share of K may be too short for cuBLAS to split (not measured)
     if mp.get_model_parallel_world_size() == 1 and linear.split_k_usable(x, layer.weight):
-        if linear.tma_serves(x, layer.weight, layer.weight.shape[0], linear.SPLIT_K_SLICES):  # width: output
+        # a row-parallel product's output is the model's width
+        if linear.tma_serves(x, layer.weight, role, layer.weight.shape[0], linear.SPLIT_K_SLICES):
             return linear.tma_linear(x, layer.weight, linear.SPLIT_K_SLICES)
         return linear.partial_products(x, layer.weight)
     return layer(x)
@@ -211,9 +212,9 @@ class Attention(nn.Module):
         and ``kv_len`` are not used."""
         b, t, _ = x.shape
         nq, nkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        qkv = _project(x, self._wqkv).view(b, t, nq + 2 * nkv, hd)
+        qkv = _project(x, self._wqkv, "wqkv").view(b, t, nq + 2 * nkv, hd)
         q = fused.rope_cache_fast(qkv, cos_sin, self.cache_k[:b], self.cache_v[:b], slots, nq, nkv)
-        return _reduce_project(self._attend(q, slots, mask, kv_len, pads), self.wo)
+        return _reduce_project(self._attend(q, slots, mask, kv_len, pads), self.wo, "wo")
 
     def forward_prefill(self, x: torch.Tensor, cos_sin: torch.Tensor, slots: torch.Tensor,
                         mask: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -252,8 +253,8 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = _stream(x, self._w13)  # no skinny kernel: cuBLAS streams this wide product at full speed
-        return _reduce_project(fused.SILU_MUL(gate_up), self.w2)
+        gate_up = _stream(x, self._w13, "w13")  # w1/w3 never took the skinny kernel
+        return _reduce_project(fused.SILU_MUL(gate_up), self.w2, "w2")
 
     def forward_prefill(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(fused.silu_mul_rows_of(F.linear(x, self._w13)))
