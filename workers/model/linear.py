@@ -3,13 +3,14 @@
 A decode step multiplies a handful of activation rows by each weight matrix; the
 time is the time to stream the weight from memory once. Two kernels here:
 
-- ``tma_linear`` (on by default for models 4,096 wide at up to four rows, on one GPU): each program streams a 64-row band of the weight through the tensor-memory
-  copy engine (TMA) in a deep pipeline and multiplies it by the activation rows on
-  tensor cores, weight on the wide side of the product (y^T = W x^T). It can cut K
+- ``tma_linear`` (on by default for models 4,096 wide at up to four rows, on one GPU):
+  each program streams a 64-row band of the weight through the tensor-memory copy
+  engine (TMA) in a deep pipeline and multiplies it by the activation rows on tensor
+  cores, weight on the wide side of the product (y^T = W x^T). It can cut K
   into slices and return partial products, as ``partial_products`` does. Faster than
-  cuBLAS on LLaMA-7B's w1/w3 and w2 at few rows, and there cheaper in joules per token;
-  not cheaper at more rows or at LLaMA-13B's shapes, which stay on cuBLAS (settings
-  below, measurements in ``docs/performance.md``).
+  cuBLAS on LLaMA-7B's w1/w3 and w2 at few rows, and its step cheaper in joules per
+  token there; not cheaper at more rows or at LLaMA-13B's shapes, which stay on cuBLAS
+  (settings below, measurements in ``docs/performance.md``).
 - ``skinny_linear`` (off, ``SKINNY``): per-thread loads, a band of output features per
   program. Faster than cuBLAS on some products but it drew 10-20% more power for the same
   bytes. Tried and dropped: SiLU x up applied while loading the down projection's input
@@ -53,10 +54,11 @@ SPLIT_K_MAX_ROWS = 64
 # A one-GPU decode step of up to TMA_MAX_ROWS rows, in a model whose width (hidden size) is
 # one of TMA_WIDTHS, streams the weights of the products named in TMA_ROLES through the
 # tensor-memory copy engine (``tma_linear``): q/k/v and w1/w3 whole, wo and w2 as
-# SPLIT_K_SLICES partials. On two H100s, LLaMA-7B's step ran 6% faster at batch 1 (and on one
-# of them at 2 and 4) for 2-6% fewer joules per token. At batch 8 it ran 5% faster for -1% to
-# +1% energy, at batch 64 1% faster for 3-5% more, and LLaMA-13B's batch 1 4% faster for 1-2%
-# more, so those stay on cuBLAS: only what was measured cheaper takes it (docs/performance.md).
+# SPLIT_K_SLICES partials. On three H100s, LLaMA-7B's step at batch 1 ran 4-6% faster for
+# 3-4% fewer joules per token (on one of them also at batch 2 and 4: 6% faster, 2-6% fewer).
+# At batch 8 it ran 5% faster for -1% to +1% energy, at batch 64 1% faster for 3-5% more,
+# and LLaMA-13B's batch 1 4% faster for 1-2% more, so those stay on cuBLAS: only what was
+# measured cheaper takes it (docs/performance.md).
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per form: the best of
 # ``benchmarks/gemv_bench.py --tma`` on an H100.
 TMA = True
