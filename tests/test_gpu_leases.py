@@ -198,9 +198,10 @@ def test_the_local_launcher_keeps_to_the_gpus_an_allocation_shows(monkeypatch):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bad)  # every GPU would be wrong: refused by name
         with pytest.raises(ValueError, match=f"names '{bad}', {why}: .*WATTSWEEP_LOCAL_GPUS"):
             local.local_gpus()
-    monkeypatch.setattr(local, "_gpu_uuids", lambda: [])  # a CPU machine with the variable set
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert local.local_gpus() == []
+    monkeypatch.setattr(local, "_gpu_uuids", lambda: [])  # a CPU machine (the variable set or not):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # the simulated node's cards, leased like real ones
+    assert local.local_gpus() == list(range(local.SIMULATED_GPUS)) == list(range(8))
+    assert local._gpu_count_text(local.local_gpus()) == "8 simulated (no NVIDIA GPU here)"
 
 
 def test_lease_files_are_named_by_the_cards_uuid_where_known(tmp_path):

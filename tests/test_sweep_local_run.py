@@ -166,6 +166,20 @@ def test_two_sweeps_on_one_gpu_take_turns(tmp_path, monkeypatch, by_value):
 
 
 @pytest.mark.slow
+def test_two_sweeps_on_a_machine_without_gpus_lease_simulated_cards(tmp_path, monkeypatch, by_value):
+    """Without a GPU, cells of two sweeps all ran on simulated card 0 at once: each booked
+    the other's power as its own, and a capped cell failed on the other's cap."""
+    from orchestrator.submit import local
+
+    if local._gpu_uuids():
+        pytest.skip("this machine has NVIDIA GPUs: its cells lease the real cards")
+    runs = _two_sweeps(tmp_path, monkeypatch, "")  # WATTSWEEP_LOCAL_GPUS unset: the simulated node's cards
+    cards = {json.loads((paths.cell_dir(cid) / "standin-rank-0.json").read_text())["visible"]
+             for paths, _, cid in runs.values()}
+    assert cards == {"0", "1"}
+
+
+@pytest.mark.slow
 def test_two_sweeps_on_two_gpus_run_side_by_side_on_different_cards(tmp_path, monkeypatch, by_value):
     runs = _two_sweeps(tmp_path, monkeypatch, "0,1")
     (_, a, _), (_, b, _) = runs["a"], runs["b"]

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from orchestrator.contracts import SweepPaths, atomic_write_json, read_json, write_failed
+from orchestrator.contracts import GPU_PROFILES, SweepPaths, atomic_write_json, read_json, write_failed
 from orchestrator.plan.planned import PlannedCell
 from orchestrator.submit.gang import GangWatch
 from orchestrator.submit.gpu_leases import GpuLeases, LeaseError, controller_alive
@@ -264,8 +264,6 @@ def _check_gpus(cells: list[PlannedCell], *, leases: bool = True) -> None:
         gpus = local_gpus()
     except ValueError as e:
         raise LaunchError(str(e)) from None
-    if not gpus:
-        return  # no GPU: cells run on the CPU, nothing to lease
     wide = [c.cell_id for c in cells if c.params.shards > len(gpus)]
     if wide:
         raise LaunchError(f"cell(s) {', '.join(wide)} need more GPUs than the local launcher has: "
@@ -286,8 +284,9 @@ def _leases() -> GpuLeases:
 
 def _gpu_count_text(gpus: list[int]) -> str:
     """How many GPUs the launcher has, and whether WATTSWEEP_LOCAL_GPUS said so."""
-    limit = " (WATTSWEEP_LOCAL_GPUS)" if os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip() else ""
-    return f"{len(gpus)}{limit}"
+    if os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip():
+        return f"{len(gpus)} (WATTSWEEP_LOCAL_GPUS)"
+    return f"{len(gpus)} simulated (no NVIDIA GPU here)" if not _gpu_uuids() else str(len(gpus))
 
 
 def local_gpus() -> list[int]:
@@ -295,14 +294,18 @@ def local_gpus() -> list[int]:
     comma-separated) when set; else, on a machine with GPUs, those an inherited
     ``CUDA_VISIBLE_DEVICES`` lists, by index or UUID (an interactive allocation,
     `salloc`, shows only its own: the launcher must not hand out the others);
-    else every GPU."""
+    else every GPU. On a machine without one, the simulated node's cards
+    (SIMULATED_GPUS): the simulated backend keeps one state per card for every
+    process of the machine, so two cells on one simulated card would each book
+    the other's power and one's cap would fail on the other's; leased like real
+    cards (files named by index), cells of any sweep take turns on them."""
     text = os.environ.get("WATTSWEEP_LOCAL_GPUS", "").strip()
     if not text:
         uuids = _gpu_uuids()
         inherited = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
         if uuids and inherited:
             return _indices_of(inherited, uuids)
-        return list(range(len(uuids)))
+        return list(range(len(uuids) or SIMULATED_GPUS))
     parts = [x.strip() for x in text.split(",")]
     try:
         gpus = [int(x) for x in parts]
@@ -313,6 +316,10 @@ def local_gpus() -> list[int]:
     if len(set(gpus)) != len(gpus):
         raise ValueError(f"WATTSWEEP_LOCAL_GPUS={text!r} names a GPU twice")
     return sorted(gpus)
+
+
+# The cards of a simulated node (workers/gpu/simulated.py): every card profile has this many.
+SIMULATED_GPUS = min(p.gpus_per_node for p in GPU_PROFILES.values())
 
 
 # The submitit controller's own output (a cancel shows there as its KeyboardInterrupt).
