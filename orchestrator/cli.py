@@ -27,8 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 EPILOG = """examples:
-  wattsweep sweep                                  one cell of the default config (tiny model, local, simulated GPU)
-  wattsweep sweep -m shards=1,2 batch_size=1,4 --wait
+  wattsweep sweep -m +experiment=smoke --wait      four tiny cells in seconds (local, simulated GPU without one)
+  wattsweep sweep -m shards=1,2 batch_size=1,4 n_prompts=16 max_new_tokens=32 --wait
   wattsweep sweep -m model=llama-7b shards=1,2,4 power_cap_w=null,250,175,150 launcher=slurm
   wattsweep status SWEEP_DIR          wattsweep resubmit SWEEP_DIR
   wattsweep cancel SWEEP_DIR          wattsweep logs SWEEP_DIR CELL

@@ -201,6 +201,11 @@ def test_a_cell_out_of_requeues_at_its_time_limit_is_a_timeout(sweep, monkeypatc
     write_failed(paths, ids[3], "UncompletedJobError: Job not requeued because: timed-out too many times.", "")
     cell = {c.cell_id: c for c in sweep_status(paths, query_queue=False).cells}[ids[3]]
     assert cell.state == "timeout" and "--launcher time_min=N" in cell.reason
+    # a local cell: the local launcher's own key (it has no time_min)
+    append_submissions(paths, [SubmissionRecord((ids[3],), "local", ("4321",), False, 3.0, 1, {})])
+    write_failed(paths, ids[3], "UncompletedJobError: Job not requeued because: timed-out too many times.", "")
+    cell = {c.cell_id: c for c in sweep_status(paths, query_queue=False).cells}[ids[3]]
+    assert cell.state == "timeout" and "--launcher timeout_min=N" in cell.reason, cell.reason
 
 
 def _resubmit_args(paths, **kw):
@@ -297,3 +302,19 @@ def test_elapsed_of_a_local_cell_comes_from_its_runner():
     assert _local_elapsed_s({"started_unix_s": 100.0, "ended_unix_s": 175.5}) == 75
     assert _local_elapsed_s({"state": "pending"}) is None
     assert _local_elapsed_s({"started_unix_s": 0.0}) > 0  # still running: up to now
+    # a runner killed after its cell wrote DONE.json never records the end: the marker's time stops the clock
+    assert _local_elapsed_s({"started_unix_s": 100.0}, marker_mtime=104.2) == 4
+
+
+def test_hints_quote_a_sweep_folder_with_a_space(tmp_path):
+    """A command printed for copying must survive the shell: `wattsweep status my sweeps/run`
+    named two folders."""
+    from orchestrator.status.common import resolve_cell
+    from orchestrator.submit.shell import quoted
+
+    spaced = SweepPaths.of(tmp_path / "my sweeps" / "run two")
+    with pytest.raises(ValueError) as err:
+        resolve_cell(spaced, "fff", ids=["abc123"])
+    assert f"`wattsweep status '{tmp_path}/my sweeps/run two'`" in str(err.value)
+    assert quoted(tmp_path / "my sweeps" / "run two") == f"'{tmp_path}/my sweeps/run two'"
+    assert quoted("/scratch/sweeps/a-1_b.c") == "/scratch/sweeps/a-1_b.c"  # nothing to quote: as it is

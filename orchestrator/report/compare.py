@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from orchestrator.submit.shell import quoted
 from orchestrator.contracts import CellParams, SweepPaths, canonical_json
 from orchestrator.reduce.plan_io import require_plan
 from orchestrator.reduce.summary import SUMMARY_SCHEMA
@@ -110,7 +111,7 @@ def _side(name: str, sweep: str | Path, keys: Sequence[str], metrics: Sequence[s
     rows = load_summary(sweep)
     missing = [m for m in metrics if rows and m not in rows[0]]
     if missing:
-        raise CompareError(f"summary of {name} lacks {missing[0]}; run `wattsweep reduce {sweep}` again")
+        raise CompareError(f"summary of {name} lacks {missing[0]}; run `wattsweep reduce {quoted(sweep)}` again")
     cells = [(plan[r["cell_id"]].params if r["cell_id"] in plan else r, r) for r in rows]
     return _Side(name, str(sweep), cells, where, _indexed(cells, keys, name, where))
 
@@ -149,7 +150,7 @@ def _why_none(a: _Side, b: _Side, keys: Sequence[str], by_match_on: bool) -> str
 
 def _why_empty(s: _Side) -> str:
     if not s.cells:
-        return f"{s.name} has no done cells with valid outputs; see `wattsweep status {s.sweep}`"
+        return f"{s.name} has no done cells with valid outputs; see `wattsweep status {quoted(s.sweep)}`"
     flag = f"--where-{s.name.lower()}"
     filt = " ".join(f"{flag} {k}={_text(canonical_json(v))}" for k, v in s.where.items())
     has = " and ".join(_kv(k, {canonical_json(p.get(k)) for p, _ in s.cells}) for k in s.where)

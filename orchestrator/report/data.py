@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow.parquet as pq
 
+from orchestrator.submit.shell import quoted
 from orchestrator.contracts import SweepPaths
 from orchestrator.reduce.metrics import FLAG_MEANINGS
 
@@ -36,7 +37,7 @@ def load_summary(sweep_dir: str | Path, *, reduce_first: bool = False) -> list[R
     try:
         return pq.read_table(paths.summary_parquet).to_pylist()
     except Exception as e:  # noqa: BLE001 - a damaged summary: say so, suggest the fix
-        raise ReportError(f"unreadable {paths.summary_parquet} ({type(e).__name__}); run `wattsweep reduce {paths.root}`") from None
+        raise ReportError(f"unreadable {paths.summary_parquet} ({type(e).__name__}); run `wattsweep reduce {quoted(paths.root)}`") from None
 
 
 def _stale(paths: SweepPaths) -> bool:

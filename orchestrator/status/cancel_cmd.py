@@ -10,6 +10,7 @@ from orchestrator.status.common import pick_cells, resolve_cells, run_on_sweep
 from orchestrator.status.state import CellStatus, StatusError, sweep_status
 from orchestrator.submit.cancellations import Cancellation
 from orchestrator.submit.shell import SlurmCommandError
+from orchestrator.submit.shell import quoted
 
 DESCRIPTION = """Stop a sweep's pending and running cells (or only the ones named): Slurm jobs
 through scancel, local cells through the sweep's local runner. Each cancel is
@@ -120,8 +121,8 @@ def cancel(paths: SweepPaths, cells: list[CellStatus]) -> int:
         if c.cell_id in stopped or c.cell_id in local:
             print(f"cancelled {c.cell_id} ({c.launcher} job {c.job_id}, was {c.state}): {c.params}")
     n = len(stopped) + len(local)
-    print(f"cancelled {n} cell(s); `wattsweep status {paths.root}` follows them out of the queue, "
-          f"`wattsweep resubmit {paths.root}` runs them again")
+    print(f"cancelled {n} cell(s); `wattsweep status {quoted(paths.root)}` follows them out of the queue, "
+          f"`wattsweep resubmit {quoted(paths.root)}` runs them again")
     return 1 if refused else 0
 
 

@@ -9,6 +9,7 @@ import time
 from orchestrator.contracts import SweepPaths
 from orchestrator.status.state import STATES, CellStatus, StatusError, SweepStatus, dumps, sweep_status
 from orchestrator.submit.shell import SlurmCommandError
+from orchestrator.submit.shell import quoted
 
 DESCRIPTION = """Show each cell's state: the plan and markers of the sweep folder joined with
 squeue and, where the cluster keeps accounting, sacct.
@@ -141,7 +142,7 @@ def _stop_watching(st: SweepStatus, paths: SweepPaths) -> tuple[int, str] | None
         return 2, f"Slurm could not be asked ({st.queue_error}); stopped watching: the cells' states cannot be known"
     if not st.all_ended and not any(st.counts.get(s) for s in ("pending", "running")):
         return 1, (f"{st.counts.get('planned', 0)} cell(s) were never submitted; nothing to wait for "
-                   f"(`wattsweep resubmit {paths.root}` launches them)")
+                   f"(`wattsweep resubmit {quoted(paths.root)}` launches them)")
     return None
 
 

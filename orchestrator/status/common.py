@@ -7,6 +7,7 @@ from typing import Callable, Collection
 
 from orchestrator.contracts import SweepPaths
 from orchestrator.status.state import CellStatus, StatusError, require_sweep
+from orchestrator.submit.shell import quoted
 
 
 # How long resubmit and cancel wait for another command that holds the sweep
@@ -65,7 +66,7 @@ def resolve_cell(paths: SweepPaths, given: str, ids: list[str] | None = None) ->
     if matches:
         shown = ", ".join(matches[:4]) + (", ..." if len(matches) > 4 else "")
         raise ValueError(f"cell prefix {given!r} names {len(matches)} cells ({shown}); give more of the id")
-    raise ValueError(f"no cell {given!r} in {paths.root}; valid: ids listed by `wattsweep status {paths.root}`")
+    raise ValueError(f"no cell {given!r} in {paths.root}; valid: ids listed by `wattsweep status {quoted(paths.root)}`")
 
 
 def resolve_cells(paths: SweepPaths, given: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from orchestrator.contracts import SweepPaths
 from orchestrator.status.common import resolve_cell
 from orchestrator.status.state import StatusError, require_sweep
+from orchestrator.submit.shell import quoted
 
 DESCRIPTION = """Print the end of a cell's job logs (stderr, then stdout) for one rank: the
 worker's warnings, progress and, for a failed cell, its traceback. The logs are
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     logs, earlier = cell_logs(paths, cell_id, rank)
     if not logs:
         hint = (f"; an earlier job's are there: {earlier[1]}" if earlier else
-                f" (`wattsweep status {paths.root}` says whether it has started)")
+                f" (`wattsweep status {quoted(paths.root)}` says whether it has started)")
         print(f"wattsweep logs: the latest job of cell {cell_id} has no logs for rank {rank} yet{hint}", file=sys.stderr)
         return 1
     for path in logs:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 from orchestrator.contracts import SweepPaths, read_json
 from orchestrator.plan.planned import PlanFileError, PlannedCell, read_plan
 from orchestrator.status.slurm_queue import JobFacts, sacct_jobs, squeue_jobs
-from orchestrator.submit.shell import SlurmCommandError
+from orchestrator.submit.shell import SlurmCommandError, quoted
 from orchestrator.submit.base import SubmissionRecord, read_submissions
 from orchestrator.submit.cancellations import Cancellation, cancelled_latest
 
@@ -139,7 +139,7 @@ def _cell_state(
         base = _with_facts(base, facts)
     elif rec is not None and rec.launcher == "local" and cid in local:
         controller = local[cid].get("job_id")
-        base = _replace(base, elapsed_s=_local_elapsed_s(local[cid]),
+        base = _replace(base, elapsed_s=_local_elapsed_s(local[cid], _marker_mtime(paths, cid)),
                         log_job=str(controller) if controller is not None else None)
     ended_as = acct.get(job_id) if job_id and job_id not in live else None
     cancel = (cancels or {}).get(cid)  # of the latest job only
@@ -167,8 +167,9 @@ def _cell_state(
     if paths.failed_marker(cid).is_file():
         reason = failed_reason(paths, cid, cell.params.shards)
         if _hit_time_limit(reason):
+            key = "timeout_min" if rec is not None and rec.launcher == "local" else "time_min"
             return _replace(base, state="timeout", reason=f"{reason} (more time: `wattsweep resubmit "
-                                                           f"{paths.root} --launcher time_min=N`)")
+                                                           f"{quoted(paths.root)} --launcher {key}=N`)")
         return _replace(base, state="failed", reason=reason)
     if rec is None:
         return base
@@ -176,12 +177,12 @@ def _cell_state(
         st = local[cid].get("state")
         if st in ("pending", "running"):
             orphan = (f"its runner died; the cell's processes still run (controller pid {local[cid].get('job_id')}): "
-                      f"`wattsweep cancel {paths.root} --cells {cid}` stops them") if local[cid].get("orphan") else None
+                      f"`wattsweep cancel {quoted(paths.root)} --cells {cid}` stops them") if local[cid].get("orphan") else None
             waiting = local[cid].get("waiting_for") if st == "pending" else None
             return _replace(base, state=st, reason=orphan or waiting)
         if st == "lost":
             return _replace(base, state="missing", reason=f"its local runner ended before the cell did (killed?); "
-                                                          f"`wattsweep resubmit {paths.root}` runs it again")
+                                                          f"`wattsweep resubmit {quoted(paths.root)}` runs it again")
     if queue_error and rec.launcher == "slurm":
         return _replace(base, state="unknown", reason=f"no marker, and Slurm could not be asked: {queue_error}")
     if ended_as is not None and ended_as.state in _SACCT_FAILED:
@@ -197,13 +198,27 @@ def _still_queued_locally(rec: SubmissionRecord | None, entry: dict[str, Any] | 
     return bool(rec is not None and rec.launcher == "local" and entry and entry.get("state") in ("pending", "running"))
 
 
-def _local_elapsed_s(entry: dict[str, Any]) -> int | None:
-    """Run time of a local cell from its runner's queue entry (to now while it runs)."""
+def _local_elapsed_s(entry: dict[str, Any], marker_mtime: float | None = None) -> int | None:
+    """Run time of a local cell from its runner's queue entry: to its end, else to its
+    DONE/FAILED marker (a runner killed before it reaped the cell never writes the end),
+    else to now while it runs."""
     start = entry.get("started_unix_s")
     if not isinstance(start, (int, float)):
         return None
     end = entry.get("ended_unix_s")
-    return max(0, int((end if isinstance(end, (int, float)) else time.time()) - start))
+    if not isinstance(end, (int, float)):
+        end = marker_mtime if marker_mtime is not None else time.time()
+    return max(0, int(end - start))
+
+
+def _marker_mtime(paths: SweepPaths, cid: str) -> float | None:
+    """When the cell's DONE.json or FAILED.json was written, if it was."""
+    for marker in (paths.done_marker(cid), paths.failed_marker(cid)):
+        try:
+            return marker.stat().st_mtime
+        except OSError:
+            continue
+    return None
 
 
 def _hit_time_limit(reason: str) -> bool:
@@ -293,7 +308,7 @@ def failed_reason(paths: SweepPaths, cid: str, shards: int | None = None) -> str
     if shards and saw_another_rank_go(error) and (killed := ranks_killed(paths, cid, shards, failed.get("rank"))):
         who = f"rank {killed[0]} was" if len(killed) == 1 else f"ranks {', '.join(map(str, killed))} were"
         return (f"{who} killed (log stops without an error: out of memory, or the node?); "
-                f"`wattsweep logs {paths.root} {cid}` shows it. Rank {failed.get('rank', '?')} saw: {error}")
+                f"`wattsweep logs {quoted(paths.root)} {cid}` shows it. Rank {failed.get('rank', '?')} saw: {error}")
     return error
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
+from orchestrator.submit.shell import quoted
 from orchestrator.contracts import CellTask, SweepPaths
 from orchestrator.plan.planned import PlannedCell
 
@@ -88,7 +89,7 @@ def submit_lock(paths: SweepPaths, command: str = "sweep", *, wait_s: float = 0.
                 holder = _lock_holder(f)
                 if time.monotonic() >= deadline:
                     raise LaunchError(f"{holder} is changing the cells of {paths.root} right now; wait for it to "
-                                      f"finish, then check `wattsweep status {paths.root}`") from None
+                                      f"finish, then check `wattsweep status {quoted(paths.root)}`") from None
                 if not told:
                     print(f"wattsweep {command}: waiting up to {wait_s:g} s for {holder} to finish with {paths.root}",
                           file=sys.stderr)

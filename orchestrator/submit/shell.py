@@ -36,6 +36,12 @@ _calls = 0
 _seconds = 0.0
 
 
+def quoted(path: object) -> str:
+    """A path as it goes into a command printed for the user to copy: quoted where a
+    shell would split it (spaces), unchanged otherwise."""
+    return shlex.quote(str(path))
+
+
 def call_count() -> CallCount:
     return CallCount(_calls, _seconds)
 

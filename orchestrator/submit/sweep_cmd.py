@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
+from orchestrator.submit.shell import quoted
 
 DESCRIPTION = """Plan a sweep from Hydra overrides and launch its feasible cells.
 
@@ -29,9 +30,11 @@ config groups and choices:
 {groups}
 
 examples:
-  wattsweep sweep                                        one cell of the default config
-  wattsweep sweep -m shards=1,2 batch_size=1,4 --wait    four tiny cells, then the summary
-  wattsweep sweep -m +experiment=smoke --wait            the same, as a preset
+  wattsweep sweep -m +experiment=smoke --wait            four tiny cells in seconds, then the summary
+  wattsweep sweep -m shards=1,2 batch_size=1,4 n_prompts=16 max_new_tokens=32 --wait
+                                                         the same grid by hand (the README's first run)
+  wattsweep sweep                                        one cell of the default config: 4,096 prompts of
+                                                         256 new tokens, tens of minutes on a CPU
   wattsweep sweep -m model=llama-7b shards=1,2,4 power_cap_w=null,250,175,150 launcher=slurm launcher.partition=gpu
   wattsweep sweep -m +experiment=paper_powercap launcher=slurm --dry-run
   wattsweep sweep dataset=alpaca dataset.path=/data/alpaca_data.json gpu.profile=a100
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         with submit_lock(paths, "sweep"):
             if paths.plan_jsonl.exists():  # checked under the lock: two sweeps into one new folder
                 raise LaunchError(f"{paths.root} already holds a sweep; choose another sweep_dir=..., "
-                                  f"or use `wattsweep resubmit {paths.root}`")
+                                  f"or use `wattsweep resubmit {quoted(paths.root)}`")
             write_sweep_yaml(paths, composed, len(cells), len(feasible))
             write_plan(paths, cells)
             try:
@@ -138,11 +141,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{launched} cell(s) launched ({composed.launcher_name}), {len(cells) - len(feasible)} infeasible")
     if failure is not None:
         print(f"wattsweep sweep: {failure}", file=sys.stderr)
-        print(f"the refused cells are marked failed with the reason; fix it and run `wattsweep resubmit {paths.root}`"
+        print(f"the refused cells are marked failed with the reason; fix it and run `wattsweep resubmit {quoted(paths.root)}`"
               f" (--launcher KEY=VALUE changes their resources)", file=sys.stderr)
         return 1
     if not args.wait:
-        print(f"follow with: wattsweep status {paths.root}")
+        print(f"follow with: wattsweep status {quoted(paths.root)}")
         return 0
     with _Progress(paths, [c.cell_id for c in feasible]):
         launcher.wait(paths, records)
@@ -195,7 +198,7 @@ def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
     try:
         from orchestrator.reduce import format_table, read_invalid, reduce_sweep
     except ImportError as e:
-        print(f"wattsweep sweep: cannot reduce ({e}); run `wattsweep reduce {sweep_dir}` once available", file=sys.stderr)
+        print(f"wattsweep sweep: cannot reduce ({e}); run `wattsweep reduce {quoted(sweep_dir)}` once available", file=sys.stderr)
         return 1
     try:
         table = reduce_sweep(sweep_dir)
@@ -214,7 +217,7 @@ def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
     n_cancelled = sum(c in cancels and c not in invalid for c in lost)
     print(f"wattsweep sweep: {len(lost)} of {len(cell_ids)} cell(s) gave no valid result ({n_cancelled} cancelled, "
           f"{len(lost) - n_invalid - n_cancelled} failed or missing, {n_invalid} invalid); see `wattsweep status "
-          f"{sweep_dir}` and `wattsweep logs {sweep_dir} CELL`; `wattsweep resubmit {sweep_dir}` reruns them once "
+          f"{quoted(sweep_dir)}` and `wattsweep logs {quoted(sweep_dir)} CELL`; `wattsweep resubmit {quoted(sweep_dir)}` reruns them once "
           f"the cause is fixed", file=sys.stderr)
     for cid in lost[:SHOWN_FAILURES]:  # the reasons, so a bad input file is seen without another command
         why = f"cancelled: {cancels[cid]}" if cid in cancels and cid not in invalid else _why_lost(sweep_dir, cid, invalid)
