@@ -106,3 +106,24 @@ def test_eight_ranks_on_one_machine(tmp_path, monkeypatch):
     assert done["world_size"] == 8 and done["rendezvous"] == "published"
     assert len(list(paths.cell_dir(cell.cell_id).glob("telemetry/rank-*.parquet"))) == 8
     assert pq.read_table(paths.summary_parquet).num_rows == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_stops_the_wait_not_the_cells(tmp_path, monkeypatch, capsys):
+    """Ctrl-C on `sweep --wait` printed only "interrupted": the cells ran on unseen."""
+    from orchestrator.submit.local import LocalLauncher
+
+    real_wait = LocalLauncher.wait
+
+    def interrupted(self, paths, records):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalLauncher, "wait", interrupted)
+    paths = _sweep(tmp_path, monkeypatch, status=130)
+    err = capsys.readouterr().err
+    assert "stopped waiting; the cells run on" in err and f"`wattsweep status {paths.root} --watch`" in err
+    monkeypatch.setattr(LocalLauncher, "wait", real_wait)
+    from orchestrator.submit.base import read_submissions
+
+    LocalLauncher({"max_parallel": 1}).wait(paths, read_submissions(paths))  # they do finish
+    assert all(paths.done_marker(c.cell_id).exists() for c in read_plan(paths))

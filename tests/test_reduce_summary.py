@@ -183,6 +183,12 @@ def test_format_table_and_cli(tmp_path, capsys):
     assert cli_main(["reduce", str(paths.root), "--columns", "cell_id,energy_j"]) == 0
     out = capsys.readouterr().out
     assert "4,000" in out and "1 cells reduced, 0 invalid" in out
+    # simulated rows are said to be so under the table, whichever columns are shown
+    i = table.column_names.index("telemetry_source")
+    for source, noted in (("nvml-instant", False), ("simulated", True)):
+        t = table.set_column(i, "telemetry_source", pa.array([source] * table.num_rows, pa.string()))
+        note = format_table(t, ["cell_id", "energy_j"]).splitlines()[-1]
+        assert note.startswith("simulated: 1 of 1 row(s)") == noted, note
 
 
 def test_whole_cell_integration_matches_the_per_rank_definition():

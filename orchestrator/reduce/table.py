@@ -54,4 +54,16 @@ def format_table(table: pa.Table, columns: Sequence[str] | None = None) -> str:
     cols = [c for c in (columns or DEFAULT_COLUMNS) if c in table.column_names]
     data = [table.column(c).to_pylist() for c in cols]
     rows = list(zip(*data))
-    return format_rows(cols, rows)
+    return format_rows(cols, rows) + _simulated_note(table)
+
+
+def _simulated_note(table: pa.Table) -> str:
+    """A line under a table holding simulated rows: whatever columns were chosen, a
+    reader must not take those watts and joules for a card's."""
+    if "telemetry_source" not in table.column_names:
+        return ""
+    n = table.column("telemetry_source").to_pylist().count("simulated")
+    if not n:
+        return ""
+    return (f"\nsimulated: {n} of {table.num_rows} row(s) come from the simulated GPU backend; their power and "
+            f"energy are a model's, not a card's measurement")

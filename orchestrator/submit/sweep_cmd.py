@@ -147,8 +147,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.wait:
         print(f"follow with: wattsweep status {quoted(paths.root)}")
         return 0
-    with _Progress(paths, [c.cell_id for c in feasible]):
-        launcher.wait(paths, records)
+    try:
+        with _Progress(paths, [c.cell_id for c in feasible]):
+            launcher.wait(paths, records)
+    except KeyboardInterrupt:  # only the waiting stops: the cells were handed to the launcher
+        root = quoted(paths.root)
+        print(f"\nwattsweep sweep: stopped waiting; the cells run on. `wattsweep status {root} --watch` follows "
+              f"them, `wattsweep cancel {root}` stops them, `wattsweep reduce {root}` summarises them once "
+              f"they end", file=sys.stderr)
+        return 130
     return _reduce_and_print(paths.root, [c.cell_id for c in feasible])
 
 
