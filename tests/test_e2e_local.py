@@ -127,3 +127,21 @@ def test_ctrl_c_while_waiting_stops_the_wait_not_the_cells(tmp_path, monkeypatch
 
     LocalLauncher({"max_parallel": 1}).wait(paths, read_submissions(paths))  # they do finish
     assert all(paths.done_marker(c.cell_id).exists() for c in read_plan(paths))
+
+
+def test_two_sweeps_in_one_second_get_two_default_folders(tmp_path, monkeypatch):
+    """The default folder is named by the second: the second sweep of that second failed
+    with "already holds a sweep" on a name its user never gave."""
+    from orchestrator.submit import sweep_cmd
+    from orchestrator.config import compose_cells
+
+    monkeypatch.chdir(tmp_path)
+    first = compose_cells(["gpu=simulated"], False)
+    assert not sweep_cmd._names_sweep_dir(first.overrides)
+    assert sweep_cmd._names_sweep_dir(("n_prompts=4", "sweep_dir=x")) and sweep_cmd._names_sweep_dir(("+sweep_dir=x",))
+    a = sweep_cmd._fresh_default_folder(first)
+    b = sweep_cmd._fresh_default_folder(first)  # the same second's name again
+    assert a.sweep_dir == first.sweep_dir and b.sweep_dir == first.sweep_dir.with_name(first.sweep_dir.name + "-2")
+    assert a.sweep_dir.is_dir() and b.sweep_dir.is_dir()
+    if "sweep_dir" in b.config:
+        assert b.config["sweep_dir"] == str(b.sweep_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 from orchestrator.submit.shell import quoted
 
@@ -49,8 +50,6 @@ them with `wattsweep resubmit SWEEP_DIR`); 2 a bad override, or no feasible cell
 
 
 def _groups_text() -> str:
-    from pathlib import Path
-
     import hydra_conf
 
     root = Path(hydra_conf.__file__).parent
@@ -117,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_cells(cells, {}))
         print("wattsweep sweep: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
         return 2
+    if not _names_sweep_dir(composed.overrides):
+        composed = _fresh_default_folder(composed)
+        paths = SweepPaths.of(composed.sweep_dir)
     # Under the sweep's lock from before the plan exists: a cancel or resubmit
     # started meanwhile waits for every cell to be queued instead of missing some.
     try:
@@ -157,6 +159,32 @@ def run(args: argparse.Namespace) -> int:
               f"they end", file=sys.stderr)
         return 130
     return _reduce_and_print(paths.root, [c.cell_id for c in feasible])
+
+
+def _names_sweep_dir(overrides: tuple[str, ...]) -> bool:
+    """Whether the command line set sweep_dir (else the default, named by the second)."""
+    return any(o.lstrip("+~").split("=", 1)[0].strip() == "sweep_dir" for o in overrides)
+
+
+def _fresh_default_folder(composed: Any) -> Any:
+    """The default folder is named by the second it was asked for: two sweeps started in
+    one second chose one folder, and the second failed on a name its user never gave.
+    Claim it with an atomic mkdir, else the same name with -2, -3, ... appended."""
+    import dataclasses
+
+    root = Path(composed.sweep_dir)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = root if n == 1 else root.with_name(f"{root.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        config = dict(composed.config)
+        if "sweep_dir" in config:
+            config["sweep_dir"] = str(candidate)
+        return dataclasses.replace(composed, sweep_dir=candidate, config=config)
+    return composed  # a thousand sweeps in one second: the lock's check below refuses by name
 
 
 class _Progress:
