@@ -371,7 +371,7 @@ def test_sweep_wait_counts_cancelled_cells_as_cancelled(slurm_sweep, capsys):
     write_failed(paths, ids[1], "RuntimeError: boom", "")
     assert _reduce_and_print(paths.root, ids[:2]) == 1
     err = capsys.readouterr().err
-    assert "2 of 2 cell(s) gave no valid result (1 cancelled, 1 failed or missing, 0 invalid)" in err
+    assert "2 of 2 cell(s) gave no valid result (1 cancelled, 0 timed out, 1 failed or missing, 0 invalid)" in err
     assert f"{ids[0]}: cancelled: cancelled by" in err and f"{ids[1]}: failed: RuntimeError: boom" in err
 
 

@@ -53,7 +53,7 @@ def test_a_raising_rank_fails_its_cell_with_the_traceback_and_the_others_finish(
     """--wait exits 1 when a cell gave no result, and says what to run next."""
     paths = _sweep(tmp_path, monkeypatch, "shards=1,2", "fail_on_purpose=raise-rank-1", status=1)
     err = capsys.readouterr().err
-    assert "1 of 2 cell(s) gave no valid result (0 cancelled, 1 failed or missing, 0 invalid)" in err
+    assert "1 of 2 cell(s) gave no valid result (0 cancelled, 0 timed out, 1 failed or missing, 0 invalid)" in err
     assert f"wattsweep resubmit {paths.root}" in err
     assert "failed: RuntimeError: worker raised on purpose (fail_on_purpose=raise-rank-1)" in err  # the reason, at once
     cells = {c.params.shards: c.cell_id for c in read_plan(paths)}

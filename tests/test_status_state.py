@@ -206,6 +206,12 @@ def test_a_cell_out_of_requeues_at_its_time_limit_is_a_timeout(sweep, monkeypatc
     write_failed(paths, ids[3], "UncompletedJobError: Job not requeued because: timed-out too many times.", "")
     cell = {c.cell_id: c for c in sweep_status(paths, query_queue=False).cells}[ids[3]]
     assert cell.state == "timeout" and "--launcher timeout_min=N" in cell.reason, cell.reason
+    # `sweep --wait` says it as status does: a timeout, not a failure
+    from orchestrator.submit.sweep_cmd import _why_lost
+
+    assert _why_lost(paths.root, ids[3], {}, {ids[3]: 1}).startswith("timeout: UncompletedJobError")
+    write_failed(paths, ids[2], "RuntimeError: out of memory", "")
+    assert _why_lost(paths.root, ids[2], {}, {}).startswith("failed: ")
 
 
 def _resubmit_args(paths, **kw):

@@ -166,7 +166,7 @@ def _cell_state(
         return _replace(base, state="cancelled", reason=by_cancel)
     if paths.failed_marker(cid).is_file():
         reason = failed_reason(paths, cid, cell.params.shards)
-        if _hit_time_limit(reason):
+        if hit_time_limit(reason):
             key = "timeout_min" if rec is not None and rec.launcher == "local" else "time_min"
             return _replace(base, state="timeout", reason=f"{reason} (more time: `wattsweep resubmit "
                                                            f"{quoted(paths.root)} --launcher {key}=N`)")
@@ -221,7 +221,7 @@ def _marker_mtime(paths: SweepPaths, cid: str) -> float | None:
     return None
 
 
-def _hit_time_limit(reason: str) -> bool:
+def hit_time_limit(reason: str) -> bool:
     """submitit catches Slurm's warning before the time limit and requeues; once
     out of requeues it fails the job with this message, so sacct records FAILED,
     not TIMEOUT: the marker is where the timeout shows."""

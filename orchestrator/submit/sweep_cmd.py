@@ -250,13 +250,20 @@ def _reduce_and_print(sweep_dir: Any, cell_ids: list[str]) -> int:
     cancels = _cancelled(sweep_dir)
     n_invalid = sum(c in invalid for c in lost)
     n_cancelled = sum(c in cancels and c not in invalid for c in lost)
+    from orchestrator.contracts import SweepPaths
+    from orchestrator.plan.planned import read_plan
+
+    shards_of = {c.cell_id: c.params.shards for c in read_plan(SweepPaths.of(sweep_dir))}
+    whys = {cid: f"cancelled: {cancels[cid]}" if cid in cancels and cid not in invalid
+            else _why_lost(sweep_dir, cid, invalid, shards_of) for cid in lost}
+    n_timeout = sum(why.startswith("timeout: ") for why in whys.values())
     print(f"wattsweep sweep: {len(lost)} of {len(cell_ids)} cell(s) gave no valid result ({n_cancelled} cancelled, "
-          f"{len(lost) - n_invalid - n_cancelled} failed or missing, {n_invalid} invalid); see `wattsweep status "
+          f"{n_timeout} timed out, {len(lost) - n_invalid - n_cancelled - n_timeout} failed or missing, "
+          f"{n_invalid} invalid); see `wattsweep status "
           f"{quoted(sweep_dir)}` and `wattsweep logs {quoted(sweep_dir)} CELL`; `wattsweep resubmit {quoted(sweep_dir)}` reruns them once "
           f"the cause is fixed", file=sys.stderr)
     for cid in lost[:SHOWN_FAILURES]:  # the reasons, so a bad input file is seen without another command
-        why = f"cancelled: {cancels[cid]}" if cid in cancels and cid not in invalid else _why_lost(sweep_dir, cid, invalid)
-        print(f"  {cid}: {why}", file=sys.stderr)
+        print(f"  {cid}: {whys[cid]}", file=sys.stderr)
     if len(lost) > SHOWN_FAILURES:
         print(f"  (and {len(lost) - SHOWN_FAILURES} more)", file=sys.stderr)
     return 1
@@ -273,19 +280,19 @@ def _cancelled(sweep_dir: Any) -> dict[str, str]:
     return {cid: c.describe() for cid, c in cancelled_latest(SweepPaths.of(sweep_dir)).items()}
 
 
-def _why_lost(sweep_dir: Any, cell_id: str, invalid: dict[str, str]) -> str:
+def _why_lost(sweep_dir: Any, cell_id: str, invalid: dict[str, str], shards_of: dict[str, int]) -> str:
     from orchestrator.contracts import SweepPaths
-    from orchestrator.status.state import failed_reason
+    from orchestrator.status.state import failed_reason, hit_time_limit
 
     paths = SweepPaths.of(sweep_dir)
     if cell_id in invalid:
         return f"invalid: {invalid[cell_id]}"
     if not paths.failed_marker(cell_id).is_file():
         return "no DONE.json or FAILED.json"
-    from orchestrator.plan.planned import read_plan
-
-    shards = next((c.params.shards for c in read_plan(paths) if c.cell_id == cell_id), None)
-    return "failed: " + failed_reason(paths, cell_id, shards).splitlines()[0][:300]
+    reason = failed_reason(paths, cell_id, shards_of.get(cell_id))
+    if hit_time_limit(reason):  # as `wattsweep status` says it: with the way to more time
+        return "timeout: " + reason.splitlines()[0][:300]
+    return "failed: " + reason.splitlines()[0][:300]
 
 
 def format_cells(cells: list[Any], jobs: dict[str, str], refused: set[str] | frozenset[str] = frozenset()) -> str:
