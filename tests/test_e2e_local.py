@@ -137,8 +137,8 @@ def test_two_sweeps_in_one_second_get_two_default_folders(tmp_path, monkeypatch)
 
     monkeypatch.chdir(tmp_path)
     first = compose_cells(["gpu=simulated"], False)
-    assert not sweep_cmd._names_sweep_dir(first.overrides)
-    assert sweep_cmd._names_sweep_dir(("n_prompts=4", "sweep_dir=x")) and sweep_cmd._names_sweep_dir(("+sweep_dir=x",))
+    assert not first.sweep_dir_given
+    assert compose_cells(["n_prompts=4", "sweep_dir=x"], False).sweep_dir_given
     a = sweep_cmd._fresh_default_folder(first)
     b = sweep_cmd._fresh_default_folder(first)  # the same second's name again
     assert a.sweep_dir == first.sweep_dir and b.sweep_dir == first.sweep_dir.with_name(first.sweep_dir.name + "-2")

@@ -68,6 +68,7 @@ class ComposedSweep:
     launcher_name: str
     config: Mapping[str, Any] = field(default_factory=dict)  # first cell's resolved config (for sweep.yaml)
     cwd: str = ""
+    sweep_dir_given: bool = True  # False: the default folder, named by the second it was composed
 
 
 def config_dir() -> Path:
@@ -288,6 +289,7 @@ def compose_cells(overrides: list[str], multirun: bool, *, cwd: str | os.PathLik
         launcher_name=names[0],
         config={k: v for k, v in first.items() if k != "grid"},
         cwd=str(cwd_path),
+        sweep_dir_given=any(o.key_or_group == "sweep_dir" for o in parsed),
     )
 
 

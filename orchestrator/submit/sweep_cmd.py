@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_cells(cells, {}))
         print("wattsweep sweep: every cell is infeasible (reasons above); nothing was launched", file=sys.stderr)
         return 2
-    if not _names_sweep_dir(composed.overrides):
+    if not composed.sweep_dir_given:
         composed = _fresh_default_folder(composed)
         paths = SweepPaths.of(composed.sweep_dir)
     # Under the sweep's lock from before the plan exists: a cancel or resubmit
@@ -159,11 +159,6 @@ def run(args: argparse.Namespace) -> int:
               f"they end", file=sys.stderr)
         return 130
     return _reduce_and_print(paths.root, [c.cell_id for c in feasible])
-
-
-def _names_sweep_dir(overrides: tuple[str, ...]) -> bool:
-    """Whether the command line set sweep_dir (else the default, named by the second)."""
-    return any(o.lstrip("+~").split("=", 1)[0].strip() == "sweep_dir" for o in overrides)
 
 
 def _fresh_default_folder(composed: Any) -> Any:
