@@ -159,6 +159,9 @@ class Step:
     tma_max_rows: int | None = None  # linear.TMA_MAX_ROWS; None: the module's own
     tma_widths: object = None  # linear.TMA_WIDTHS (anything with `in`); None: the module's own
     tma_roles: frozenset | None = None  # linear.TMA_ROLES; None: the module's own
+    tma_wide: tuple[int, int, int, int] | None = None  # linear.TMA_WIDE; None: the module's own
+    tma_partials: tuple[int, int, int, int] | None = None  # linear.TMA_PARTIALS; None: the module's own
+    tma_role_settings: tuple | None = None  # linear.TMA_ROLE_SETTINGS as (role, settings) pairs; None: the module's own
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
     blas: str | None = None  # torch.backends.cuda.preferred_blas_library while capturing; None: torch's default
     prefill: bool = True  # fused.PREFILL: a prefill on the fused path too (compiled for any width)
@@ -204,7 +207,41 @@ _DEFAULT_PREFILL_MIN_ROWS = fused.PREFILL_MIN_ROWS
 _DEFAULT_TMA_MAX_ROWS = linear.TMA_MAX_ROWS
 _DEFAULT_TMA_WIDTHS = linear.TMA_WIDTHS
 _DEFAULT_TMA_ROLES = linear.TMA_ROLES
+_DEFAULT_TMA_WIDE = linear.TMA_WIDE
+_DEFAULT_TMA_PARTIALS = linear.TMA_PARTIALS
+_DEFAULT_TMA_ROLE_SETTINGS = dict(linear.TMA_ROLE_SETTINGS)
 _DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
+
+
+def _settings(text: str) -> tuple[int, int, int, int]:
+    cfg = tuple(int(v) for v in text.split(","))
+    if len(cfg) != 4:
+        raise ValueError(text)
+    return cfg
+
+
+def _alt_step(p: argparse.ArgumentParser, text: str) -> Step:
+    """The step fused-tma-alt: as fused, with the TMA launch settings given on the command
+    line, either per product (ROLE=settings;...: linear.TMA_ROLE_SETTINGS, the others keep
+    the module's) or as WIDE[/PARTIALS] for every product."""
+    try:
+        if "=" in text:
+            pairs = tuple((role.strip(), _settings(cfg)) for role, cfg in
+                          (item.split("=", 1) for item in text.split(";") if item.strip()))
+            bad = [role for role, _ in pairs if role not in linear.TMA_ROLES]
+            if bad:
+                p.error(f"--tma-alt: unknown product(s) {bad}; valid: {sorted(linear.TMA_ROLES)}")
+            return Step(f"as fused, TMA launch settings {dict(pairs)}", tma=True,
+                        tma_role_settings=tuple(sorted({**_DEFAULT_TMA_ROLE_SETTINGS, **dict(pairs)}.items())))
+        parts = [_settings(part) for part in text.split("/")]
+        if len(parts) not in (1, 2):
+            raise ValueError(text)
+    except ValueError:
+        p.error(f"--tma-alt {text!r}: want ROLE=BLOCK_N,BLOCK_K,warps,stages;... or "
+                "BLOCK_N,BLOCK_K,warps,stages[/BLOCK_N,BLOCK_K,warps,stages]")
+    wide, partials = parts[0], parts[-1] if len(parts) == 2 else None
+    return Step(f"as fused, TMA launch settings {wide} / {partials or _DEFAULT_TMA_PARTIALS}", tma=True,
+                tma_wide=wide, tma_partials=partials)
 
 
 def _use_step(model, step: str) -> None:
@@ -215,6 +252,9 @@ def _use_step(model, step: str) -> None:
     linear.TMA_MAX_ROWS = _DEFAULT_TMA_MAX_ROWS if v.tma_max_rows is None else v.tma_max_rows
     linear.TMA_WIDTHS = _DEFAULT_TMA_WIDTHS if v.tma_widths is None else v.tma_widths
     linear.TMA_ROLES = _DEFAULT_TMA_ROLES if v.tma_roles is None else v.tma_roles
+    linear.TMA_WIDE = v.tma_wide or _DEFAULT_TMA_WIDE
+    linear.TMA_PARTIALS = v.tma_partials or _DEFAULT_TMA_PARTIALS
+    linear.TMA_ROLE_SETTINGS = _DEFAULT_TMA_ROLE_SETTINGS if v.tma_role_settings is None else dict(v.tma_role_settings)
     fused.PREFILL = v.prefill
     fused.PREFILL_MIN_ROWS = _DEFAULT_PREFILL_MIN_ROWS if v.prefill_min_rows is None else v.prefill_min_rows
     attention.MAX_SPLITS_BUSY = v.splits_busy or _DEFAULT_SPLITS_BUSY
@@ -230,6 +270,16 @@ def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device
     t = time.perf_counter()
     gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up, compile, graph capture
     return gen, time.perf_counter() - t
+
+
+def _rotated(items: list, r: int) -> list:
+    """``items`` started at position r (mod their count): round r's order of windows."""
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
+def _median_or_none(values: list) -> float | None:
+    return None if any(v is None for v in values) else statistics.median(values)
 
 
 def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, device: torch.device,
@@ -261,7 +311,11 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
             "warmup_s": warm_s, "build_s": build_s, "weight_bytes": weight_bytes,
             "roofline_step_ms": 1e3 * roofline_step_s,
             "roofline_fraction_decode": roofline_step_s / (best["decode_step_ms"] / 1e3),
-            "tokens_per_s_all_windows": [r["tokens_per_s"] for r in runs], **best})
+            "tokens_per_s_all_windows": [r["tokens_per_s"] for r in runs],
+            # the card's power moves between windows at one speed: every window's energy, and its median
+            "j_per_token_all_windows": [r["j_per_token"] for r in runs],
+            "mean_w_all_windows": [r["mean_w"] for r in runs],
+            "j_per_token_median": _median_or_none([r["j_per_token"] for r in runs]), **best})
         print(json.dumps({k: rows[-1][k] for k in ("model", "batch_size", "cuda_graph", "step", "sampler",
                                                     "warmup_s", "tokens_per_s", "decode_step_ms", "prefill_ms",
                                                     "roofline_fraction_decode", "j_per_token", "mean_w")}),
@@ -279,12 +333,14 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
             gen, warm_s = _warm_generator(model, step, b, seq_len, device, args, prompts, graph=True)
             gens[step] = (gen, warm_s)
         results: dict[tuple[str, str], list[dict]] = {(st, v): [] for st in steps for v, _ in sampler_variants}
-        for _ in range(args.rounds):  # interleave the variants so that drift hits all alike
-            for step in steps:
+        for r in range(args.rounds):
+            # interleave the variants so that drift hits all alike, and rotate their order from
+            # round to round: on an H100 the third of three windows of one and the same step
+            # drew 1.5% more power in each of five rounds (a card warms over a round)
+            for step, (v, hz) in _rotated([(st, sv) for st in steps for sv in sampler_variants], r):
                 _use_step(model, step)
-                for v, hz in sampler_variants:
-                    results[(step, v)].append(time_window(gens[step][0], prompts, args.new_tokens, args.reps,
-                                                          card, device, hz))
+                results[(step, v)].append(time_window(gens[step][0], prompts, args.new_tokens, args.reps,
+                                                      card, device, hz))
         for (step, v), runs in results.items():
             row(b, True, step, v, gens[step][1], runs)
         del gens, gen
@@ -316,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reps", type=int, default=2, help="generate calls per timed window")
-    p.add_argument("--rounds", type=int, default=3, help="timed windows per variant (median reported)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed windows per variant (median reported); the variants' order rotates from "
+                        "round to round, so a multiple of their count puts each in every position alike")
     p.add_argument("--sampler-hz", type=float, default=10.0)
     p.add_argument("--no-compare-graph", dest="compare_graph", action="store_false")
     p.add_argument("--no-compare-sampler", dest="compare_sampler", action="store_false")
@@ -325,14 +383,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-bucket", type=int, default=32, help="attention reads keys in multiples of this")
     p.add_argument("--steps", default="fused",
                    help=f"comma list of decode-step variants, measured in the same run with windows "
-                        f"interleaved: {', '.join(f'{k} ({v.what})' for k, v in STEPS.items())}")
+                        f"interleaved: {', '.join(f'{k} ({v.what})' for k, v in STEPS.items())}, "
+                        f"fused-tma-alt (as fused, with the launch settings of --tma-alt)")
     p.add_argument("--compare-fused", action="store_true", help="same as --steps plain,fused")
     p.add_argument("--kv-dtypes", default="auto",
                    help="comma list of KV-cache dtypes, a model built for each: auto (the model dtype), "
                         "float8_e4m3fn")
+    p.add_argument("--tma-alt", default=None, metavar="SETTINGS",
+                   help="the TMA kernel's launch settings (BLOCK_N,BLOCK_K,warps,stages) for the step "
+                        "fused-tma-alt: per product, e.g. 'wqkv=64,128,4,4;w2=64,128,4,6', or for whole "
+                        f"then partial products, e.g. 64,128,4,8/64,128,4,6 (now {linear.TMA_WIDE} / "
+                        f"{linear.TMA_PARTIALS}, per product {linear.TMA_ROLE_SETTINGS}); "
+                        "benchmarks/tma_pick.py reads them from gemv_bench.py --tma")
     args = p.parse_args(argv)
+    if args.tma_alt:
+        STEPS["fused-tma-alt"] = _alt_step(p, args.tma_alt)
     if args.compare_fused:
         args.steps = "plain,fused"
+    if "fused-tma-alt" in args.steps.split(",") and not args.tma_alt:
+        p.error("the step fused-tma-alt takes its launch settings from --tma-alt")
     unknown = [s for s in args.steps.split(",") if s not in STEPS]
     if unknown:
         p.error(f"unknown step variant(s) {unknown}; valid: {', '.join(STEPS)}")
@@ -350,13 +419,14 @@ def main(argv: list[str] | None = None) -> int:
             write_report(args.out, card, bw, rows)  # after each model: a cut-short run keeps what it measured
     print(f"fused: {fused.status()}")
     print(f"{'model':10} {'kv':>4} {'batch':>5} {'graph':>5} {'step':>10} {'smp':>3} {'tok/s':>8} {'step ms':>7} "
-          f"{'pre ms':>7} {'roof':>5} {'J/tok':>7} {'W':>5}")
+          f"{'pre ms':>7} {'roof':>5} {'J/tok':>7} {'J med':>7} {'W':>5}")
     for r in rows:
         jt = float("nan") if r["j_per_token"] is None else r["j_per_token"]
         w = float("nan") if r["mean_w"] is None else r["mean_w"]
+        jm = float("nan") if r["j_per_token_median"] is None else r["j_per_token_median"]
         print(f"{r['model']:10} {r['kv_cache_dtype'][:4]:>4} {r['batch_size']:5d} {r['cuda_graph']!s:>5} {r['step']:>10} {r['sampler']:>3} "
               f"{r['tokens_per_s']:8.1f} {r['decode_step_ms']:7.3f} {r['prefill_ms']:7.2f} {r['roofline_fraction_decode']:5.1%} "
-              f"{jt:7.4f} {w:5.0f}")
+              f"{jt:7.4f} {jm:7.4f} {w:5.0f}")
     shutdown()
     return 0
 

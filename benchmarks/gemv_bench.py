@@ -92,7 +92,7 @@ def _current(x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def bench_tma(name: str, n: int, k: int, m: int, device: torch.device, rotate_bytes: int, card=None,
-              programs: tuple[int, ...] = ()) -> dict:
+              programs: tuple[int, ...] = (), configs: list[tuple[int, int, int, int]] | None = None) -> dict:
     """The decode step's product now against the TMA kernel over its launch settings and
     K slices, then the best setting as a persistent kernel on fewer programs (SMs);
     each by energy too when ``card`` is given."""
@@ -121,7 +121,7 @@ def bench_tma(name: str, n: int, k: int, m: int, device: torch.device, rotate_by
     out = {"shape": name, "m": m, "n": n, "k": k, "now_us": graph_time_us(now)}
     per = {}
     for slices in ((1,) if n > linear.NARROW_N else (1, 2, 4)):  # wide outputs have programs enough
-        for cfg in TMA_CONFIGS:
+        for cfg in configs or TMA_CONFIGS:
             if linear.tma_usable(x, weights[0], slices, cfg[1]):
                 try:
                     per[(slices, cfg)] = checked(slices, cfg)
@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tma", action="store_true",
                    help="the decode step's products now against the TMA kernel (benchmarks/tma_linear.py) instead")
     p.add_argument("--programs", default="", help="with --tma: also the persistent TMA kernel on these many programs")
+    p.add_argument("--tma-configs", default="",
+                   help="with --tma: the launch settings to sweep, BLOCK_N,BLOCK_K,warps,stages separated by "
+                        f"';' (default {';'.join(','.join(map(str, c)) for c in TMA_CONFIGS)})")
     args = p.parse_args(argv)
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.tma_configs.split(";") if c]
+    if any(len(c) != 4 for c in configs):
+        p.error(f"--tma-configs {args.tma_configs!r}: each setting is BLOCK_N,BLOCK_K,warps,stages")
     device = torch.device("cuda")
     card = None
     if args.energy:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, n, k in (shape for shape in SHAPES_7B if shape[0] in args.shapes.split(",")):
             if args.tma:
                 row = bench_tma(name, n, k, m, device, int(args.rotate_gib * 2**30), card,
-                                tuple(int(p) for p in args.programs.split(",") if p))
+                                tuple(int(p) for p in args.programs.split(",") if p), configs)
                 rows.append(row)
                 bw = n * k * 2 / 1e6
                 extra = (f" | TMA {row['tma_us']:7.1f} us {bw / row['tma_us']:5.2f} TB/s {row['tma_best']}"

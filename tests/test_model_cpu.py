@@ -276,8 +276,9 @@ def test_fused_decode_step_takes_tma_products_where_they_serve(monkeypatch, mult
     monkeypatch.setattr(linear, "tma_platform", lambda x: True)
     calls = []
 
-    def stand_in(x, w, slices=1, config=None):
+    def stand_in(x, w, slices=1, config=None, role=None):
         calls.append((tuple(w.shape), slices))
+        assert role in shapes and tuple(w.shape) == shapes[role], role  # settings are chosen by role
         return F.linear(x, w) if slices == 1 else linear.partial_products(x, w, slices)
 
     monkeypatch.setattr(linear, "tma_linear", stand_in)
@@ -318,6 +319,15 @@ def test_tma_shape_rules_and_refusal():
     assert linear.tma_shapes_fit(64, 4096, 1, 128) and not linear.tma_shapes_fit(65, 4096, 1, 128)
     assert not linear.tma_shapes_fit(5, 4096, 1, 128, max_rows=4)
     assert linear.tma_config(1) == linear.TMA_WIDE and linear.tma_config(2) == linear.TMA_PARTIALS
+    roles = {role: (64, 256, 4, 3) for role in ("wqkv", "w2")}
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(linear, "TMA_ROLE_SETTINGS", roles)
+        assert linear.tma_config(1, "wqkv") == linear.tma_config(2, "w2") == (64, 256, 4, 3)
+        assert linear.tma_config(1, "w13") == linear.TMA_WIDE and linear.tma_config(2, "wo") == linear.TMA_PARTIALS
+        m.setattr(linear, "tma_platform", lambda x: True)
+        # a role's own BLOCK_K decides whether its K cuts into whole blocks: 11008 / 2 is not 256s
+        w2 = torch.zeros(4096, 11008)
+        assert linear.tma_usable(torch.zeros(1, 11008), w2, 2) and not linear.tma_usable(torch.zeros(1, 11008), w2, 2, role="w2")
     with pytest.raises(ValueError, match="BLOCK_K"):
         linear.tma_prepare(torch.zeros(1, 256), torch.zeros(128, 256), 2, (64, 256, 4, 3))
     with pytest.raises(ValueError, match="64 rows"):

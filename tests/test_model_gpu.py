@@ -138,7 +138,7 @@ def test_tma_step_matches_cublas_step(model, monkeypatch):  # the fixture joins 
 
     calls = []
     real = linear.tma_linear
-    monkeypatch.setattr(linear, "tma_linear", lambda x, w, s=1, c=None: calls.append(s) or real(x, w, s, c))
+    monkeypatch.setattr(linear, "tma_linear", lambda x, w, s=1, c=None, role=None: calls.append(s) or real(x, w, s, c, role))
     m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
                     max_batch_size=1, max_seq_len=64)
     if not linear.tma_usable(torch.zeros(1, m.args.dim, device="cuda", dtype=torch.bfloat16),

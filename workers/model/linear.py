@@ -59,14 +59,19 @@ SPLIT_K_MAX_ROWS = 64
 # At batch 8 it ran 5% faster for -1% to +1% energy, at batch 64 1% faster for 3-5% more,
 # and LLaMA-13B's batch 1 4% faster for 1-2% more, so those stay on cuBLAS: only what was
 # measured cheaper takes it (docs/performance.md).
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per form: the best of
-# ``benchmarks/gemv_bench.py --tma`` on an H100.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): TMA_ROLE_SETTINGS per product where one is
+# set, else TMA_WIDE whole and TMA_PARTIALS in slices. The best of ``benchmarks/gemv_bench.py
+# --tma`` at one row (``benchmarks/tma_pick.py``) on an H100 and an H200: both cards picked a
+# four-stage pipeline for q/k/v, six for w1/w3, and six (H200) or four and six alike (H100)
+# for the partials. On the H200 the whole step ran 2% faster with these than with six stages
+# for q/k/v and four for the partials; on the H100 it ran the same (docs/performance.md).
 TMA = True
 TMA_MAX_ROWS = 4
 TMA_WIDTHS = frozenset({4096})
 TMA_ROLES = frozenset({"wqkv", "wo", "w13", "w2"})
 TMA_WIDE = (64, 128, 4, 6)
-TMA_PARTIALS = (64, 128, 4, 4)
+TMA_PARTIALS = (64, 128, 4, 6)
+TMA_ROLE_SETTINGS: dict[str, tuple[int, int, int, int]] = {"wqkv": (64, 128, 4, 4)}
 TMA_TILE_ROWS = 64  # the kernel's activation tile holds at most this many rows
 
 
@@ -87,7 +92,7 @@ def settings() -> dict:
             "skinny": SKINNY, "split_k": SPLIT_K, "split_k_slices": SPLIT_K_SLICES,
             "split_k_max_rows": SPLIT_K_MAX_ROWS, "tma": TMA, "tma_max_rows": TMA_MAX_ROWS,
             "tma_widths": sorted(TMA_WIDTHS), "tma_roles": sorted(TMA_ROLES),
-            "tma_wide": TMA_WIDE, "tma_partials": TMA_PARTIALS}
+            "tma_wide": TMA_WIDE, "tma_partials": TMA_PARTIALS, "tma_role_settings": dict(TMA_ROLE_SETTINGS)}
 
 
 def split_k_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -157,8 +162,11 @@ if triton is not None:
                  tl.program_id(0), tl.program_id(1), BLOCK_N, BLOCK_K, BLOCK_M)
 
 
-def tma_config(slices: int) -> tuple[int, int, int, int]:
-    """The launch settings ``tma_linear`` uses by default for this many slices."""
+def tma_config(slices: int, role: str | None = None) -> tuple[int, int, int, int]:
+    """The launch settings ``tma_linear`` uses by default: the product ``role``'s own
+    (TMA_ROLE_SETTINGS), else those for this many slices."""
+    if role in TMA_ROLE_SETTINGS:
+        return TMA_ROLE_SETTINGS[role]
     return TMA_WIDE if slices == 1 else TMA_PARTIALS
 
 
@@ -178,12 +186,13 @@ def tma_platform(x: torch.Tensor) -> bool:
 
 
 def tma_usable(x: torch.Tensor, w: torch.Tensor, slices: int = 1, block_k: int | None = None,
-               max_rows: int = TMA_TILE_ROWS) -> bool:
+               max_rows: int = TMA_TILE_ROWS, role: str | None = None) -> bool:
     """Whether ``tma_linear`` can run here: the platform (``tma_platform``), a weight of the
     activations' dtype that TMA can address (contiguous, 16-byte aligned base and rows), and
-    the shape rules (``tma_shapes_fit``, with the BLOCK_K of ``tma_config(slices)`` unless given)."""
+    the shape rules (``tma_shapes_fit``, with the BLOCK_K of ``tma_config(slices, role)``
+    unless given)."""
     k = x.shape[-1]
-    block_k = tma_config(slices)[1] if block_k is None else block_k
+    block_k = tma_config(slices, role)[1] if block_k is None else block_k
     return (tma_platform(x) and w.dtype == x.dtype and w.is_contiguous() and w.data_ptr() % 16 == 0
             and (w.shape[-1] * w.element_size()) % 16 == 0
             and tma_shapes_fit(x.numel() // k, k, slices, block_k, max_rows))
@@ -194,7 +203,7 @@ def tma_serves(x: torch.Tensor, w: torch.Tensor, role: str, width: int, slices: 
     kernel: switched on (``TMA``), a role in TMA_ROLES, a model ``width`` (its hidden size) in
     TMA_WIDTHS, at up to TMA_MAX_ROWS rows, and usable."""
     return (TMA and role in TMA_ROLES and width in TMA_WIDTHS
-            and tma_usable(x, w, slices, max_rows=TMA_MAX_ROWS))
+            and tma_usable(x, w, slices, max_rows=TMA_MAX_ROWS, role=role))
 
 
 def tma_prepare(x: torch.Tensor, w: torch.Tensor, slices: int, config: tuple[int, int, int, int]):
@@ -216,11 +225,12 @@ def tma_prepare(x: torch.Tensor, w: torch.Tensor, slices: int, config: tuple[int
 
 
 def tma_linear(x: torch.Tensor, w: torch.Tensor, slices: int = 1,
-               config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+               config: tuple[int, int, int, int] | None = None, role: str | None = None) -> torch.Tensor:
     """``F.linear(x, w)`` for x (..., K) of few rows, the weight streamed by TMA rather
     than per-thread loads. With ``slices`` > 1 the result is that many partial products
-    over equal cuts of K, stacked first, as ``partial_products`` gives them."""
-    args, bands, y, meta = tma_prepare(x, w, slices, config or tma_config(slices))
+    over equal cuts of K, stacked first, as ``partial_products`` gives them. Launch settings:
+    ``config``, else ``tma_config(slices, role)``."""
+    args, bands, y, meta = tma_prepare(x, w, slices, config or tma_config(slices, role))
     _tma_kernel[(bands, slices)](*args, **meta)
     shape = (*x.shape[:-1], w.shape[0])
     return y.view(shape) if slices == 1 else y.view(slices, *shape)

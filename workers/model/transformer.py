@@ -137,7 +137,7 @@ def _stream(x: torch.Tensor, weight: torch.Tensor, role: str) -> torch.Tensor:
     GPU at few rows the TMA kernel (``linear.tma_serves``; its input is the model's width),
     cuBLAS otherwise. Not with model parallelism until measured there."""
     if mp.get_model_parallel_world_size() == 1 and linear.tma_serves(x, weight, role, x.shape[-1]):
-        return linear.tma_linear(x, weight)
+        return linear.tma_linear(x, weight, role=role)
     return F.linear(x, weight)
 
 
@@ -158,7 +158,7 @@ def _reduce_project(x: torch.Tensor, layer: RowLinear, role: str) -> torch.Tenso
     if mp.get_model_parallel_world_size() == 1 and linear.split_k_usable(x, layer.weight):
         # a row-parallel product's output is the model's width
         if linear.tma_serves(x, layer.weight, role, layer.weight.shape[0], linear.SPLIT_K_SLICES):
-            return linear.tma_linear(x, layer.weight, linear.SPLIT_K_SLICES)
+            return linear.tma_linear(x, layer.weight, linear.SPLIT_K_SLICES, role=role)
         return linear.partial_products(x, layer.weight)
     return layer(x)
 
