@@ -1,6 +1,7 @@
 """Feasibility: heads and widths divisible by shards, memory fit, cap range, policy."""
 from __future__ import annotations
 
+import os
 import sys
 import types
 from dataclasses import replace
@@ -198,8 +199,51 @@ def test_a_real_run_of_only_infeasible_cells_leaves_no_folder(in_tmp, capsys):
     assert not (in_tmp / "out").exists()  # no plan.jsonl, sweep.yaml or lock of a sweep that never was
 
 
-def test_dry_run_with_a_feasible_cell_still_exits_0(in_tmp, capsys):
+def test_dry_run_with_a_feasible_cell_still_exits_0(in_tmp, capsys, monkeypatch):
     from orchestrator.cli import main
+    from orchestrator.submit import local
 
+    monkeypatch.setattr(local, "cpu_memory_bytes", lambda: None)  # a machine with a GPU: 65B is for its cards
     assert main(["sweep", "--dry-run", "-m", "model=llama-65b", "shards=1,8", "sweep_dir=out"]) == 0
     assert not (in_tmp / "out").exists()
+
+
+def test_local_cells_on_a_machine_without_a_gpu_must_fit_its_memory(in_tmp):
+    """With no NVIDIA GPU here the local launcher runs the model on the CPU: a cell whose
+    weights and KV cache exceed the host's available memory is infeasible, and says why and
+    what to do; a Slurm cell of the same model is not the login node's business."""
+    sweep = compose_cells(["model=llama-7b,llama-tiny", "shards=1,2"], multirun=True)
+    seven_b = memory_needed_bytes(sweep.cells[0].params)
+    cells = plan_cells(sweep, cpu_memory_bytes=seven_b - 1)
+    reasons = {(c.params.model, c.params.shards): c.reason for c in cells}
+    for shards in (1, 2):  # shards split the model over processes of the same machine: no help
+        assert reasons[("llama-7b", shards)] == (
+            f"runs on this machine's CPU (no NVIDIA GPU here; telemetry simulated) and needs "
+            f"{seven_b / 2**30:.1f} GiB (weights + KV cache + 10%), but {(seven_b - 1) / 2**30:.1f} GiB of "
+            f"memory is available; use model=llama-tiny here, or launcher=slurm to run on GPU nodes")
+        assert reasons[("llama-tiny", shards)] is None
+    assert all(c.feasible for c in plan_cells(sweep, cpu_memory_bytes=seven_b))  # the limit is inclusive
+    assert all(c.feasible for c in plan_cells(sweep))  # a machine with a GPU: the cards' rules only
+    slurm = compose_cells(["launcher=slurm", "model=llama-7b"], multirun=False)
+    assert plan_cells(slurm, cpu_memory_bytes=1)[0].feasible
+
+
+def test_sweep_command_checks_host_memory_only_without_a_gpu(in_tmp, capsys, monkeypatch):
+    from orchestrator.cli import main
+    from orchestrator.submit import local
+
+    monkeypatch.setattr(local, "cpu_memory_bytes", lambda: 4 << 30)
+    assert main(["sweep", "--dry-run", "model=llama-7b", "sweep_dir=out"]) == 2
+    assert "but 4.0 GiB of memory is available; use model=llama-tiny here" in capsys.readouterr().out
+    monkeypatch.setattr(local, "cpu_memory_bytes", lambda: None)
+    assert main(["sweep", "--dry-run", "model=llama-7b", "sweep_dir=out"]) == 0
+
+
+def test_cpu_memory_is_asked_only_where_no_gpu_is(monkeypatch):
+    from orchestrator.submit import local
+
+    monkeypatch.setattr(local, "_gpu_uuids", lambda: ["GPU-0"])
+    assert local.cpu_memory_bytes() is None
+    monkeypatch.setattr(local, "_gpu_uuids", lambda: [])
+    have = local.cpu_memory_bytes()
+    assert have is not None and 0 < have <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -180,15 +180,31 @@ def _load_policy(path: str) -> Any:
         raise PolicyError(f"gpu.policy={path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def plan_cells(composed: Any) -> list[PlannedCell]:
+def host_memory_reason(params: CellParams, cpu_memory_bytes: int) -> str | None:
+    """Why a cell that runs on this machine's CPU (no NVIDIA GPU here) cannot, or None:
+    its weights and KV cache must fit in the memory the machine has available."""
+    need = memory_needed_bytes(params)
+    if need <= cpu_memory_bytes:
+        return None
+    return (f"runs on this machine's CPU (no NVIDIA GPU here; telemetry simulated) and needs "
+            f"{need / GiB:.1f} GiB (weights + KV cache + 10%), but {cpu_memory_bytes / GiB:.1f} GiB of "
+            f"memory is available; use model=llama-tiny here, or launcher=slurm to run on GPU nodes")
+
+
+def plan_cells(composed: Any, cpu_memory_bytes: int | None = None) -> list[PlannedCell]:
     """Each composed cell with its id, nodes and feasibility; duplicates collapse
-    to the first; PolicyError if a feasible cell breaks the site policy."""
+    to the first; PolicyError if a feasible cell breaks the site policy.
+    ``cpu_memory_bytes``: the local launcher on a machine without an NVIDIA GPU
+    (``submit.local.cpu_memory_bytes``), where cells run on the CPU; local cells
+    whose model does not fit in it are infeasible."""
     planned: dict[str, PlannedCell] = {}
     for cell in composed.cells:
         cid = cell.params.cell_id
         if cid in planned:
             continue
         reason = infeasible_reason(cell.params, GPU_PROFILES[cell.params.gpu_kind])
+        if reason is None and cpu_memory_bytes is not None and cell.launcher.get("name") == "local":
+            reason = host_memory_reason(cell.params, cpu_memory_bytes)
         planned[cid] = PlannedCell(
             cell_id=cid,
             params=cell.params,

@@ -322,6 +322,24 @@ def local_gpus() -> list[int]:
 SIMULATED_GPUS = min(p.gpus_per_node for p in GPU_PROFILES.values())
 
 
+def cpu_memory_bytes() -> int | None:
+    """None on a machine with an NVIDIA GPU; on one without, the memory its CPU cells may
+    fill (the kernel's MemAvailable): the local launcher then runs each cell's model on
+    the CPU, its telemetry simulated, so the weights and KV cache must fit in host memory."""
+    if _gpu_uuids():
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # no /proc (not Linux): physical memory, an upper bound
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 # The submitit controller's own output (a cancel shows there as its KeyboardInterrupt).
 CONTROLLER_LOG = "controller.log"
 

@@ -84,6 +84,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. model=llama-7b shards=1,2")
 
 
+def _cpu_memory_bytes(launcher_name: str) -> int | None:
+    """Host memory for cells the local launcher runs on this machine's CPU (none: it has a GPU)."""
+    if launcher_name != "local":
+        return None
+    from orchestrator.submit.local import cpu_memory_bytes
+
+    return cpu_memory_bytes()
+
+
 def run(args: argparse.Namespace) -> int:
     from orchestrator.config import ConfigError, compose_cells
     from orchestrator.contracts import SweepPaths
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         composed = compose_cells(list(args.overrides), args.multirun)
-        cells = plan_cells(composed)
+        cells = plan_cells(composed, _cpu_memory_bytes(composed.launcher_name))
         launcher = get_launcher(composed.launcher_name, cells[0].launcher if cells else {})
     except (ConfigError, PolicyError, LaunchError) as e:
         print(f"wattsweep sweep: {e}", file=sys.stderr)
