@@ -161,6 +161,7 @@ class Step:
     tma_roles: frozenset | None = None  # linear.TMA_ROLES; None: the module's own
     tma_wide: tuple[int, int, int, int] | None = None  # linear.TMA_WIDE; None: the module's own
     tma_partials: tuple[int, int, int, int] | None = None  # linear.TMA_PARTIALS; None: the module's own
+    tma_eager: bool = False  # linear.TMA_EAGER: the TMA products in eager steps too
     tma_role_settings: tuple | None = None  # linear.TMA_ROLE_SETTINGS as (role, settings) pairs; None: the module's own
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
     blas: str | None = None  # torch.backends.cuda.preferred_blas_library while capturing; None: torch's default
@@ -186,6 +187,8 @@ STEPS = {
                         " on cuBLAS (the default before 2026-11-28 02:10)"),
     "fused": Step("as fused-notma, the products of up to linear.TMA_MAX_ROWS rows of a model of"
                   " linear.TMA_WIDTHS streamed by the TMA kernel; the default", tma=True),
+    "fused-tma-eager": Step("as fused, the TMA products in eager steps too (before 2026-11-28 05:00);"
+                            " differs from fused only without CUDA graphs (--compare-graph)", tma=True, tma_eager=True),
     "fused-tma64": Step("as fused, the TMA products up to 64 rows", tma=True, tma_max_rows=64),
     "fused-tma-anywidth": Step("as fused, the TMA products at any model width", tma=True, tma_widths=_AnyWidth()),
     "fused-tma-w13w2": Step("as fused, only w1/w3 and w2 on the TMA kernel", tma=True,
@@ -248,7 +251,7 @@ def _use_step(model, step: str) -> None:
     """Set the decode path; a generator's graph keeps the one set when it was captured."""
     v = STEPS[step]
     model.fuse, fused.HAND_KERNELS, linear.SKINNY, linear.SPLIT_K = v.fuse, v.hand_kernels, v.skinny, v.split_k
-    linear.TMA = v.tma
+    linear.TMA, linear.TMA_EAGER = v.tma, v.tma_eager
     linear.TMA_MAX_ROWS = _DEFAULT_TMA_MAX_ROWS if v.tma_max_rows is None else v.tma_max_rows
     linear.TMA_WIDTHS = _DEFAULT_TMA_WIDTHS if v.tma_widths is None else v.tma_widths
     linear.TMA_ROLES = _DEFAULT_TMA_ROLES if v.tma_roles is None else v.tma_roles

@@ -274,6 +274,7 @@ def test_fused_decode_step_takes_tma_products_where_they_serve(monkeypatch, mult
     monkeypatch.setattr(fused, "COMPILE", False)
     monkeypatch.setattr(linear, "split_k_usable", lambda x, w: x.numel() // x.shape[-1] <= 4)
     monkeypatch.setattr(linear, "tma_platform", lambda x: True)
+    monkeypatch.setattr(linear, "TMA_EAGER", True)  # the CPU captures no CUDA graph
     calls = []
 
     def stand_in(x, w, slices=1, config=None, role=None):
@@ -296,6 +297,7 @@ def test_fused_decode_step_takes_tma_products_where_they_serve(monkeypatch, mult
         ({"TMA_WIDTHS": frozenset({a.dim + 1})}, set()),
         ({"TMA_WIDTHS": frozenset({a.dim}), "TMA_MAX_ROWS": len(prompts) - 1}, set()),
         ({"TMA_WIDTHS": frozenset({a.dim}), "TMA": False}, set()),
+        ({"TMA_WIDTHS": frozenset({a.dim}), "TMA_EAGER": False}, set()),  # an eager step keeps cuBLAS
     ]
     for settings, roles in cases:
         calls.clear()

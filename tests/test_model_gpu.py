@@ -131,6 +131,22 @@ def test_tma_products_match_cublas(m, n, k, slices):
     assert not linear.tma_usable(x896, torch.zeros(8, 897, device="cuda", dtype=torch.bfloat16)[:, 1:])
 
 
+def _tiny_bf16_model():
+    return build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
+                       max_batch_size=1, max_seq_len=64)
+
+
+def _one_decode_step(m) -> torch.Tensor:
+    """The logits of one decode step of one row (token 5 at slot 6), over caches refilled
+    with the same noise each call, so that two decode paths see the same state."""
+    for layer in m.layers:
+        layer.attention.cache_k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
+        layer.attention.cache_v.normal_(generator=torch.Generator(device="cuda").manual_seed(8))
+    tokens, positions = torch.tensor([[5]], device="cuda"), torch.tensor([[6]], device="cuda")
+    slots, pads = torch.tensor([6], device="cuda"), torch.tensor([0], device="cuda")
+    return m(tokens, positions, slots, None, 0, pads=pads)
+
+
 def test_tma_step_matches_cublas_step(model, monkeypatch):  # the fixture joins the process group
     """One fused bf16 decode step with the products on the TMA kernel and on cuBLAS: the
     same logits up to bf16 rounding, and the kernel really ran (q/k/v, w1/w3 and wo's partials)."""
@@ -139,24 +155,43 @@ def test_tma_step_matches_cublas_step(model, monkeypatch):  # the fixture joins 
     calls = []
     real = linear.tma_linear
     monkeypatch.setattr(linear, "tma_linear", lambda x, w, s=1, c=None, role=None: calls.append(s) or real(x, w, s, c, role))
-    m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
-                    max_batch_size=1, max_seq_len=64)
+    m = _tiny_bf16_model()
     if not linear.tma_usable(torch.zeros(1, m.args.dim, device="cuda", dtype=torch.bfloat16),
                              m.layers[0].attention.wo.weight):
         pytest.skip("needs Triton's TMA descriptors and a Hopper-class card")
     monkeypatch.setattr(linear, "TMA_WIDTHS", frozenset({m.args.dim}))  # the tiny model's width too
-    tokens, positions = torch.tensor([[5]], device="cuda"), torch.tensor([[6]], device="cuda")
-    slots, pads = torch.tensor([6], device="cuda"), torch.tensor([0], device="cuda")
+    monkeypatch.setattr(linear, "TMA_EAGER", True)  # this step runs eagerly, outside a graph
     out = {}
     for tma in (False, True):
         monkeypatch.setattr(linear, "TMA", tma)
-        for layer in m.layers:
-            layer.attention.cache_k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
-            layer.attention.cache_v.normal_(generator=torch.Generator(device="cuda").manual_seed(8))
-        out[tma] = m(tokens, positions, slots, None, 0, pads=pads)
+        out[tma] = _one_decode_step(m)
     assert calls.count(1) == 2 * len(m.layers) and calls.count(linear.SPLIT_K_SLICES) >= len(m.layers)
     torch.testing.assert_close(out[True], out[False], rtol=3e-2, atol=3e-2)
     assert out[True].float().std() > 0
+
+
+def test_tma_products_run_in_the_graph_and_not_eagerly(model, monkeypatch):  # the fixture joins the process group
+    """A decode step captured as a CUDA graph takes the TMA kernel; the same step run eagerly
+    keeps cuBLAS (the kernel's host launch cost is larger). (Their tokens may differ: random
+    weights and bf16 rounding of two kernels; test_tma_step_matches_cublas_step compares logits.)"""
+    from workers.model import linear
+
+    calls = []
+    real = linear.tma_linear
+    monkeypatch.setattr(linear, "tma_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = _tiny_bf16_model()
+    if not linear.tma_usable(torch.zeros(1, m.args.dim, device="cuda", dtype=torch.bfloat16),
+                             m.layers[0].attention.wo.weight):
+        pytest.skip("needs Triton's TMA descriptors and a Hopper-class card")
+    monkeypatch.setattr(linear, "TMA_WIDTHS", frozenset({m.args.dim}))
+    prompts = [[1, 7, 8, 9, 10]]
+    out = {}
+    for graph in (False, True):
+        calls.clear()
+        gen = Generator(m, max_batch_size=1, max_seq_len=64, device="cuda:0", cuda_graph=graph)
+        out[graph] = gen.generate(prompts, max_new_tokens=12, eos_id=None)
+        assert (len(calls) > 0) == graph, (graph, len(calls))
+    assert len(out[True][0]) == len(out[False][0]) == 12
 
 
 @pytest.mark.parametrize("nq,nkv,cache_dtype", [(32, 32, torch.bfloat16), (8, 2, torch.bfloat16),
@@ -191,19 +226,13 @@ def test_partial_products_step_matches_cublas_split_k(model, monkeypatch):  # th
     monkeypatch.setattr(linear, "partial_products", lambda x, w, s=None: calls.append(1) or real(x, w, s))
     monkeypatch.setattr(linear, "TMA", False)  # wo and w2 through partial_products, not the TMA kernel
 
-    m = build_model(PRESETS["llama-tiny"], weights="random", dtype="bfloat16", device="cuda:0", seed=5,
-                    max_batch_size=1, max_seq_len=64)
-    tokens, positions = torch.tensor([[5]], device="cuda"), torch.tensor([[6]], device="cuda")
-    slots, pads = torch.tensor([6], device="cuda"), torch.tensor([0], device="cuda")
+    m = _tiny_bf16_model()
     x = torch.zeros(1, 1, m.args.dim, device="cuda", dtype=torch.bfloat16)
     assert linear.split_k_usable(x, m.layers[0].attention.wo.weight)
     out = {}
     for split in (False, True):
         monkeypatch.setattr(linear, "SPLIT_K", split)
-        for layer in m.layers:
-            layer.attention.cache_k.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
-            layer.attention.cache_v.normal_(generator=torch.Generator(device="cuda").manual_seed(8))
-        out[split] = m(tokens, positions, slots, None, 0, pads=pads)
+        out[split] = _one_decode_step(m)
         assert len(calls) == (2 * len(m.layers) if split else 0)
     torch.testing.assert_close(out[True], out[False], rtol=3e-2, atol=3e-2)
     assert out[True].float().std() > 0
