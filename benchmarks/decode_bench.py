@@ -187,7 +187,7 @@ STEPS = {
                         " on cuBLAS (the default before 2026-11-28 02:10)"),
     "fused": Step("as fused-notma, the products of up to linear.TMA_MAX_ROWS rows of a model of"
                   " linear.TMA_WIDTHS streamed by the TMA kernel; the default", tma=True),
-    "fused-tma-eager": Step("as fused, the TMA products in eager steps too (before 2026-11-28 05:00);"
+    "fused-tma-eager": Step("as fused, the TMA products in eager steps too (before 2026-11-28 04:55);"
                             " differs from fused only without CUDA graphs (--compare-graph)", tma=True, tma_eager=True),
     "fused-tma64": Step("as fused, the TMA products up to 64 rows", tma=True, tma_max_rows=64),
     "fused-tma-anywidth": Step("as fused, the TMA products at any model width", tma=True, tma_widths=_AnyWidth()),
