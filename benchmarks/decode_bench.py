@@ -134,14 +134,16 @@ def time_window(gen: Generator, prompts: list[list[int]], new_tokens: int, reps:
 
 def profile_step(model, prompts: list[list[int]], seq_len: int, device: torch.device, dynamic_kv: bool,
                  out: Path) -> None:
-    """Kernel table of eager decode steps (same kernels the graph replays), to see where time goes."""
+    """Kernel table of eager decode steps taking the kernels the graph replays
+    (``linear.as_in_graph``), to see where time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     gen = Generator(model, max_batch_size=len(prompts), max_seq_len=seq_len, device=str(device), cuda_graph=False,
                     dynamic_kv=dynamic_kv)
-    gen.generate(prompts, max_new_tokens=4, eos_id=None)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        gen.generate(prompts, max_new_tokens=9, eos_id=None)  # 1 prefill + 8 decode steps
+    with linear.as_in_graph():
+        gen.generate(prompts, max_new_tokens=4, eos_id=None)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            gen.generate(prompts, max_new_tokens=9, eos_id=None)  # 1 prefill + 8 decode steps
     out.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
@@ -188,7 +190,8 @@ STEPS = {
     "fused": Step("as fused-notma, the products of up to linear.TMA_MAX_ROWS rows of a model of"
                   " linear.TMA_WIDTHS streamed by the TMA kernel; the default", tma=True),
     "fused-tma-eager": Step("as fused, the TMA products in eager steps too (before 2026-11-28 04:55);"
-                            " differs from fused only without CUDA graphs (--compare-graph)", tma=True, tma_eager=True),
+                            " differs from fused only without CUDA graphs: name it last with --compare-graph,"
+                            " whose eager row is the last step's", tma=True, tma_eager=True),
     "fused-tma64": Step("as fused, the TMA products up to 64 rows", tma=True, tma_max_rows=64),
     "fused-tma-anywidth": Step("as fused, the TMA products at any model width", tma=True, tma_widths=_AnyWidth()),
     "fused-tma-w13w2": Step("as fused, only w1/w3 and w2 on the TMA kernel", tma=True,
@@ -243,8 +246,8 @@ def _alt_step(p: argparse.ArgumentParser, text: str) -> Step:
         p.error(f"--tma-alt {text!r}: want ROLE=BLOCK_N,BLOCK_K,warps,stages;... or "
                 "BLOCK_N,BLOCK_K,warps,stages[/BLOCK_N,BLOCK_K,warps,stages]")
     wide, partials = parts[0], parts[-1] if len(parts) == 2 else None
-    return Step(f"as fused, TMA launch settings {wide} / {partials or _DEFAULT_TMA_PARTIALS}", tma=True,
-                tma_wide=wide, tma_partials=partials)
+    return Step(f"as fused, TMA launch settings {wide} / {partials or _DEFAULT_TMA_PARTIALS} for every product",
+                tma=True, tma_wide=wide, tma_partials=partials, tma_role_settings=())
 
 
 def _use_step(model, step: str) -> None:
@@ -273,6 +276,17 @@ def _warm_generator(model, step: str, b: int, seq_len: int, device: torch.device
     t = time.perf_counter()
     gen.generate(prompts, max_new_tokens=args.new_tokens, eos_id=None)  # warm-up, compile, graph capture
     return gen, time.perf_counter() - t
+
+
+def _rounds(asked: int | None, per_round: int) -> int:
+    """Rounds to run: as asked (with a note where the order's rotation cannot come out even),
+    else the least multiple of the windows per round that is at least 3."""
+    if asked is None:
+        return per_round * -(-3 // per_round)
+    if asked % per_round:
+        print(f"note: {asked} rounds of {per_round} windows: some windows run in one position more often "
+              f"than others (a multiple of {per_round} evens the rotation out)", flush=True)
+    return asked
 
 
 def _rotated(items: list, r: int) -> list:
@@ -336,11 +350,12 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
             gen, warm_s = _warm_generator(model, step, b, seq_len, device, args, prompts, graph=True)
             gens[step] = (gen, warm_s)
         results: dict[tuple[str, str], list[dict]] = {(st, v): [] for st in steps for v, _ in sampler_variants}
-        for r in range(args.rounds):
+        windows = [(st, sv) for st in steps for sv in sampler_variants]
+        for r in range(_rounds(args.rounds, len(windows))):
             # interleave the variants so that drift hits all alike, and rotate their order from
             # round to round: on an H100 the third of three windows of one and the same step
-            # drew 1.5% more power in each of five rounds (a card warms over a round)
-            for step, (v, hz) in _rotated([(st, sv) for st in steps for sv in sampler_variants], r):
+            # drew 1.3-2.3% more power in each of five rounds
+            for step, (v, hz) in _rotated(windows, r):
                 _use_step(model, step)
                 results[(step, v)].append(time_window(gens[step][0], prompts, args.new_tokens, args.reps,
                                                       card, device, hz))
@@ -375,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reps", type=int, default=2, help="generate calls per timed window")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="timed windows per variant (median reported); the variants' order rotates from "
-                        "round to round, so a multiple of their count puts each in every position alike")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed windows per variant (median reported). The windows' order rotates from round "
+                        "to round, so a multiple of the windows per round (steps x sampler off/on) puts each "
+                        "in every position alike; default: the least such multiple of at least 3")
     p.add_argument("--sampler-hz", type=float, default=10.0)
     p.add_argument("--no-compare-graph", dest="compare_graph", action="store_false")
     p.add_argument("--no-compare-sampler", dest="compare_sampler", action="store_false")
@@ -397,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fused-tma-alt: per product, e.g. 'wqkv=64,128,4,4;w2=64,128,4,6', or for whole "
                         f"then partial products, e.g. 64,128,4,8/64,128,4,6 (now {linear.TMA_WIDE} / "
                         f"{linear.TMA_PARTIALS}, per product {linear.TMA_ROLE_SETTINGS}); "
-                        "benchmarks/tma_pick.py reads them from gemv_bench.py --tma")
+                        "benchmarks/tma_pick.py reads them from gemv_bench.py --tma. A product whose K does not "
+                        "cut into whole BLOCK_K blocks per slice keeps cuBLAS")
     args = p.parse_args(argv)
     if args.tma_alt:
         STEPS["fused-tma-alt"] = _alt_step(p, args.tma_alt)

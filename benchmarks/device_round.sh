@@ -20,23 +20,32 @@ fi
 if has gemv; then
   timeout 240 python3 benchmarks/gemv_bench.py --batch-sizes ${GEMV_BATCHES:-1,8,64} ${GEMV_ARGS:-} --out "$OUT/r/gemv_bench.json" 2>&1 | tail -40
 fi
-TMA_ALT=${TMA_ALT:-}  # or given: BLOCK_N,BLOCK_K,warps,stages/...  (decode_bench.py --tma-alt)
+TMA_ALT=${TMA_ALT:-}  # or given: ROLE=BLOCK_N,BLOCK_K,warps,stages;...  (decode_bench.py --tma-alt)
 if has tmatune; then
   timeout 240 python3 benchmarks/gemv_bench.py --tma --batch-sizes 1 --shapes wqkv,wo,w13,w2 \
     --tma-configs "${TMA_SWEEP:-64,128,4,4;64,128,4,6;64,128,4,8;64,128,4,10;64,256,4,4;64,128,8,8;128,128,4,4}" \
     --out "$OUT/r/gemv_tma.json" 2>&1 | tail -8
-  TMA_ALT=$(python3 benchmarks/tma_pick.py "$OUT/r/gemv_tma.json") && echo "fastest TMA settings here: $TMA_ALT"
+  if PICKED=$(python3 benchmarks/tma_pick.py "$OUT/r/gemv_tma.json"); then
+    echo "fastest TMA settings here: $PICKED"; TMA_ALT=$PICKED
+  fi
 fi
 STEPS=${STEPS:-fused}
 if [[ -z "$TMA_ALT" ]]; then STEPS=$(echo ",$STEPS," | sed 's/,fused-tma-alt,/,/; s/^,//; s/,$//'); fi
-ALT_ARGS=${TMA_ALT:+--tma-alt $TMA_ALT}
-if has decode7b; then
-  timeout 420 python3 benchmarks/decode_bench.py --models llama-7b --batch-sizes ${BATCHES:-1,8,64} --kv-dtypes ${KV:-auto,float8_e4m3fn} \
-    --steps "$STEPS" $ALT_ARGS ${BENCH_ARGS:-} --no-compare-graph --rounds ${ROUNDS:-3} --reps 2 --profile-dir "$OUT/r" --out "$OUT/r/decode_7b.json" 2>&1 | grep -v Warning | tail -30
-fi
-if has decode13b; then
-  timeout 300 python3 benchmarks/decode_bench.py --models llama-13b --batch-sizes ${BATCHES13:-1,64} --kv-dtypes ${KV13:-auto,float8_e4m3fn} \
-    --steps "$STEPS" $ALT_ARGS --no-compare-graph --no-compare-sampler --rounds 3 --reps 2 --out "$OUT/r/decode_13b.json" 2>&1 | grep -v Warning | tail -12
+BENCH=(--steps "$STEPS" --no-compare-graph --reps 2)
+[[ -n "$TMA_ALT" ]] && BENCH+=(--tma-alt "$TMA_ALT")
+[[ -n "${ROUNDS:-}" ]] && BENCH+=(--rounds "$ROUNDS")
+read -ra EXTRA <<<"${BENCH_ARGS:-}"
+if [[ -z "$STEPS" ]]; then
+  echo "no decode step left to measure (fused-tma-alt needs TMA_ALT or tmatune)"
+else
+  if has decode7b; then
+    timeout 420 python3 benchmarks/decode_bench.py --models llama-7b --batch-sizes ${BATCHES:-1,8,64} --kv-dtypes ${KV:-auto,float8_e4m3fn} \
+      "${BENCH[@]}" "${EXTRA[@]}" --profile-dir "$OUT/r" --out "$OUT/r/decode_7b.json" 2>&1 | grep -v Warning | tail -30
+  fi
+  if has decode13b; then
+    timeout 300 python3 benchmarks/decode_bench.py --models llama-13b --batch-sizes ${BATCHES13:-1,64} --kv-dtypes ${KV13:-auto,float8_e4m3fn} \
+      "${BENCH[@]}" --no-compare-sampler "${EXTRA[@]}" --out "$OUT/r/decode_13b.json" 2>&1 | grep -v Warning | tail -12
+  fi
 fi
 nvidia-smi --query-gpu=index,power.limit --format=csv
 tar -C "$OUT" -czf "$OUT/round.tgz" r && rm -rf "$OUT/r"

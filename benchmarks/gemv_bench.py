@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --tma: the launch settings to sweep, BLOCK_N,BLOCK_K,warps,stages separated by "
                         f"';' (default {';'.join(','.join(map(str, c)) for c in TMA_CONFIGS)})")
     args = p.parse_args(argv)
-    configs = [tuple(int(v) for v in c.split(",")) for c in args.tma_configs.split(";") if c]
+    try:
+        configs = [tuple(int(v) for v in c.split(",")) for c in args.tma_configs.split(";") if c.strip()]
+    except ValueError:
+        configs = [()]
     if any(len(c) != 4 for c in configs):
         p.error(f"--tma-configs {args.tma_configs!r}: each setting is BLOCK_N,BLOCK_K,warps,stages")
     device = torch.device("cuda")

@@ -298,6 +298,8 @@ def test_fused_decode_step_takes_tma_products_where_they_serve(monkeypatch, mult
         ({"TMA_WIDTHS": frozenset({a.dim}), "TMA_MAX_ROWS": len(prompts) - 1}, set()),
         ({"TMA_WIDTHS": frozenset({a.dim}), "TMA": False}, set()),
         ({"TMA_WIDTHS": frozenset({a.dim}), "TMA_EAGER": False}, set()),  # an eager step keeps cuBLAS
+        # a product's own BLOCK_K decides: 256 does not cut w2's slices (384 or 448) into whole blocks
+        ({"TMA_WIDTHS": frozenset({a.dim}), "TMA_ROLE_SETTINGS": {"w2": (64, 256, 4, 3)}}, every - {"w2"}),
     ]
     for settings, roles in cases:
         calls.clear()
@@ -308,6 +310,14 @@ def test_fused_decode_step_takes_tma_products_where_they_serve(monkeypatch, mult
         steps = len(calls) // max(1, len(roles) * a.n_layers)
         assert sorted(calls) == sorted([(shapes[r], slices[r]) for r in roles] * a.n_layers * steps), settings
         assert (steps > 0) == bool(roles), settings
+    calls.clear()  # eager steps take the kernel inside as_in_graph (warm-up before a capture, profiles)
+    with monkeypatch.context() as m:
+        m.setattr(linear, "TMA_WIDTHS", frozenset({a.dim}))
+        m.setattr(linear, "TMA_EAGER", False)
+        with linear.as_in_graph():
+            assert _decode_fused_vs_plain(model, prompts, 4)[True] == plain
+        assert not linear._AS_IN_GRAPH
+    assert {shape for shape, _ in calls} == {shapes[r] for r in every}
 
 
 def test_tma_shape_rules_and_refusal():

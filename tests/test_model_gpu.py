@@ -1,4 +1,6 @@
 """Generation on a CUDA card: the graph-replayed decode gives the eager tokens."""
+import warnings
+
 import pytest
 import torch
 
@@ -188,9 +190,12 @@ def test_tma_products_run_in_the_graph_and_not_eagerly(model, monkeypatch):  # t
     out = {}
     for graph in (False, True):
         calls.clear()
-        gen = Generator(m, max_batch_size=1, max_seq_len=64, device="cuda:0", cuda_graph=graph)
-        out[graph] = gen.generate(prompts, max_new_tokens=12, eos_id=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture falls back to eager with a warning
+            gen = Generator(m, max_batch_size=1, max_seq_len=64, device="cuda:0", cuda_graph=graph)
+            out[graph] = gen.generate(prompts, max_new_tokens=12, eos_id=None)
         assert (len(calls) > 0) == graph, (graph, len(calls))
+        assert bool(gen.use_graph and gen._graphs) == graph
     assert len(out[True][0]) == len(out[False][0]) == 12
 
 

@@ -223,6 +223,12 @@ def test_local_cells_on_a_machine_without_a_gpu_must_fit_its_memory(in_tmp):
             f"memory is available; use model=llama-tiny here, or launcher=slurm to run on GPU nodes")
         assert reasons[("llama-tiny", shards)] is None
     assert all(c.feasible for c in plan_cells(sweep, cpu_memory_bytes=seven_b))  # the limit is inclusive
+    # cells that run at once share the memory
+    two = plan_cells(compose_cells(["model=llama-7b", "launcher.max_parallel=2"], multirun=False),
+                     cpu_memory_bytes=2 * seven_b - 2)[0]
+    assert not two.feasible and "GiB for each of launcher.max_parallel=2 cells at once; use" in two.reason
+    assert plan_cells(compose_cells(["model=llama-7b", "launcher.max_parallel=2"], multirun=False),
+                      cpu_memory_bytes=2 * seven_b)[0].feasible
     assert all(c.feasible for c in plan_cells(sweep))  # a machine with a GPU: the cards' rules only
     slurm = compose_cells(["launcher=slurm", "model=llama-7b"], multirun=False)
     assert plan_cells(slurm, cpu_memory_bytes=1)[0].feasible

@@ -180,15 +180,17 @@ def _load_policy(path: str) -> Any:
         raise PolicyError(f"gpu.policy={path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def host_memory_reason(params: CellParams, cpu_memory_bytes: int) -> str | None:
+def host_memory_reason(params: CellParams, cpu_memory_bytes: int, parallel: int = 1) -> str | None:
     """Why a cell that runs on this machine's CPU (no NVIDIA GPU here) cannot, or None:
-    its weights and KV cache must fit in the memory the machine has available."""
-    need = memory_needed_bytes(params)
-    if need <= cpu_memory_bytes:
+    its weights and KV cache must fit in its share of the memory the machine has
+    available, with ``parallel`` cells (launcher.max_parallel) running at once."""
+    need, share = memory_needed_bytes(params), cpu_memory_bytes // max(1, parallel)
+    if need <= share:
         return None
+    shared = f", {share / GiB:.1f} GiB for each of launcher.max_parallel={parallel} cells at once" if parallel > 1 else ""
     return (f"runs on this machine's CPU (no NVIDIA GPU here; telemetry simulated) and needs "
             f"{need / GiB:.1f} GiB (weights + KV cache + 10%), but {cpu_memory_bytes / GiB:.1f} GiB of "
-            f"memory is available; use model=llama-tiny here, or launcher=slurm to run on GPU nodes")
+            f"memory is available{shared}; use model=llama-tiny here, or launcher=slurm to run on GPU nodes")
 
 
 def plan_cells(composed: Any, cpu_memory_bytes: int | None = None) -> list[PlannedCell]:
@@ -204,7 +206,7 @@ def plan_cells(composed: Any, cpu_memory_bytes: int | None = None) -> list[Plann
             continue
         reason = infeasible_reason(cell.params, GPU_PROFILES[cell.params.gpu_kind])
         if reason is None and cpu_memory_bytes is not None and cell.launcher.get("name") == "local":
-            reason = host_memory_reason(cell.params, cpu_memory_bytes)
+            reason = host_memory_reason(cell.params, cpu_memory_bytes, int(cell.launcher.get("max_parallel") or 1))
         planned[cid] = PlannedCell(
             cell_id=cid,
             params=cell.params,

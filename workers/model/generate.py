@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import fused
+from . import fused, linear
 from .transformer import Transformer
 
 
@@ -188,9 +188,10 @@ class Generator:
             pool = torch.cuda.graph_pool_handle()
             with torch.inference_mode(), torch.cuda.stream(side):
                 for kv_len in self._buckets():
-                    for _ in range(2):  # warm-up on a side stream, as CUDA graph capture needs
-                        self._rewind()
-                        self._step(kv_len)
+                    with linear.as_in_graph():  # the kernels the capture takes compile and load here
+                        for _ in range(2):  # warm-up on a side stream, as CUDA graph capture needs
+                            self._rewind()
+                            self._step(kv_len)
                     self._rewind()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
