@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workers.dist import init_distributed, shutdown  # noqa: E402
 from workers.model import PRESETS, Generator, attention, build_model, fused, linear  # noqa: E402
+from benchmarks.tma_pick import PARTIAL, WHOLE  # noqa: E402
 
 
 def copy_bandwidth_bytes_s(device: torch.device, n_bytes: int = 2 << 30, reps: int = 20) -> float:
@@ -161,8 +162,6 @@ class Step:
     tma_max_rows: int | None = None  # linear.TMA_MAX_ROWS; None: the module's own
     tma_widths: object = None  # linear.TMA_WIDTHS (anything with `in`); None: the module's own
     tma_roles: frozenset | None = None  # linear.TMA_ROLES; None: the module's own
-    tma_wide: tuple[int, int, int, int] | None = None  # linear.TMA_WIDE; None: the module's own
-    tma_partials: tuple[int, int, int, int] | None = None  # linear.TMA_PARTIALS; None: the module's own
     tma_eager: bool = False  # linear.TMA_EAGER: the TMA products in eager steps too
     tma_role_settings: tuple | None = None  # linear.TMA_ROLE_SETTINGS as (role, settings) pairs; None: the module's own
     splits_busy: int | None = None  # attention.MAX_SPLITS_BUSY; None: the module's own
@@ -213,8 +212,6 @@ _DEFAULT_PREFILL_MIN_ROWS = fused.PREFILL_MIN_ROWS
 _DEFAULT_TMA_MAX_ROWS = linear.TMA_MAX_ROWS
 _DEFAULT_TMA_WIDTHS = linear.TMA_WIDTHS
 _DEFAULT_TMA_ROLES = linear.TMA_ROLES
-_DEFAULT_TMA_WIDE = linear.TMA_WIDE
-_DEFAULT_TMA_PARTIALS = linear.TMA_PARTIALS
 _DEFAULT_TMA_ROLE_SETTINGS = dict(linear.TMA_ROLE_SETTINGS)
 _DEFAULT_BLAS = torch.backends.cuda.preferred_blas_library() if torch.cuda.is_available() else None
 
@@ -228,8 +225,9 @@ def _settings(text: str) -> tuple[int, int, int, int]:
 
 def _alt_step(p: argparse.ArgumentParser, text: str) -> Step:
     """The step fused-tma-alt: as fused, with the TMA launch settings given on the command
-    line, either per product (ROLE=settings;...: linear.TMA_ROLE_SETTINGS, the others keep
-    the module's) or as WIDE[/PARTIALS] for every product."""
+    line as linear.TMA_ROLE_SETTINGS: per product (ROLE=settings;...; the others keep the
+    module's), or WIDE[/PARTIALS] for every product (q/k/v and w1/w3 whole, wo and w2 in
+    slices; PARTIALS left out: the module's own)."""
     try:
         if "=" in text:
             pairs = tuple((role.strip(), _settings(cfg)) for role, cfg in
@@ -245,9 +243,10 @@ def _alt_step(p: argparse.ArgumentParser, text: str) -> Step:
     except ValueError:
         p.error(f"--tma-alt {text!r}: want ROLE=BLOCK_N,BLOCK_K,warps,stages;... or "
                 "BLOCK_N,BLOCK_K,warps,stages[/BLOCK_N,BLOCK_K,warps,stages]")
-    wide, partials = parts[0], parts[-1] if len(parts) == 2 else None
-    return Step(f"as fused, TMA launch settings {wide} / {partials or _DEFAULT_TMA_PARTIALS} for every product",
-                tma=True, tma_wide=wide, tma_partials=partials, tma_role_settings=())
+    wide, partials = parts[0], parts[1] if len(parts) == 2 else linear.TMA_PARTIALS
+    roles = {**{role: wide for role in WHOLE}, **{role: partials for role in PARTIAL}}
+    return Step(f"as fused, TMA launch settings {wide} / {partials} for every product", tma=True,
+                tma_role_settings=tuple(sorted(roles.items())))
 
 
 def _use_step(model, step: str) -> None:
@@ -258,8 +257,6 @@ def _use_step(model, step: str) -> None:
     linear.TMA_MAX_ROWS = _DEFAULT_TMA_MAX_ROWS if v.tma_max_rows is None else v.tma_max_rows
     linear.TMA_WIDTHS = _DEFAULT_TMA_WIDTHS if v.tma_widths is None else v.tma_widths
     linear.TMA_ROLES = _DEFAULT_TMA_ROLES if v.tma_roles is None else v.tma_roles
-    linear.TMA_WIDE = v.tma_wide or _DEFAULT_TMA_WIDE
-    linear.TMA_PARTIALS = v.tma_partials or _DEFAULT_TMA_PARTIALS
     linear.TMA_ROLE_SETTINGS = _DEFAULT_TMA_ROLE_SETTINGS if v.tma_role_settings is None else dict(v.tma_role_settings)
     fused.PREFILL = v.prefill
     fused.PREFILL_MIN_ROWS = _DEFAULT_PREFILL_MIN_ROWS if v.prefill_min_rows is None else v.prefill_min_rows

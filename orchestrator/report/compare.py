@@ -13,10 +13,10 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from orchestrator.submit.shell import quoted
 from orchestrator.contracts import CellParams, SweepPaths, canonical_json
 from orchestrator.reduce.plan_io import require_plan
 from orchestrator.reduce.summary import SUMMARY_SCHEMA
+from orchestrator.submit.shell import quoted
 from orchestrator.report.data import Row, flags_note, flags_of, is_simulated, load_summary, sort_key
 
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(CellParams))

@@ -9,9 +9,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow.parquet as pq
 
-from orchestrator.submit.shell import quoted
 from orchestrator.contracts import SweepPaths
 from orchestrator.reduce.metrics import FLAG_MEANINGS
+from orchestrator.submit.shell import quoted
 
 # Telemetry sources that are measurements of a real card. Anything else
 # (simulated backend, synthetic test data) is labelled "simulated".

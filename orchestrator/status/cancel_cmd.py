@@ -9,8 +9,7 @@ from orchestrator.contracts import SweepPaths
 from orchestrator.status.common import pick_cells, resolve_cells, run_on_sweep
 from orchestrator.status.state import CellStatus, StatusError, sweep_status
 from orchestrator.submit.cancellations import Cancellation
-from orchestrator.submit.shell import SlurmCommandError
-from orchestrator.submit.shell import quoted
+from orchestrator.submit.shell import SlurmCommandError, quoted
 
 DESCRIPTION = """Stop a sweep's pending and running cells (or only the ones named): Slurm jobs
 through scancel, local cells through the sweep's local runner. Each cancel is

@@ -8,8 +8,7 @@ import time
 
 from orchestrator.contracts import SweepPaths
 from orchestrator.status.state import STATES, CellStatus, StatusError, SweepStatus, dumps, sweep_status
-from orchestrator.submit.shell import SlurmCommandError
-from orchestrator.submit.shell import quoted
+from orchestrator.submit.shell import SlurmCommandError, quoted
 
 DESCRIPTION = """Show each cell's state: the plan and markers of the sweep folder joined with
 squeue and, where the cluster keeps accounting, sacct.

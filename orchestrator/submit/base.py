@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, runtime_checkable
 
-from orchestrator.submit.shell import quoted
 from orchestrator.contracts import CellTask, SweepPaths
 from orchestrator.plan.planned import PlannedCell
+from orchestrator.submit.shell import quoted
 
 
 class LaunchError(RuntimeError):

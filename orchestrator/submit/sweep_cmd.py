@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
 from orchestrator.submit.shell import quoted
 
 DESCRIPTION = """Plan a sweep from Hydra overrides and launch its feasible cells.

@@ -3,14 +3,16 @@
 A decode step multiplies a handful of activation rows by each weight matrix; the
 time is the time to stream the weight from memory once. Two kernels here:
 
-- ``tma_linear`` (on by default for models 4,096 wide at up to four rows, on one GPU):
+- ``tma_linear`` (on by default for models 4,096 wide at up to four rows, on one GPU, in a
+  step captured as a CUDA graph):
   each program streams a 64-row band of the weight through the tensor-memory copy
   engine (TMA) in a deep pipeline and multiplies it by the activation rows on tensor
   cores, weight on the wide side of the product (y^T = W x^T). It can cut K
   into slices and return partial products, as ``partial_products`` does. Faster than
-  cuBLAS on LLaMA-7B's w1/w3 and w2 at few rows, and its step cheaper in joules per
-  token there; not cheaper at more rows or at LLaMA-13B's shapes, which stay on cuBLAS
-  (settings below, measurements in ``docs/performance.md``).
+  cuBLAS on LLaMA-7B's products at few rows; its step cheaper in joules per token on
+  H100s and no dearer, within the cards' own swings, on H200s. Not cheaper at more rows
+  or at LLaMA-13B's shapes, which stay on cuBLAS (settings below, measurements in
+  ``docs/performance.md``).
 - ``skinny_linear`` (off, ``SKINNY``): per-thread loads, a band of output features per
   program. Faster than cuBLAS on some products but it drew 10-20% more power for the same
   bytes. Tried and dropped: SiLU x up applied while loading the down projection's input
@@ -75,9 +77,10 @@ TMA_ROLES = frozenset({"wqkv", "wo", "w13", "w2"})
 TMA_WIDE = (64, 128, 4, 6)
 TMA_PARTIALS = (64, 128, 4, 6)
 TMA_ROLE_SETTINGS: dict[str, tuple[int, int, int, int]] = {"wqkv": (64, 128, 4, 4)}
-# Only inside a CUDA graph's capture: an eager step pays each launch on the host, and the
-# kernel's (a Triton launch and a descriptor per call) cost more than cuBLAS's. On an H100,
-# LLaMA-7B at batch 1 without graphs: 24.8 ms a step with the kernel, 20.3 without.
+# Only inside a CUDA graph's capture (and the warm-up before it, ``as_in_graph``): an eager
+# step pays each launch on the host, and the kernel's (a Triton launch and a descriptor per
+# call) cost more than cuBLAS's. On one H100, LLaMA-7B at batch 1 without graphs: 31.5 ms a
+# step and 5.69 J/token with the kernel, 28.8 ms and 5.43 without.
 TMA_EAGER = False
 _AS_IN_GRAPH = False  # set by as_in_graph()
 TMA_TILE_ROWS = 64  # the kernel's activation tile holds at most this many rows

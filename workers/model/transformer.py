@@ -20,9 +20,9 @@ keys load as they are. Differences from Meta's file, and why:
   compiled kernels per call site (``fused.py``), and the residual add of one
   layer is done together with the next layer's RMSNorm. Rotary and both cache
   writes run as one hand-written Triton kernel (``fused.HAND_KERNELS``). The
-  matrix products of a one-GPU step at up to four rows of a model 4,096 wide
-  stream their weights by TMA (``linear.tma_serves``: faster, and there cheaper in
-  energy); the others stay on cuBLAS (``linear.py``).
+  matrix products of a one-GPU step at up to four rows of a model 4,096 wide,
+  captured as a CUDA graph, stream their weights by TMA (``linear.tma_serves``:
+  faster, and no dearer in energy); the others stay on cuBLAS (``linear.py``).
 - A prefill of many rows on the fused path runs the same way, with kernels
   compiled for any prompt width (``fused_prefill``, ``forward_prefill``): eager, its elementwise
   work (rotary in complex float32, the cache writes, SiLU, the adds) took a
